@@ -1,0 +1,165 @@
+//! The one error type of the request path, and the single place where an error becomes a status.
+//!
+//! Every variant says who is to blame ([`Blame`]); [`Error::status`] derives the HTTP status from
+//! that, and [`Error::registry_code`] the code of the registry's JSON error format
+//! (`{"errors":[{"code","message","detail"}]}`), so clients print something a user can act on.
+//! Display strings are lowercase and never carry a secret: no header value is ever formatted here.
+
+use http::StatusCode;
+
+/// Boxed error used for body and client errors that cross crate boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who caused a failure; decides the status class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something we refuse (4xx).
+    Client,
+    /// The upstream registry failed or could not be reached (502/504).
+    Upstream,
+    /// A bug or resource problem in regrelay itself (500).
+    Internal,
+}
+
+/// Errors on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Path outside the registry API, the token realm and the health endpoints.
+    #[error("{path} is not served here: regrelay proxies the registry API under /v2/ only")]
+    NotFound {
+        /// The refused path (no query).
+        path: String,
+    },
+    /// A method the route does not allow (CONNECT, TRACE, ...).
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The refused method.
+        method: http::Method,
+        /// The path it was sent to.
+        path: String,
+    },
+    /// The request names another origin than this proxy (absolute-form target, dot segments).
+    #[error("refused request target: {reason}")]
+    Refused {
+        /// Why the target was refused.
+        reason: &'static str,
+    },
+    /// The client stopped sending its body for longer than the idle timeout.
+    #[error("client body idle for more than {secs} s")]
+    ClientIdle {
+        /// The configured idle timeout.
+        secs: u64,
+    },
+    /// The upstream could not be reached (DNS, connect, TLS).
+    #[error("upstream registry {upstream} is unreachable")]
+    UpstreamUnreachable {
+        /// The upstream origin.
+        upstream: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+    /// The upstream connection failed after the request was sent.
+    #[error("upstream registry {upstream} failed")]
+    UpstreamFailed {
+        /// The upstream origin.
+        upstream: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+    /// A response or request could not be built; a bug.
+    #[error("internal error")]
+    Internal(#[from] http::Error),
+}
+
+impl Error {
+    /// Who caused this error.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Error::NotFound { .. }
+            | Error::MethodNotAllowed { .. }
+            | Error::Refused { .. }
+            | Error::ClientIdle { .. } => Blame::Client,
+            Error::UpstreamUnreachable { .. } | Error::UpstreamFailed { .. } => Blame::Upstream,
+            Error::Internal(_) => Blame::Internal,
+        }
+    }
+
+    /// The HTTP status: the one place where blame becomes a status code.
+    pub fn status(&self) -> StatusCode {
+        match (self.blame(), self) {
+            (Blame::Client, Error::NotFound { .. }) => StatusCode::NOT_FOUND,
+            (Blame::Client, Error::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
+            (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
+            (Blame::Client, _) => StatusCode::BAD_REQUEST,
+            (Blame::Upstream, _) => StatusCode::BAD_GATEWAY,
+            (Blame::Internal, _) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error code in the registry's JSON error format (distribution's errcode names).
+    pub fn registry_code(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. } | Error::MethodNotAllowed { .. } => "UNSUPPORTED",
+            Error::Refused { .. } => "DENIED",
+            Error::ClientIdle { .. } => "UNKNOWN",
+            Error::UpstreamUnreachable { .. } | Error::UpstreamFailed { .. } => "UNAVAILABLE",
+            Error::Internal(_) => "UNKNOWN",
+        }
+    }
+
+    /// The full cause chain, for the one log line at the edge.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(e) = cur {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cur = e.source();
+        }
+        out
+    }
+
+    /// The body of the synthetic response: registry JSON error format. The message includes the
+    /// cause chain so "connection refused" reaches the user; causes never hold secrets.
+    pub fn registry_body(&self) -> String {
+        registry_error_json(self.registry_code(), &self.chain())
+    }
+}
+
+/// A body in the registry's JSON error format with one error.
+pub fn registry_error_json(code: &str, message: &str) -> String {
+    serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blame_decides_status_class() {
+        let up = Error::UpstreamUnreachable {
+            upstream: "http://r:5000".into(),
+            source: "connection refused".into(),
+        };
+        assert_eq!(up.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(up.blame(), Blame::Upstream);
+        let nf = Error::NotFound { path: "/x".into() };
+        assert_eq!(nf.status(), StatusCode::NOT_FOUND);
+        let idle = Error::ClientIdle { secs: 5 };
+        assert_eq!(idle.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+
+    #[test]
+    fn body_is_registry_json_with_cause() {
+        let up = Error::UpstreamUnreachable {
+            upstream: "http://r:5000".into(),
+            source: "connection refused".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&up.registry_body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+        let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.contains("http://r:5000") && msg.contains("connection refused"), "{msg}");
+    }
+}

@@ -1,0 +1,77 @@
+//! `regrelay serve` / `regrelay check-config`: parse flags, validate the config before binding
+//! anything (invalid config exits 64, EX_USAGE), start logging, bind, serve until SIGTERM/SIGINT.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use regrelay::config::{Config, ConfigFile};
+use regrelay::{server, telemetry, App};
+
+/// Exit code for a usage or configuration error (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(version, about = "Registry proxy that preserves and refreshes GitLab registry auth")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Proxy the registry API to the upstream registry.
+    Serve(ConfigFile),
+    /// Validate the configuration (same flags) and exit.
+    CheckConfig(ConfigFile),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let (raw, check_only) = match cli.command {
+        Command::Serve(raw) => (raw, false),
+        Command::CheckConfig(raw) => (raw, true),
+    };
+    let config = match Config::load(raw) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("regrelay: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if check_only {
+        println!("config ok: listen {} -> registry {}", config.listen, config.registry);
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(config.log_format);
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "fatal");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("bind {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let tls = config.server_tls.is_some();
+    tracing::info!(addr = %addr, tls, registry = %config.registry, "listening");
+    server::run(listener, Arc::new(App::new(config)), server::shutdown_signal()).await;
+    Ok(())
+}

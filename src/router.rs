@@ -1,0 +1,115 @@
+//! Pure routing: which handler a request goes to, decided from its method, target and `Host`
+//! only. No IO. This is also where regrelay refuses to be an open proxy: `CONNECT`, absolute-form
+//! targets naming another host, dot segments and paths outside the registry API never reach the
+//! upstream.
+
+use http::{Method, Uri, Version};
+
+use crate::config::Origin;
+use crate::error::Error;
+
+/// Liveness path.
+pub const HEALTHY_PATH: &str = "/-/healthy";
+/// Readiness path (upstream reachable).
+pub const READY_PATH: &str = "/-/ready";
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Registry API (`/v2/…`): forwarded to the upstream registry.
+    Registry,
+    /// `/-/healthy`.
+    Healthy,
+    /// `/-/ready`.
+    Ready,
+}
+
+/// Routes a request, or says why it is refused. `public` is the configured public URL, if any.
+pub fn route(method: &Method, uri: &Uri, version: Version, public: Option<&Origin>) -> Result<Route, Error> {
+    let path = uri.path();
+    if method == Method::CONNECT {
+        return Err(Error::MethodNotAllowed {
+            method: method.clone(),
+            path: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+        });
+    }
+    // In HTTP/1 an absolute-form target is how a client asks a *forward* proxy for a site
+    // (RFC 9112 §3.2.2); registry clients never send one to a registry. Accept it only when it
+    // names the configured public URL; refuse it otherwise, whatever the Host header says.
+    if version < Version::HTTP_2 && uri.authority().is_some() {
+        let ours = match (Origin::of(uri), public) {
+            (Some(target), Some(public)) => target.same_as(public),
+            _ => false,
+        };
+        if !ours {
+            return Err(Error::Refused {
+                reason: "absolute-form target (regrelay is a reverse proxy, not a forward proxy)",
+            });
+        }
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") || path.contains('\\') {
+        return Err(Error::Refused {
+            reason: "dot segments in path",
+        });
+    }
+    let route = match path {
+        "/v2" | "/v2/" => Route::Registry,
+        p if p.starts_with("/v2/") => Route::Registry,
+        HEALTHY_PATH => Route::Healthy,
+        READY_PATH => Route::Ready,
+        _ => return Err(Error::NotFound { path: path.to_owned() }),
+    };
+    let allowed = match route {
+        Route::Registry => matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        ),
+        Route::Healthy | Route::Ready => matches!(*method, Method::GET | Method::HEAD),
+    };
+    if !allowed {
+        return Err(Error::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(route)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn table() {
+        let h1 = Version::HTTP_11;
+        let public = Origin::parse("public_url", "http://px:5000").unwrap();
+        let cases: &[(&str, &str, Option<&Origin>, Version, Result<Route, StatusCode>)] = &[
+            ("GET", "/v2/", Some(&public), h1, Ok(Route::Registry)),
+            ("GET", "/v2", None, h1, Ok(Route::Registry)),
+            ("PATCH", "/v2/g/p/blobs/uploads/u?_state=x", None, h1, Ok(Route::Registry)),
+            ("DELETE", "/v2/g/p/manifests/sha256:0", None, h1, Ok(Route::Registry)),
+            ("HEAD", "/-/healthy", None, h1, Ok(Route::Healthy)),
+            ("GET", "/-/ready", None, h1, Ok(Route::Ready)),
+            ("POST", "/-/ready", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
+            ("OPTIONS", "/v2/", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
+            ("TRACE", "/v2/", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
+            ("CONNECT", "evil.com:443", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
+            ("GET", "http://evil.com/v2/", Some(&public), h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "http://evil.com/v2/", None, h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "http://px:5000/v2/", None, h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "http://px:5000/v2/", Some(&public), h1, Ok(Route::Registry)),
+            ("GET", "https://any:1/v2/", None, Version::HTTP_2, Ok(Route::Registry)),
+            ("GET", "/v2/../admin", None, h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "/", None, h1, Err(StatusCode::NOT_FOUND)),
+            ("GET", "/v20/", None, h1, Err(StatusCode::NOT_FOUND)),
+            ("GET", "/admin", None, h1, Err(StatusCode::NOT_FOUND)),
+        ];
+        for (m, target, public, v, want) in cases {
+            let method: Method = m.parse().unwrap();
+            let uri: Uri = target.parse().unwrap();
+            let got = route(&method, &uri, *v, *public).map_err(|e| e.status());
+            assert_eq!(&got, want, "{m} {target}");
+        }
+    }
+}

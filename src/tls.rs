@@ -1,0 +1,70 @@
+//! rustls configuration: the server side (regrelay's HTTPS listener, ALPN h2 + http/1.1) and the
+//! client side (to the upstream: system roots plus an optional extra CA bundle). Uses the ring
+//! provider explicitly, so no process-wide default provider has to be installed. Errors are
+//! [`ConfigError`]s naming the key, because these run while the configuration is validated.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring::default_provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::ConfigError;
+
+fn invalid(key: &'static str, path: &Path, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: format!("{}: {reason}", path.display()),
+    }
+}
+
+fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(key, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(key, path, e))?;
+    if certs.is_empty() {
+        return Err(invalid(key, path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Server config from a PEM chain and key; advertises h2 and http/1.1.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, ConfigError> {
+    let chain = load_certs("tls_cert", cert)?;
+    // The key's own parse error says nothing secret (it never echoes key bytes).
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("tls_key", key, e))?;
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("tls_cert", cert, e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| invalid("tls_key", key, e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client config for the upstream: system roots, plus every certificate in `extra_ca`.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    // Unreadable system certificates are skipped: an explicit CA file still works.
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = extra_ca {
+        for cert in load_certs("upstream_ca", path)? {
+            roots
+                .add(cert)
+                .map_err(|e| invalid("upstream_ca", path, e))?;
+        }
+    }
+    let cfg = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Invalid {
+            key: "upstream_ca",
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(cfg)
+}

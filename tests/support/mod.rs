@@ -1,0 +1,419 @@
+//! Test rig: real processes and servers on 127.0.0.1 ephemeral ports, ended on drop.
+//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) with token auth and temp storage.
+//! - [`gitlab`]: the GitLab-behaving token service (in-process).
+//! - [`Regrelay`]: the real `regrelay` binary, output captured for assertions and secret greps.
+//! - [`OciImage`], [`skopeo`], [`docker`]: real clients and images they can push.
+#![allow(dead_code)]
+
+pub mod gitlab;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Output lines of a child process, collected by reader threads.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<String>>);
+
+impl Captured {
+    fn attach(&self, stream: impl Read + Send + 'static) {
+        let buf = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let mut b = buf.lock().unwrap();
+                b.push_str(&line);
+                b.push('\n');
+            }
+        });
+    }
+
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line contains `needle`; returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
+                return Some(l.to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Fails the test clearly when a required program is missing.
+pub fn require(program: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "required program `{program}` is missing: run .ci/run (it installs the Debian packages)");
+}
+
+/// A running `docker-registry serve` with token auth.
+pub struct Registry {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its log.
+    pub log: Captured,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Registry {
+    /// Starts the registry trusting the test token-signing certificate, with `realm` in its
+    /// challenge. Storage lives in a temp dir under `storage_root` (e.g. /dev/shm) or TMPDIR.
+    pub fn start(realm: &str) -> Registry {
+        Registry::start_in(realm, None)
+    }
+
+    /// Like [`Registry::start`] with storage under `storage_root`.
+    pub fn start_in(realm: &str, storage_root: Option<&Path>) -> Registry {
+        require("docker-registry");
+        let dir = match storage_root {
+            Some(root) => tempfile::tempdir_in(root).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nauth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",
+            root = dir.path().join("data").display(),
+            service = gitlab::SERVICE,
+            issuer = gitlab::ISSUER,
+            bundle = gitlab::signing_cert_path(),
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start docker-registry");
+        let log = Captured::default();
+        log.attach(child.stdout.take().unwrap());
+        log.attach(child.stderr.take().unwrap());
+        let Some(line) = log.wait_for("listening on ", Duration::from_secs(20)) else {
+            kill(&mut child);
+            panic!("docker-registry did not start:\n{}", log.text());
+        };
+        let addr = line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap();
+        let addr = addr.trim_end_matches('"').parse().expect("registry address");
+        Registry { addr, log, child, _dir: dir }
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A running `regrelay serve` process.
+pub struct Regrelay {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Everything it printed (stdout and stderr).
+    pub output: Captured,
+    child: Child,
+}
+
+impl Drop for Regrelay {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// Path of the regrelay binary under test.
+pub fn regrelay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_regrelay")
+}
+
+/// Path of a file in `certs/`.
+pub fn cert(name: &str) -> String {
+    format!("{}/certs/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Regrelay {
+    /// Starts `regrelay serve --listen 127.0.0.1:0 ARGS…` and waits for its listening line.
+    pub fn start(args: &[&str]) -> Regrelay {
+        let mut child = Command::new(regrelay_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("REGRELAY_LOG", "regrelay=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start regrelay");
+        let output = Captured::default();
+        output.attach(child.stdout.take().unwrap());
+        output.attach(child.stderr.take().unwrap());
+        let Some(line) = output.wait_for("listening addr=", Duration::from_secs(20)) else {
+            kill(&mut child);
+            panic!("regrelay did not start:\n{}", output.text());
+        };
+        let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+        Regrelay { addr: addr.parse().expect("regrelay address"), output, child }
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+}
+
+/// A field of /proc/PID/status in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough to generate GiBs in tests.
+pub struct Noise(u64);
+
+impl Noise {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Noise {
+        Noise(seed | 1)
+    }
+    /// Fills `buf`.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// `sha256:<hex>`.
+pub fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// An OCI image layout on disk, with random gzip layers, that skopeo can push.
+pub struct OciImage {
+    /// The layout directory.
+    pub dir: tempfile::TempDir,
+    /// Layer digests and sizes.
+    pub layers: Vec<(String, usize)>,
+    /// Manifest digest.
+    pub manifest_digest: String,
+}
+
+impl OciImage {
+    /// Builds an image whose layers each hold one file of `size` random bytes.
+    pub fn random(seed: u64, layer_sizes: &[usize]) -> OciImage {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let write_blob = |data: &[u8]| -> String {
+            let d = digest(data);
+            std::fs::write(blobs.join(d.trim_start_matches("sha256:")), data).unwrap();
+            d
+        };
+        let mut layers = vec![];
+        let mut diff_ids = vec![];
+        for (i, size) in layer_sizes.iter().enumerate() {
+            let mut content = vec![0u8; *size];
+            Noise::new(seed * 1000 + i as u64).fill(&mut content);
+            let mut tar = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("layer{i}.bin"), content.as_slice()).unwrap();
+            let tar = tar.into_inner().unwrap();
+            diff_ids.push(digest(&tar));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&tar).unwrap();
+            let gz = gz.finish().unwrap();
+            layers.push((write_blob(&gz), gz.len()));
+        }
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        })
+        .to_string();
+        let config_digest = write_blob(config.as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": layers.iter().map(|(d, s)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let manifest_digest = write_blob(manifest.as_bytes());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }],
+        });
+        std::fs::write(dir.path().join("index.json"), index.to_string()).unwrap();
+        std::fs::write(dir.path().join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        OciImage { dir, layers, manifest_digest }
+    }
+
+    /// `oci:DIR:latest`.
+    pub fn reference(&self) -> String {
+        format!("oci:{}:latest", self.dir.path().display())
+    }
+}
+
+/// Runs skopeo with a private HOME and returns its output (never panics on failure).
+pub fn skopeo(args: &[&str]) -> Output {
+    require("skopeo");
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("skopeo")
+        .args(["--command-timeout", "15m"])
+        .args(args)
+        .env("HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skopeo");
+    out
+}
+
+/// Output as text, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// How skopeo reaches the registry endpoint.
+pub enum Transport {
+    /// Plain HTTP.
+    Http,
+    /// HTTPS trusting the CA in this directory (`ca.crt`).
+    Https(PathBuf),
+}
+
+impl Transport {
+    /// skopeo flags with `prefix` = "dest-", "src-" or "" (inspect).
+    pub fn flags(&self, prefix: &str) -> Vec<String> {
+        match self {
+            Transport::Http => vec![format!("--{prefix}tls-verify=false")],
+            Transport::Https(dir) => vec![format!("--{prefix}cert-dir"), dir.display().to_string()],
+        }
+    }
+}
+
+/// skopeo copy from `src` to `dest` with one set of credentials on the registry side(s).
+pub fn skopeo_copy(src: &str, dest: &str, creds: &str, transport: &Transport) -> Output {
+    let mut args: Vec<String> = vec!["copy".into()];
+    if src.starts_with("docker://") {
+        args.extend(["--src-creds".into(), creds.into()]);
+        args.extend(transport.flags("src-"));
+    }
+    if dest.starts_with("docker://") {
+        args.extend(["--dest-creds".into(), creds.into()]);
+        args.extend(transport.flags("dest-"));
+    }
+    args.extend([src.into(), dest.into()]);
+    skopeo(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A directory holding `ca.crt` = the test CA, for skopeo's `--*-cert-dir`.
+pub fn ca_cert_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(cert("ca.pem"), dir.path().join("ca.crt")).unwrap();
+    dir
+}
+
+/// Compares the blobs of a pulled OCI layout against the pushed image.
+pub fn assert_same_blobs(pushed: &OciImage, pulled: &Path) {
+    for (d, size) in &pushed.layers {
+        let path: PathBuf = pulled.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+        let data = std::fs::read(&path).unwrap_or_else(|_| panic!("pulled layout lacks {d}"));
+        assert_eq!(data.len(), *size);
+        assert_eq!(&digest(&data), d, "pulled blob differs");
+    }
+}
+
+/// True when a Docker daemon answers; tests that need it print why they skip otherwise.
+pub fn docker_available() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs docker with a private DOCKER_CONFIG and optional stdin.
+pub fn docker(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("docker")
+        .args(args)
+        .env("DOCKER_CONFIG", config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run docker");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
