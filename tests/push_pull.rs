@@ -118,6 +118,7 @@ async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
         out.lines().any(|l| l.contains("method=PUT path=/v2/group/project/docker-app/manifests/v1 status=201")),
         "the push did not go through regrelay:\n{out}"
     );
-    assert!(out.contains("method=GET path=/v2/group/project/docker-app/manifests/v1 status=200"), "{out}");
+    assert!(out.contains("method=HEAD path=/v2/group/project/docker-app/manifests/v1 status=200"), "{out}");
+    assert!(out.contains("method=GET path=/v2/group/project/docker-app/blobs/sha256:"), "{out}");
     assert!(!out.contains(PAT), "secret in regrelay output");
 }
