@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod gitlab;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
