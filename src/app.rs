@@ -48,7 +48,11 @@ impl App {
     }
 
     /// Handles one request; never fails, and logs it once when its response body is done.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Logged<ProxyBody>> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<Logged<ProxyBody>> {
         let mut log = AccessLog {
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
@@ -108,7 +112,11 @@ impl App {
         if let Some(public) = &self.config.public_url {
             return Ok(public.clone());
         }
-        let scheme = if conn.tls { Scheme::HTTPS } else { Scheme::HTTP };
+        let scheme = if conn.tls {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         host.and_then(|h| Origin::from_parts(scheme, h))
             .ok_or(Error::Refused {
                 reason: "missing or invalid Host header",
@@ -149,8 +157,10 @@ fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
 pub fn error_response(err: &Error) -> Response<ProxyBody> {
     let mut resp = json(err.status(), err.registry_body());
     if let Error::MethodNotAllowed { .. } = err {
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE"));
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE"),
+        );
     }
     resp
 }

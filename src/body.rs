@@ -152,7 +152,11 @@ mod tests {
     async fn silent_source_times_out_and_bytes_are_counted() {
         let (tx, rx) = mpsc::channel(1);
         let bytes = Arc::new(AtomicU64::new(0));
-        let mut body = std::pin::pin!(Watched::new(ChannelBody(rx), Duration::from_secs(5), Some(bytes.clone())));
+        let mut body = std::pin::pin!(Watched::new(
+            ChannelBody(rx),
+            Duration::from_secs(5),
+            Some(bytes.clone())
+        ));
         tx.send(Bytes::from_static(b"abc")).await.unwrap();
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(bytes.load(Ordering::Relaxed), 3);
@@ -164,7 +168,11 @@ mod tests {
     async fn back_pressure_does_not_count_as_idle() {
         let (tx, rx) = mpsc::channel(4);
         let bytes = Arc::new(AtomicU64::new(0));
-        let mut body = std::pin::pin!(Watched::new(ChannelBody(rx), Duration::from_secs(5), Some(bytes)));
+        let mut body = std::pin::pin!(Watched::new(
+            ChannelBody(rx),
+            Duration::from_secs(5),
+            Some(bytes)
+        ));
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         assert!(body.frame().await.unwrap().is_ok());
         // The reader is slow (we do not poll for 60 s) while data is already waiting.

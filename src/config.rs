@@ -35,7 +35,9 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A required key has no value from any source.
-    #[error("missing required key `{key}` (flag --{flag}, env {env}, or `{key}` in the config file)")]
+    #[error(
+        "missing required key `{key}` (flag --{flag}, env {env}, or `{key}` in the config file)"
+    )]
     Missing {
         /// TOML key.
         key: &'static str,
@@ -153,7 +155,9 @@ impl ConfigFile {
             upstream_ca: self.upstream_ca.or(file.upstream_ca),
             log_format: self.log_format.or(file.log_format),
             max_connections: self.max_connections.or(file.max_connections),
-            header_read_timeout_secs: self.header_read_timeout_secs.or(file.header_read_timeout_secs),
+            header_read_timeout_secs: self
+                .header_read_timeout_secs
+                .or(file.header_read_timeout_secs),
             tls_handshake_timeout_secs: self
                 .tls_handshake_timeout_secs
                 .or(file.tls_handshake_timeout_secs),
@@ -190,7 +194,10 @@ impl Origin {
             return Err(invalid(key, "credentials in the URL are not allowed"));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(invalid(key, format!("{s:?}: must be a base URL without path or query")));
+            return Err(invalid(
+                key,
+                format!("{s:?}: must be a base URL without path or query"),
+            ));
         }
         Ok(Origin { scheme, authority })
     }
@@ -229,13 +236,20 @@ impl Origin {
     fn port(&self) -> u16 {
         self.authority
             .port_u16()
-            .unwrap_or(if self.scheme == Scheme::HTTPS { 443 } else { 80 })
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
     }
 
     /// Same scheme, host (case-insensitive) and effective port.
     pub fn same_as(&self, other: &Origin) -> bool {
         self.scheme == other.scheme
-            && self.authority.host().eq_ignore_ascii_case(other.authority.host())
+            && self
+                .authority
+                .host()
+                .eq_ignore_ascii_case(other.authority.host())
             && self.port() == other.port()
     }
 
@@ -297,7 +311,10 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("registry", &self.registry.to_string())
-            .field("public_url", &self.public_url.as_ref().map(ToString::to_string))
+            .field(
+                "public_url",
+                &self.public_url.as_ref().map(ToString::to_string),
+            )
             .field("tls", &self.server_tls.is_some())
             .field("max_connections", &self.max_connections)
             .field("timeouts", &self.timeouts)
@@ -349,8 +366,9 @@ impl TryFrom<ConfigFile> for Config {
             (None, Some(_)) => return Err(invalid("tls_cert", "required with tls_key")),
         };
         let upstream_tls = tls::client_config(raw.upstream_ca.as_deref())?;
-        let max_connections = NonZeroUsize::new(raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
-            .ok_or_else(|| invalid("max_connections", "must be at least 1"))?;
+        let max_connections =
+            NonZeroUsize::new(raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
+                .ok_or_else(|| invalid("max_connections", "must be at least 1"))?;
         let timeouts = Timeouts {
             header_read: secs(
                 "header_read_timeout_secs",
@@ -410,7 +428,10 @@ mod tests {
     fn defaults_apply() {
         let c = Config::try_from(raw("http://127.0.0.1:5001")).unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
-        assert_eq!(c.timeouts.body_idle, Duration::from_secs(DEFAULT_BODY_IDLE_TIMEOUT_SECS));
+        assert_eq!(
+            c.timeouts.body_idle,
+            Duration::from_secs(DEFAULT_BODY_IDLE_TIMEOUT_SECS)
+        );
         assert!(c.server_tls.is_none() && c.public_url.is_none());
     }
 
@@ -421,16 +442,46 @@ mod tests {
             (raw("ftp://x"), "`registry`"),
             (raw("http://r/some/path"), "`registry`"),
             (raw("http://user:pw@r"), "`registry`"),
-            (ConfigFile { public_url: Some("nope".into()), ..raw("http://r") }, "`public_url`"),
-            (ConfigFile { listen: Some("localhost".into()), ..raw("http://r") }, "`listen`"),
-            (ConfigFile { tls_cert: Some("/x".into()), ..raw("http://r") }, "`tls_key`"),
-            (ConfigFile { max_connections: Some(0), ..raw("http://r") }, "`max_connections`"),
             (
-                ConfigFile { body_idle_timeout_secs: Some(0), ..raw("http://r") },
+                ConfigFile {
+                    public_url: Some("nope".into()),
+                    ..raw("http://r")
+                },
+                "`public_url`",
+            ),
+            (
+                ConfigFile {
+                    listen: Some("localhost".into()),
+                    ..raw("http://r")
+                },
+                "`listen`",
+            ),
+            (
+                ConfigFile {
+                    tls_cert: Some("/x".into()),
+                    ..raw("http://r")
+                },
+                "`tls_key`",
+            ),
+            (
+                ConfigFile {
+                    max_connections: Some(0),
+                    ..raw("http://r")
+                },
+                "`max_connections`",
+            ),
+            (
+                ConfigFile {
+                    body_idle_timeout_secs: Some(0),
+                    ..raw("http://r")
+                },
                 "`body_idle_timeout_secs`",
             ),
             (
-                ConfigFile { upstream_ca: Some("/nonexistent.pem".into()), ..raw("http://r") },
+                ConfigFile {
+                    upstream_ca: Some("/nonexistent.pem".into()),
+                    ..raw("http://r")
+                },
                 "`upstream_ca`",
             ),
         ];
@@ -444,7 +495,11 @@ mod tests {
     fn flags_win_over_file_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "registry = \"http://file:1\"\nlisten = \"127.0.0.1:7\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "registry = \"http://file:1\"\nlisten = \"127.0.0.1:7\"\n",
+        )
+        .unwrap();
         let cli = ConfigFile {
             config: Some(path.clone()),
             registry: Some("http://flag:2".into()),
@@ -454,9 +509,12 @@ mod tests {
         assert_eq!(c.registry.to_string(), "http://flag:2");
         assert_eq!(c.listen.port(), 7);
         std::fs::write(&path, "registy = \"http://typo\"\n").unwrap();
-        let msg = Config::load(ConfigFile { config: Some(path), ..ConfigFile::default() })
-            .unwrap_err()
-            .to_string();
+        let msg = Config::load(ConfigFile {
+            config: Some(path),
+            ..ConfigFile::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("registy"), "{msg}");
     }
 

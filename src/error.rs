@@ -160,6 +160,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&up.registry_body()).unwrap();
         assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
         let msg = v["errors"][0]["message"].as_str().unwrap();
-        assert!(msg.contains("http://r:5000") && msg.contains("connection refused"), "{msg}");
+        assert!(
+            msg.contains("http://r:5000") && msg.contains("connection refused"),
+            "{msg}"
+        );
     }
 }

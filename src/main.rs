@@ -13,7 +13,10 @@ use regrelay::{server, telemetry, App};
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(version, about = "Registry proxy that preserves and refreshes GitLab registry auth")]
+#[command(
+    version,
+    about = "Registry proxy that preserves and refreshes GitLab registry auth"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +54,10 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        println!("config ok: listen {} -> registry {}", config.listen, config.registry);
+        println!(
+            "config ok: listen {} -> registry {}",
+            config.listen, config.registry
+        );
         return ExitCode::SUCCESS;
     }
     telemetry::init(config.log_format);
@@ -72,6 +78,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let tls = config.server_tls.is_some();
     tracing::info!(addr = %addr, tls, registry = %config.registry, "listening");
-    server::run(listener, Arc::new(App::new(config)), server::shutdown_signal()).await;
+    server::run(
+        listener,
+        Arc::new(App::new(config)),
+        server::shutdown_signal(),
+    )
+    .await;
     Ok(())
 }

@@ -106,8 +106,14 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
         format!("{prior}, {}", fwd.peer)
     };
     headers.insert(&X_FORWARDED_FOR, header_value(&xff)?);
-    headers.insert(&X_FORWARDED_PROTO, header_value(fwd.public.scheme().as_str())?);
-    headers.insert(&X_FORWARDED_HOST, header_value(fwd.public.authority().as_str())?);
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        header_value(fwd.public.scheme().as_str())?,
+    );
+    headers.insert(
+        &X_FORWARDED_HOST,
+        header_value(fwd.public.authority().as_str())?,
+    );
     headers.insert(header::HOST, header_value(upstream.authority().as_str())?);
     let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     parts.uri = upstream.join(pq)?;
@@ -154,7 +160,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

@@ -25,7 +25,12 @@ pub enum Route {
 }
 
 /// Routes a request, or says why it is refused. `public` is the configured public URL, if any.
-pub fn route(method: &Method, uri: &Uri, version: Version, public: Option<&Origin>) -> Result<Route, Error> {
+pub fn route(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    public: Option<&Origin>,
+) -> Result<Route, Error> {
     let path = uri.path();
     if method == Method::CONNECT {
         return Err(Error::MethodNotAllowed {
@@ -57,12 +62,21 @@ pub fn route(method: &Method, uri: &Uri, version: Version, public: Option<&Origi
         p if p.starts_with("/v2/") => Route::Registry,
         HEALTHY_PATH => Route::Healthy,
         READY_PATH => Route::Ready,
-        _ => return Err(Error::NotFound { path: path.to_owned() }),
+        _ => {
+            return Err(Error::NotFound {
+                path: path.to_owned(),
+            })
+        }
     };
     let allowed = match route {
         Route::Registry => matches!(
             *method,
-            Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+            Method::GET
+                | Method::HEAD
+                | Method::POST
+                | Method::PUT
+                | Method::PATCH
+                | Method::DELETE
         ),
         Route::Healthy | Route::Ready => matches!(*method, Method::GET | Method::HEAD),
     };
@@ -84,23 +98,102 @@ mod tests {
     fn table() {
         let h1 = Version::HTTP_11;
         let public = Origin::parse("public_url", "http://px:5000").unwrap();
-        let cases: &[(&str, &str, Option<&Origin>, Version, Result<Route, StatusCode>)] = &[
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a Origin>,
+            Version,
+            Result<Route, StatusCode>,
+        );
+        let cases: &[Case] = &[
             ("GET", "/v2/", Some(&public), h1, Ok(Route::Registry)),
             ("GET", "/v2", None, h1, Ok(Route::Registry)),
-            ("PATCH", "/v2/g/p/blobs/uploads/u?_state=x", None, h1, Ok(Route::Registry)),
-            ("DELETE", "/v2/g/p/manifests/sha256:0", None, h1, Ok(Route::Registry)),
+            (
+                "PATCH",
+                "/v2/g/p/blobs/uploads/u?_state=x",
+                None,
+                h1,
+                Ok(Route::Registry),
+            ),
+            (
+                "DELETE",
+                "/v2/g/p/manifests/sha256:0",
+                None,
+                h1,
+                Ok(Route::Registry),
+            ),
             ("HEAD", "/-/healthy", None, h1, Ok(Route::Healthy)),
             ("GET", "/-/ready", None, h1, Ok(Route::Ready)),
-            ("POST", "/-/ready", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
-            ("OPTIONS", "/v2/", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
-            ("TRACE", "/v2/", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
-            ("CONNECT", "evil.com:443", None, h1, Err(StatusCode::METHOD_NOT_ALLOWED)),
-            ("GET", "http://evil.com/v2/", Some(&public), h1, Err(StatusCode::BAD_REQUEST)),
-            ("GET", "http://evil.com/v2/", None, h1, Err(StatusCode::BAD_REQUEST)),
-            ("GET", "http://px:5000/v2/", None, h1, Err(StatusCode::BAD_REQUEST)),
-            ("GET", "http://px:5000/v2/", Some(&public), h1, Ok(Route::Registry)),
-            ("GET", "https://any:1/v2/", None, Version::HTTP_2, Ok(Route::Registry)),
-            ("GET", "/v2/../admin", None, h1, Err(StatusCode::BAD_REQUEST)),
+            (
+                "POST",
+                "/-/ready",
+                None,
+                h1,
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (
+                "OPTIONS",
+                "/v2/",
+                None,
+                h1,
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (
+                "TRACE",
+                "/v2/",
+                None,
+                h1,
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (
+                "CONNECT",
+                "evil.com:443",
+                None,
+                h1,
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (
+                "GET",
+                "http://evil.com/v2/",
+                Some(&public),
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "http://evil.com/v2/",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "http://px:5000/v2/",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "http://px:5000/v2/",
+                Some(&public),
+                h1,
+                Ok(Route::Registry),
+            ),
+            (
+                "GET",
+                "https://any:1/v2/",
+                None,
+                Version::HTTP_2,
+                Ok(Route::Registry),
+            ),
+            (
+                "GET",
+                "/v2/../admin",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
             ("GET", "/", None, h1, Err(StatusCode::NOT_FOUND)),
             ("GET", "/v20/", None, h1, Err(StatusCode::NOT_FOUND)),
             ("GET", "/admin", None, h1, Err(StatusCode::NOT_FOUND)),

@@ -52,16 +52,37 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo { peer, tls: tls.is_some() };
-        let (app, builder, tls, watcher) = (app.clone(), builder.clone(), tls.clone(), graceful.watcher());
+        let conn = ConnInfo {
+            peer,
+            tls: tls.is_some(),
+        };
+        let (app, builder, tls, watcher) = (
+            app.clone(),
+            builder.clone(),
+            tls.clone(),
+            graceful.watcher(),
+        );
         tokio::spawn(async move {
-            serve_connection(stream, conn, app, builder, tls, watcher, timeouts.tls_handshake).await;
+            serve_connection(
+                stream,
+                conn,
+                app,
+                builder,
+                tls,
+                watcher,
+                timeouts.tls_handshake,
+            )
+            .await;
             drop(permit);
         });
     }
     drop(listener);
     let grace = timeouts.shutdown_grace;
-    tracing::info!(in_flight = graceful.count(), grace_secs = grace.as_secs(), "draining");
+    tracing::info!(
+        in_flight = graceful.count(),
+        grace_secs = grace.as_secs(),
+        "draining"
+    );
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("grace period over; closing remaining connections"),
@@ -84,22 +105,35 @@ async fn serve_connection(
     let result = match tls {
         None => {
             let io = TokioIo::new(stream);
-            watcher.watch(builder.serve_connection_with_upgrades(io, service).into_owned()).await
+            watcher
+                .watch(
+                    builder
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                )
+                .await
         }
         Some(acceptor) => {
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::debug!(peer = %conn.peer, error = %err, "tls handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %conn.peer, "tls handshake timed out");
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        tracing::debug!(peer = %conn.peer, error = %err, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %conn.peer, "tls handshake timed out");
+                        return;
+                    }
+                };
             let io = TokioIo::new(stream);
-            watcher.watch(builder.serve_connection_with_upgrades(io, service).into_owned()).await
+            watcher
+                .watch(
+                    builder
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                )
+                .await
         }
     };
     if let Err(err) = result {

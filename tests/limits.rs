@@ -24,12 +24,28 @@ async fn sink() -> upstream::Origin {
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
     let origin = sink().await;
-    let px = Regrelay::start(&["--registry", &origin.url(), "--header-read-timeout-secs", "1"]);
+    let px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--header-read-timeout-secs",
+        "1",
+    ]);
     let start = Instant::now();
-    let answer = raw(px.addr, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", Duration::from_secs(10)).await;
+    let answer = raw(
+        px.addr,
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(5), "slow-header connection held for {took:?}");
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        took < Duration::from_secs(5),
+        "slow-header connection held for {took:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -38,14 +54,23 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
     let px = Regrelay::start(&["--registry", &origin.url(), "--body-idle-timeout-secs", "2"]);
     // Slow but steady: 6 chunks, one per second, for longer than the idle timeout in total.
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
-    s.write_all(b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n").await.unwrap();
+    s.write_all(b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
+        .await
+        .unwrap();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         s.write_all(b"x").await.unwrap();
     }
     let mut buf = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     // Silent: 2 of 100 bytes, then nothing.
     let start = Instant::now();
     let answer = raw(
@@ -54,9 +79,20 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
         Duration::from_secs(15),
     )
     .await;
-    assert!(start.elapsed() < Duration::from_secs(10), "silent body held for {:?}", start.elapsed());
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(px.output.wait_for("idle", Duration::from_secs(5)).is_some(), "{}", px.output.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "silent body held for {:?}",
+        start.elapsed()
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        px.output.wait_for("idle", Duration::from_secs(5)).is_some(),
+        "{}",
+        px.output.text()
+    );
 }
 
 #[tokio::test]
@@ -72,8 +108,14 @@ async fn connection_limit_queues_the_next_connection() {
     let mut second = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     second.write_all(req).await.unwrap();
     let waited = tokio::time::timeout(Duration::from_millis(800), second.read(&mut buf)).await;
-    assert!(waited.is_err(), "second connection served while the first held the only slot");
+    assert!(
+        waited.is_err(),
+        "second connection served while the first held the only slot"
+    );
     drop(first);
-    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
 }

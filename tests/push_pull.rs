@@ -41,36 +41,65 @@ fn push_pull(host: &str, transport: &Transport) {
     let pull = skopeo_copy(&dest, &pulled_ref, &creds, transport);
     assert!(pull.status.success(), "pull failed: {}", text(&pull));
     assert_same_blobs(&image, pulled.path());
-    let mut inspect = vec!["inspect".to_owned(), "--raw".into(), "--creds".into(), creds.clone()];
+    let mut inspect = vec![
+        "inspect".to_owned(),
+        "--raw".into(),
+        "--creds".into(),
+        creds.clone(),
+    ];
     inspect.extend(transport.flags(""));
     inspect.push(dest.clone());
     let inspect = skopeo(&inspect.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(inspect.status.success(), "{}", text(&inspect));
-    assert_eq!(digest(&inspect.stdout), image.manifest_digest, "manifest changed on the way");
+    assert_eq!(
+        digest(&inspect.stdout),
+        image.manifest_digest,
+        "manifest changed on the way"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn skopeo_pushes_and_pulls_through_regrelay_over_http() {
     let (gl, _reg, px) = stack(&[]).await;
     let host = px.addr.to_string();
-    tokio::task::spawn_blocking(move || push_pull(&host, &Transport::Http)).await.unwrap();
+    tokio::task::spawn_blocking(move || push_pull(&host, &Transport::Http))
+        .await
+        .unwrap();
     let access = px.output.text();
-    assert!(access.contains("method=PATCH") || access.contains("method=PUT"), "{access}");
-    assert!(access.contains("path=/v2/group/project/app/manifests/v1"), "{access}");
+    assert!(
+        access.contains("method=PATCH") || access.contains("method=PUT"),
+        "{access}"
+    );
+    assert!(
+        access.contains("path=/v2/group/project/app/manifests/v1"),
+        "{access}"
+    );
     assert!(gl.mints() > 0);
-    assert!(!access.contains(PAT), "secret in regrelay output");
+    let mut secrets = gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&access, USER, &secrets);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn skopeo_pushes_and_pulls_through_regrelay_over_https() {
-    let (_gl, _reg, px) =
-        stack(&["--tls-cert", &cert("server.pem"), "--tls-key", &cert("server.key")]).await;
+    let (gl, _reg, px) = stack(&[
+        "--tls-cert",
+        &cert("server.pem"),
+        "--tls-key",
+        &cert("server.key"),
+    ])
+    .await;
     let certs = ca_cert_dir();
     let transport = Transport::Https(certs.path().to_owned());
     let host = format!("localhost:{}", px.addr.port());
-    tokio::task::spawn_blocking(move || push_pull(&host, &transport)).await.unwrap();
+    tokio::task::spawn_blocking(move || push_pull(&host, &transport))
+        .await
+        .unwrap();
     let out = px.output.text();
     assert!(out.contains("tls=true"), "{out}");
+    let mut secrets = gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&out, USER, &secrets);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -79,7 +108,7 @@ async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
         eprintln!("SKIP docker_logs_in_pushes_and_pulls_through_regrelay: no Docker daemon (`docker info` failed)");
         return;
     }
-    let (_gl, _reg, px) = stack(&[]).await;
+    let (gl, _reg, px) = stack(&[]).await;
     let host = px.addr.to_string();
     tokio::task::spawn_blocking(move || {
         let cfg = tempfile::tempdir().unwrap();
@@ -92,22 +121,44 @@ async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
         std::fs::write(rootfs.path().join("payload.bin"), &noise).unwrap();
         let tarball = rootfs.path().join("rootfs.tar");
         let tar = std::process::Command::new("tar")
-            .args(["-C", &rootfs.path().display().to_string(), "-cf", &tarball.display().to_string(), "payload.bin"])
+            .args([
+                "-C",
+                &rootfs.path().display().to_string(),
+                "-cf",
+                &tarball.display().to_string(),
+                "payload.bin",
+            ])
             .status()
             .unwrap();
         assert!(tar.success());
         let imported = docker(c, &["import", &tarball.display().to_string(), &image], None);
         assert!(imported.status.success(), "{}", text(&imported));
-        let id = docker(c, &["image", "inspect", "--format", "{{.Id}}", &image], None);
-        let login = docker(c, &["login", &host, "-u", USER, "--password-stdin"], Some(PAT));
-        assert!(login.status.success(), "docker login failed: {}", text(&login));
+        let id = docker(
+            c,
+            &["image", "inspect", "--format", "{{.Id}}", &image],
+            None,
+        );
+        let login = docker(
+            c,
+            &["login", &host, "-u", USER, "--password-stdin"],
+            Some(PAT),
+        );
+        assert!(
+            login.status.success(),
+            "docker login failed: {}",
+            text(&login)
+        );
         let push = docker(c, &["push", &image], None);
         assert!(push.status.success(), "docker push failed: {}", text(&push));
         let rmi = docker(c, &["rmi", &image], None);
         assert!(rmi.status.success(), "{}", text(&rmi));
         let pull = docker(c, &["pull", &image], None);
         assert!(pull.status.success(), "docker pull failed: {}", text(&pull));
-        let id2 = docker(c, &["image", "inspect", "--format", "{{.Id}}", &image], None);
+        let id2 = docker(
+            c,
+            &["image", "inspect", "--format", "{{.Id}}", &image],
+            None,
+        );
         assert_eq!(text(&id), text(&id2), "pulled image differs");
         let _ = docker(c, &["rmi", &image], None);
     })
@@ -115,10 +166,20 @@ async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
     .unwrap();
     let out = px.output.text();
     assert!(
-        out.lines().any(|l| l.contains("method=PUT path=/v2/group/project/docker-app/manifests/v1 status=201")),
+        out.lines()
+            .any(|l| l
+                .contains("method=PUT path=/v2/group/project/docker-app/manifests/v1 status=201")),
         "the push did not go through regrelay:\n{out}"
     );
-    assert!(out.contains("method=HEAD path=/v2/group/project/docker-app/manifests/v1 status=200"), "{out}");
-    assert!(out.contains("method=GET path=/v2/group/project/docker-app/blobs/sha256:"), "{out}");
-    assert!(!out.contains(PAT), "secret in regrelay output");
+    assert!(
+        out.contains("method=HEAD path=/v2/group/project/docker-app/manifests/v1 status=200"),
+        "{out}"
+    );
+    assert!(
+        out.contains("method=GET path=/v2/group/project/docker-app/blobs/sha256:"),
+        "{out}"
+    );
+    let mut secrets = gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&out, USER, &secrets);
 }

@@ -22,7 +22,10 @@ struct Rx(mpsc::Receiver<Result<http_body::Frame<Bytes>, BoxError>>);
 
 impl futures_core::Stream for Rx {
     type Item = Result<http_body::Frame<Bytes>, BoxError>;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
     }
 }
@@ -60,9 +63,13 @@ async fn upstream_sees_first_bytes_before_the_client_has_finished() {
     .await;
     let px = Regrelay::start(&["--registry", &origin.url()]);
     let (tx, req_body) = channel_body();
-    let req = Request::patch(format!("{}/v2/g/p/blobs/uploads/u", px.url())).body(req_body).unwrap();
+    let req = Request::patch(format!("{}/v2/g/p/blobs/uploads/u", px.url()))
+        .body(req_body)
+        .unwrap();
     let response = tokio::spawn(client().request(req));
-    tx.send(Ok(http_body::Frame::data(Bytes::from(vec![1u8; 1 << 20])))).await.unwrap();
+    tx.send(Ok(http_body::Frame::data(Bytes::from(vec![1u8; 1 << 20]))))
+        .await
+        .unwrap();
     // The client holds back the rest until the upstream has seen the start: a buffering proxy
     // would deadlock here and the timeout fails the test.
     let seen = tokio::time::timeout(Duration::from_secs(10), first_rx)
@@ -71,7 +78,9 @@ async fn upstream_sees_first_bytes_before_the_client_has_finished() {
         .unwrap();
     assert!(seen > 0);
     for _ in 0..15 {
-        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![2u8; 1 << 20])))).await.unwrap();
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![2u8; 1 << 20]))))
+            .await
+            .unwrap();
     }
     drop(tx);
     let resp = response.await.unwrap().unwrap();
@@ -102,16 +111,24 @@ async fn memory_stays_flat_while_2_gib_stream_each_way() {
     .await;
     let px = Regrelay::start(&["--registry", &origin.url()]);
     let baseline = support::proc_status_kib(px.pid(), "VmRSS:");
-    let up = Request::put(format!("{}/v2/g/p/blobs/uploads/u?digest=sha256:0", px.url()))
-        .body(Generated::new(TWO_GIB).boxed_unsync())
-        .unwrap();
+    let up = Request::put(format!(
+        "{}/v2/g/p/blobs/uploads/u?digest=sha256:0",
+        px.url()
+    ))
+    .body(Generated::new(TWO_GIB).boxed_unsync())
+    .unwrap();
     let resp = client().request(up).await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(received.load(Ordering::SeqCst), TWO_GIB);
-    let down = Request::get(format!("{}/v2/g/p/blobs/sha256:0", px.url())).body(body::empty()).unwrap();
+    let down = Request::get(format!("{}/v2/g/p/blobs/sha256:0", px.url()))
+        .body(body::empty())
+        .unwrap();
     let resp = client().request(down).await.unwrap();
     assert_eq!(drain(resp.into_body()).await.unwrap(), TWO_GIB);
     let peak = px.peak_rss_kib();
     eprintln!("regrelay RSS: baseline {baseline} KiB, peak {peak} KiB after 2 GiB up + 2 GiB down");
-    assert!(peak < baseline + 64 * 1024, "peak RSS {peak} KiB grew with the blob (baseline {baseline} KiB)");
+    assert!(
+        peak < baseline + 64 * 1024,
+        "peak RSS {peak} KiB grew with the blob (baseline {baseline} KiB)"
+    );
 }

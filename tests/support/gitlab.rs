@@ -57,13 +57,30 @@ pub enum TokenScope {
 #[derive(Debug, Clone)]
 pub enum Credential {
     /// Personal/project/group access token: any username works; acts as `user`.
-    Pat { user: String, token: String, scopes: Vec<TokenScope> },
+    Pat {
+        user: String,
+        token: String,
+        scopes: Vec<TokenScope>,
+    },
     /// Deploy token: the username must match; bound to one project.
-    Deploy { username: String, token: String, scopes: Vec<TokenScope>, project: String },
+    Deploy {
+        username: String,
+        token: String,
+        scopes: Vec<TokenScope>,
+        project: String,
+    },
     /// CI job token: username `gitlab-ci-token`; push only to its own project.
-    Job { token: String, project: String, user: String },
+    Job {
+        token: String,
+        project: String,
+        user: String,
+    },
     /// Username + password; refused when 2FA is on.
-    Password { user: String, password: String, two_factor: bool },
+    Password {
+        user: String,
+        password: String,
+        two_factor: bool,
+    },
 }
 
 /// A GitLab project: images live at `path` and below.
@@ -100,6 +117,7 @@ struct State {
     projects: Vec<Project>,
     mints: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
+    issued: Mutex<Vec<String>>,
 }
 
 /// Builder for the service.
@@ -125,7 +143,11 @@ impl Drop for GitLab {
 
 /// Starts configuring a token service.
 pub fn gitlab() -> GitLabBuilder {
-    GitLabBuilder { lifetime: Duration::from_secs(300), credentials: vec![], projects: vec![] }
+    GitLabBuilder {
+        lifetime: Duration::from_secs(300),
+        credentials: vec![],
+        projects: vec![],
+    }
 }
 
 impl GitLabBuilder {
@@ -163,13 +185,16 @@ impl GitLabBuilder {
             projects: self.projects,
             mints: AtomicUsize::new(0),
             seen: Mutex::new(vec![]),
+            issued: Mutex::new(vec![]),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -194,6 +219,10 @@ impl GitLab {
     /// Tokens minted so far.
     pub fn mints(&self) -> usize {
         self.state.mints.load(Ordering::SeqCst)
+    }
+    /// Every token issued so far (for secret greps).
+    pub fn issued(&self) -> Vec<String> {
+        self.state.issued.lock().unwrap().clone()
     }
     /// Token requests seen so far.
     pub fn seen(&self) -> Vec<Seen> {
@@ -220,7 +249,11 @@ fn der_len(len: usize, out: &mut Vec<u8>) {
     if len < 0x80 {
         out.push(len as u8);
     } else {
-        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
         out.push(0x80 | bytes.len() as u8);
         out.extend(bytes);
     }
@@ -236,7 +269,12 @@ fn der(tag: u8, content: &[u8]) -> Vec<u8> {
 /// SubjectPublicKeyInfo DER for an RSA PKCS#1 public key.
 fn spki_from_pkcs1(pkcs1: &[u8]) -> Vec<u8> {
     // AlgorithmIdentifier { rsaEncryption (1.2.840.113549.1.1.1), NULL }
-    let alg = der(0x30, &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00]);
+    let alg = der(
+        0x30,
+        &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+        ],
+    );
     let mut bits = vec![0u8];
     bits.extend_from_slice(pkcs1);
     der(0x30, &[alg, der(0x03, &bits)].concat())
@@ -257,7 +295,11 @@ pub fn libtrust_kid(spki: &[u8]) -> String {
             b32.push(ALPHABET[((bits >> nbits) & 31) as usize] as char);
         }
     }
-    let chunks: Vec<String> = b32.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into()).collect();
+    let chunks: Vec<String> = b32
+        .as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into())
+        .collect();
     chunks.join(":")
 }
 
@@ -266,7 +308,9 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'+', _) => out.push(b' '),
             (b'%', Some(b)) => {
@@ -293,9 +337,20 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
 
 enum Identity {
     Anonymous,
-    User { name: String, read: bool, write: bool },
-    Deploy { project: String, read: bool, write: bool },
-    Job { project: String, user: String },
+    User {
+        name: String,
+        read: bool,
+        write: bool,
+    },
+    Deploy {
+        project: String,
+        read: bool,
+        write: bool,
+    },
+    Job {
+        project: String,
+        user: String,
+    },
 }
 
 fn empty(status: StatusCode) -> Response<Full<Bytes>> {
@@ -307,21 +362,31 @@ fn empty(status: StatusCode) -> Response<Full<Bytes>> {
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
     r
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json(status, serde_json::json!({"errors":[{"code":code,"message":message}]}).to_string())
+    json(
+        status,
+        serde_json::json!({"errors":[{"code":code,"message":message}]}).to_string(),
+    )
 }
 
 fn handle(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let basic = auth.as_deref().and_then(decode_basic);
     let resp = respond(st, &req, basic.as_ref());
     st.seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
-        auth_scheme: auth.as_deref().map(|a| a.split(' ').next().unwrap_or("").to_owned()),
+        auth_scheme: auth
+            .as_deref()
+            .map(|a| a.split(' ').next().unwrap_or("").to_owned()),
         username: basic.map(|(u, _)| u),
         status: resp.status().as_u16(),
         forwarded_for: req
@@ -343,7 +408,11 @@ fn decode_basic(header: &str) -> Option<(String, String)> {
     Some((u.to_owned(), p.to_owned()))
 }
 
-fn respond(st: &State, req: &Request<Incoming>, basic: Option<&(String, String)>) -> Response<Full<Bytes>> {
+fn respond(
+    st: &State,
+    req: &Request<Incoming>,
+    basic: Option<&(String, String)>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET || req.uri().path() != "/jwt/auth" {
         return empty(StatusCode::NOT_FOUND);
     }
@@ -354,74 +423,133 @@ fn respond(st: &State, req: &Request<Incoming>, basic: Option<&(String, String)>
     let scopes: Vec<String> = params
         .iter()
         .filter(|(k, _)| k == "scope")
-        .flat_map(|(_, v)| v.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>())
+        .flat_map(|(_, v)| {
+            v.split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .collect();
     let identity = match basic {
         None => Identity::Anonymous,
         Some((user, secret)) => match authenticate(st, user, secret) {
-            Ok(id) => id,
-            Err(resp) => return resp,
+            Some(id) => id,
+            None => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "HTTP Basic: Access denied. The provided password or token is incorrect or your account has 2FA enabled and you must use a personal access token instead of a password.",
+                )
+            }
         },
     };
     let has_ability = match &identity {
         Identity::Anonymous => !scopes.is_empty(),
-        Identity::User { read, write, .. } | Identity::Deploy { read, write, .. } => *read || *write,
+        Identity::User { read, write, .. } | Identity::Deploy { read, write, .. } => {
+            *read || *write
+        }
         Identity::Job { .. } => true,
     };
     if !has_ability {
         return error(StatusCode::FORBIDDEN, "DENIED", "access forbidden");
     }
-    let access: Vec<serde_json::Value> = scopes.iter().filter_map(|s| grant(st, &identity, s)).collect();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let access: Vec<serde_json::Value> = scopes
+        .iter()
+        .filter_map(|s| grant(st, &identity, s))
+        .collect();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let n = st.mints.fetch_add(1, Ordering::SeqCst);
     let mut claims = serde_json::json!({
         "iss": ISSUER, "aud": SERVICE, "iat": now, "nbf": now - 5,
         "exp": now + st.lifetime.as_secs(), "jti": format!("jti-{now}-{n}"), "access": access,
     });
     match &identity {
-        Identity::User { name, .. } | Identity::Job { user: name, .. } => claims["sub"] = name.clone().into(),
+        Identity::User { name, .. } | Identity::Job { user: name, .. } => {
+            claims["sub"] = name.clone().into()
+        }
         Identity::Anonymous | Identity::Deploy { .. } => {}
     }
-    json(StatusCode::OK, serde_json::json!({ "token": sign(st, &claims) }).to_string())
+    let token = sign(st, &claims);
+    st.issued.lock().unwrap().push(token.clone());
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "token": token }).to_string(),
+    )
 }
 
-fn authenticate(st: &State, user: &str, secret: &str) -> Result<Identity, Response<Full<Bytes>>> {
-    let denied = || error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "HTTP Basic: Access denied. The provided password or token is incorrect or your account has 2FA enabled and you must use a personal access token instead of a password.");
+/// Who the credentials name, or `None` for GitLab's 401 "HTTP Basic: Access denied".
+fn authenticate(st: &State, user: &str, secret: &str) -> Option<Identity> {
     let read_write = |scopes: &[TokenScope]| {
         let api = scopes.contains(&TokenScope::Api);
-        (api || scopes.contains(&TokenScope::ReadRegistry), api || scopes.contains(&TokenScope::WriteRegistry))
+        (
+            api || scopes.contains(&TokenScope::ReadRegistry),
+            api || scopes.contains(&TokenScope::WriteRegistry),
+        )
     };
     for c in &st.credentials {
         match c {
-            Credential::Pat { user: owner, token, scopes } if token == secret => {
+            Credential::Pat {
+                user: owner,
+                token,
+                scopes,
+            } if token == secret => {
                 let (read, write) = read_write(scopes);
-                return Ok(Identity::User { name: owner.clone(), read, write });
+                return Some(Identity::User {
+                    name: owner.clone(),
+                    read,
+                    write,
+                });
             }
-            Credential::Deploy { username, token, scopes, project } if token == secret && username == user => {
+            Credential::Deploy {
+                username,
+                token,
+                scopes,
+                project,
+            } if token == secret && username == user => {
                 let (read, write) = read_write(scopes);
-                return Ok(Identity::Deploy { project: project.clone(), read, write });
+                return Some(Identity::Deploy {
+                    project: project.clone(),
+                    read,
+                    write,
+                });
             }
-            Credential::Job { token, project, user: owner } if token == secret && user == "gitlab-ci-token" => {
-                return Ok(Identity::Job { project: project.clone(), user: owner.clone() });
+            Credential::Job {
+                token,
+                project,
+                user: owner,
+            } if token == secret && user == "gitlab-ci-token" => {
+                return Some(Identity::Job {
+                    project: project.clone(),
+                    user: owner.clone(),
+                });
             }
-            Credential::Password { user: name, password, two_factor } if name == user && password == secret => {
+            Credential::Password {
+                user: name,
+                password,
+                two_factor,
+            } if name == user && password == secret => {
                 if *two_factor {
-                    return Err(denied());
+                    return None;
                 }
-                return Ok(Identity::User { name: name.clone(), read: true, write: true });
+                return Some(Identity::User {
+                    name: name.clone(),
+                    read: true,
+                    write: true,
+                });
             }
             _ => {}
         }
     }
-    Err(denied())
+    None
 }
 
 /// The access entry for one requested scope, with the actions this identity may have (possibly
 /// none: GitLab drops what is not allowed, silently).
 fn grant(st: &State, id: &Identity, scope: &str) -> Option<serde_json::Value> {
-    let mut parts = scope.splitn(2, ':');
-    let kind = parts.next()?;
-    let rest = parts.next()?;
+    let (kind, rest) = scope.split_once(':')?;
     let (name, actions) = rest.rsplit_once(':')?;
     if kind != "repository" {
         // registry:catalog:* is for admins; there are none here.
@@ -441,7 +569,14 @@ fn grant(st: &State, id: &Identity, scope: &str) -> Option<serde_json::Value> {
             let push = *write && role >= Some(Role::Developer);
             (pull, push, *write && role >= Some(Role::Maintainer))
         }
-        (Some(p), Identity::Deploy { project, read, write }) => {
+        (
+            Some(p),
+            Identity::Deploy {
+                project,
+                read,
+                write,
+            },
+        ) => {
             let own = &p.path == project;
             (own && *read, own && *write, false)
         }
@@ -472,7 +607,12 @@ fn sign(st: &State, claims: &serde_json::Value) -> String {
     );
     let mut sig = vec![0u8; st.key.public().modulus_len()];
     st.key
-        .sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), signing_input.as_bytes(), &mut sig)
+        .sign(
+            &RSA_PKCS1_SHA256,
+            &SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut sig,
+        )
         .expect("RSA signing");
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }

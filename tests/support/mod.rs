@@ -65,7 +65,10 @@ pub fn require(program: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "required program `{program}` is missing: run .ci/run (it installs the Debian packages)");
+    assert!(
+        found,
+        "required program `{program}` is missing: run .ci/run (it installs the Debian packages)"
+    );
 }
 
 /// A running `docker-registry serve` with token auth.
@@ -122,9 +125,23 @@ impl Registry {
             kill(&mut child);
             panic!("docker-registry did not start:\n{}", log.text());
         };
-        let addr = line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap();
-        let addr = addr.trim_end_matches('"').parse().expect("registry address");
-        Registry { addr, log, child, _dir: dir }
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        let addr = addr
+            .trim_end_matches('"')
+            .parse()
+            .expect("registry address");
+        Registry {
+            addr,
+            log,
+            child,
+            _dir: dir,
+        }
     }
 
     /// `http://ADDR`.
@@ -177,8 +194,18 @@ impl Regrelay {
             kill(&mut child);
             panic!("regrelay did not start:\n{}", output.text());
         };
-        let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
-        Regrelay { addr: addr.parse().expect("regrelay address"), output, child }
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        Regrelay {
+            addr: addr.parse().expect("regrelay address"),
+            output,
+            child,
+        }
     }
 
     /// `http://ADDR`.
@@ -193,7 +220,10 @@ impl Regrelay {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -278,7 +308,8 @@ impl OciImage {
             header.set_size(content.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            tar.append_data(&mut header, format!("layer{i}.bin"), content.as_slice()).unwrap();
+            tar.append_data(&mut header, format!("layer{i}.bin"), content.as_slice())
+                .unwrap();
             let tar = tar.into_inner().unwrap();
             diff_ids.push(digest(&tar));
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -311,8 +342,16 @@ impl OciImage {
             }],
         });
         std::fs::write(dir.path().join("index.json"), index.to_string()).unwrap();
-        std::fs::write(dir.path().join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        OciImage { dir, layers, manifest_digest }
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        OciImage {
+            dir,
+            layers,
+            manifest_digest,
+        }
     }
 
     /// `oci:DIR:latest`.
@@ -337,7 +376,11 @@ pub fn skopeo(args: &[&str]) -> Output {
 
 /// Output as text, for assertion messages.
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// How skopeo reaches the registry endpoint.
@@ -383,10 +426,33 @@ pub fn ca_cert_dir() -> tempfile::TempDir {
 /// Compares the blobs of a pulled OCI layout against the pushed image.
 pub fn assert_same_blobs(pushed: &OciImage, pulled: &Path) {
     for (d, size) in &pushed.layers {
-        let path: PathBuf = pulled.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+        let path: PathBuf = pulled
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
         let data = std::fs::read(&path).unwrap_or_else(|_| panic!("pulled layout lacks {d}"));
         assert_eq!(data.len(), *size);
         assert_eq!(&digest(&data), d, "pulled blob differs");
+    }
+}
+
+/// Fails when any secret (or its Basic-auth encoding with `user`) appears in `output`.
+pub fn assert_no_secrets(output: &str, user: &str, secrets: &[String]) {
+    use base64::Engine;
+    for secret in secrets {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
+        for needle in [secret.as_str(), basic.as_str()] {
+            assert!(
+                !output.contains(needle),
+                "a secret reached regrelay's output"
+            );
+        }
+        // Tokens: also their signature part alone, in case a log truncated the header.
+        if let Some(sig) = secret.rsplit('.').next().filter(|s| s.len() > 20) {
+            assert!(
+                !output.contains(sig),
+                "a token signature reached regrelay's output"
+            );
+        }
     }
 }
 

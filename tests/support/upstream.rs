@@ -51,7 +51,9 @@ where
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -82,7 +84,10 @@ impl Generated {
     /// `len` bytes of a fixed pattern.
     pub fn new(len: u64) -> Generated {
         let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-        Generated { remaining: len, chunk: Bytes::from(chunk) }
+        Generated {
+            remaining: len,
+            chunk: Bytes::from(chunk),
+        }
     }
 }
 
@@ -90,7 +95,10 @@ impl Body for Generated {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
