@@ -14,7 +14,9 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use serde::Deserialize;
 
+use crate::session::KeyRing;
 use crate::tls;
+use crate::token::DEFAULT_TOKEN_CACHE_MAX_ENTRIES;
 
 /// Defaults, with their unit in the name.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -30,6 +32,10 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// Time in-flight requests get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Lifetime of a sealed session (the `expires_in` clients get).
+pub const DEFAULT_SESSION_LIFETIME_SECS: u64 = 3600;
+/// Hard cap on a session's lifetime (and the lifetime of OAuth2 refresh tokens).
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// A configuration problem; its message names the key (`--flag` / `REGRELAY_*` / TOML key).
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +136,28 @@ pub struct ConfigFile {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
     #[arg(long, env = "REGRELAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Upstream token realm URL (GitLab's `https://gitlab.example.com/jwt/auth`). Default: the
+    /// realm the registry announces in its challenges.
+    #[arg(long, env = "REGRELAY_TOKEN_REALM")]
+    pub token_realm: Option<String>,
+    /// HOST[:PORT] the token service may redirect to with the client's credentials, besides the
+    /// realm's own origin and its https upgrade. Repeatable; env: comma-separated.
+    #[arg(
+        long = "auth-redirect-allow",
+        env = "REGRELAY_AUTH_REDIRECT_ALLOW",
+        value_delimiter = ','
+    )]
+    pub auth_redirect_allow: Option<Vec<String>>,
+    /// File of session keys, one base64 32-byte key per line: the first seals, all open.
+    /// Without it: a random key per process (one replica only; sessions die on restart).
+    #[arg(long, env = "REGRELAY_SESSION_KEY_FILE")]
+    pub session_key_file: Option<PathBuf>,
+    /// Seconds a session token is valid (`expires_in`) [default: 3600, at most 86400].
+    #[arg(long, env = "REGRELAY_SESSION_LIFETIME_SECS")]
+    pub session_lifetime_secs: Option<u64>,
+    /// Sessions whose upstream token is cached at once [default: 100000].
+    #[arg(long, env = "REGRELAY_TOKEN_CACHE_MAX_ENTRIES")]
+    pub token_cache_max_entries: Option<usize>,
 }
 
 impl ConfigFile {
@@ -166,6 +194,13 @@ impl ConfigFile {
                 .upstream_connect_timeout_secs
                 .or(file.upstream_connect_timeout_secs),
             shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
+            token_realm: self.token_realm.or(file.token_realm),
+            auth_redirect_allow: self.auth_redirect_allow.or(file.auth_redirect_allow),
+            session_key_file: self.session_key_file.or(file.session_key_file),
+            session_lifetime_secs: self.session_lifetime_secs.or(file.session_lifetime_secs),
+            token_cache_max_entries: self
+                .token_cache_max_entries
+                .or(file.token_cache_max_entries),
         }
     }
 }
@@ -233,7 +268,8 @@ impl Origin {
         &self.authority
     }
 
-    fn port(&self) -> u16 {
+    /// The port, or the scheme's default.
+    pub fn effective_port(&self) -> u16 {
         self.authority
             .port_u16()
             .unwrap_or(if self.scheme == Scheme::HTTPS {
@@ -250,7 +286,7 @@ impl Origin {
                 .authority
                 .host()
                 .eq_ignore_ascii_case(other.authority.host())
-            && self.port() == other.port()
+            && self.effective_port() == other.effective_port()
     }
 
     /// An absolute URI on this origin.
@@ -266,6 +302,45 @@ impl Origin {
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// A `HOST[:PORT]` the token service may redirect credentials to (`--auth-redirect-allow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    host: String,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    /// Parses `host`, `host:port` or `[v6]:port`.
+    pub fn parse(s: &str) -> Result<AllowedHost, ConfigError> {
+        let authority: Authority = s.trim().parse().map_err(|e| {
+            invalid(
+                "auth_redirect_allow",
+                format!("{s:?}: {e} (want HOST[:PORT])"),
+            )
+        })?;
+        if authority.as_str().contains('@') || authority.host().is_empty() {
+            return Err(invalid(
+                "auth_redirect_allow",
+                format!("{s:?}: want HOST[:PORT]"),
+            ));
+        }
+        Ok(AllowedHost {
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16(),
+        })
+    }
+
+    /// Same host, and the same port (the scheme's default when none was given).
+    pub fn matches(&self, origin: &Origin) -> bool {
+        let port = self.port.unwrap_or(if origin.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        });
+        origin.authority.host().eq_ignore_ascii_case(&self.host) && origin.effective_port() == port
     }
 }
 
@@ -304,6 +379,16 @@ pub struct Config {
     pub max_connections: NonZeroUsize,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Upstream token realm, when configured (else learnt from challenges).
+    pub token_realm: Option<Uri>,
+    /// Extra origins the token service may redirect credentials to.
+    pub auth_redirect_allow: Vec<AllowedHost>,
+    /// Session sealing keys.
+    pub session_keys: Arc<KeyRing>,
+    /// Session lifetime.
+    pub session_lifetime: Duration,
+    /// Bound of the upstream token cache.
+    pub token_cache_max_entries: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -318,6 +403,10 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.server_tls.is_some())
             .field("max_connections", &self.max_connections)
             .field("timeouts", &self.timeouts)
+            .field("token_realm", &self.token_realm)
+            .field("auth_redirect_allow", &self.auth_redirect_allow)
+            .field("session_keys", &self.session_keys)
+            .field("session_lifetime", &self.session_lifetime)
             .finish_non_exhaustive()
     }
 }
@@ -396,6 +485,50 @@ impl TryFrom<ConfigFile> for Config {
                 DEFAULT_SHUTDOWN_GRACE_SECS,
             )?,
         };
+        let token_realm = raw
+            .token_realm
+            .as_deref()
+            .map(|s| {
+                let uri: Uri = s
+                    .parse()
+                    .map_err(|e| invalid("token_realm", format!("{s:?}: {e}")))?;
+                match (Origin::of(&uri), uri.authority()) {
+                    (Some(_), Some(a)) if !a.as_str().contains('@') => Ok(uri),
+                    _ => Err(invalid(
+                        "token_realm",
+                        format!("{s:?}: want an absolute http(s) URL"),
+                    )),
+                }
+            })
+            .transpose()?;
+        let auth_redirect_allow = raw
+            .auth_redirect_allow
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| AllowedHost::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let session_keys = Arc::new(match &raw.session_key_file {
+            Some(path) => KeyRing::load(path)?,
+            None => KeyRing::ephemeral(),
+        });
+        let session_lifetime = secs(
+            "session_lifetime_secs",
+            raw.session_lifetime_secs,
+            DEFAULT_SESSION_LIFETIME_SECS,
+        )?;
+        if session_lifetime > MAX_SESSION_LIFETIME {
+            return Err(invalid(
+                "session_lifetime_secs",
+                format!("at most {} (24 h)", MAX_SESSION_LIFETIME.as_secs()),
+            ));
+        }
+        let token_cache_max_entries = raw
+            .token_cache_max_entries
+            .unwrap_or(DEFAULT_TOKEN_CACHE_MAX_ENTRIES);
+        if token_cache_max_entries == 0 {
+            return Err(invalid("token_cache_max_entries", "must be at least 1"));
+        }
         Ok(Config {
             listen,
             registry,
@@ -405,6 +538,11 @@ impl TryFrom<ConfigFile> for Config {
             log_format: raw.log_format.unwrap_or_default(),
             max_connections,
             timeouts,
+            token_realm,
+            auth_redirect_allow,
+            session_keys,
+            session_lifetime,
+            token_cache_max_entries,
         })
     }
 }
@@ -484,6 +622,34 @@ mod tests {
                 },
                 "`upstream_ca`",
             ),
+            (
+                ConfigFile {
+                    token_realm: Some("/jwt/auth".into()),
+                    ..raw("http://r")
+                },
+                "`token_realm`",
+            ),
+            (
+                ConfigFile {
+                    auth_redirect_allow: Some(vec!["user@host".into()]),
+                    ..raw("http://r")
+                },
+                "`auth_redirect_allow`",
+            ),
+            (
+                ConfigFile {
+                    session_key_file: Some("/nonexistent.keys".into()),
+                    ..raw("http://r")
+                },
+                "`session_key_file`",
+            ),
+            (
+                ConfigFile {
+                    session_lifetime_secs: Some(86_401),
+                    ..raw("http://r")
+                },
+                "`session_lifetime_secs`",
+            ),
         ];
         for (c, key) in cases {
             let msg = err_of(c);
@@ -525,5 +691,42 @@ mod tests {
         let c = Origin::of(&"http://registry.example.com/v2/x".parse().unwrap()).unwrap();
         assert!(a.same_as(&b));
         assert!(!a.same_as(&c));
+    }
+
+    #[test]
+    fn redirect_allow_entries_match_host_and_port() {
+        let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
+        let cases = [
+            (
+                "gitlab.example.com",
+                "https://GitLab.example.com/jwt/auth",
+                true,
+            ),
+            (
+                "gitlab.example.com",
+                "http://gitlab.example.com/jwt/auth",
+                true,
+            ),
+            (
+                "gitlab.example.com",
+                "https://gitlab.example.com:8443/x",
+                false,
+            ),
+            (
+                "gitlab.example.com:8443",
+                "https://gitlab.example.com:8443/x",
+                true,
+            ),
+            ("127.0.0.1:9000", "http://127.0.0.1:9001/x", false),
+            ("127.0.0.1:9000", "http://127.0.0.1:9000/x", true),
+            ("other.example.com", "https://gitlab.example.com/x", false),
+        ];
+        for (entry, url, want) in cases {
+            assert_eq!(
+                AllowedHost::parse(entry).unwrap().matches(&o(url)),
+                want,
+                "{entry} {url}"
+            );
+        }
     }
 }

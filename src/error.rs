@@ -68,6 +68,57 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// regrelay refused the request's credentials itself (a sealed session that is tampered
+    /// with, expired, or sealed with an unknown key; or credentials GitLab no longer accepts).
+    /// Answered 401 with `challenge` in `WWW-Authenticate`, so the client asks for a new token.
+    #[error("authentication required: {reason}")]
+    Unauthorized {
+        /// Why (never a secret).
+        reason: String,
+        /// A fresh `Bearer` challenge pointing at regrelay's realm.
+        challenge: String,
+    },
+    /// GitLab refused to mint a token for a session (revoked credential, lost permission…).
+    #[error("token service answered {status}: {message}")]
+    MintFailed {
+        /// GitLab's status.
+        status: u16,
+        /// GitLab's error message (registry error format), or the status text.
+        message: String,
+    },
+    /// The token service redirected somewhere `Authorization` must not go.
+    #[error(
+        "token service redirected to {target}, which is not an allowed origin for credentials; \
+         if it is your GitLab, allow it with --auth-redirect-allow {target}"
+    )]
+    AuthRedirectRefused {
+        /// The refused target (`host[:port]`).
+        target: String,
+    },
+    /// The token service kept redirecting.
+    #[error("token service redirected more than {limit} times")]
+    TooManyRedirects {
+        /// Hops followed.
+        limit: usize,
+    },
+    /// The token service answered 200 without a usable token.
+    #[error("token service answer unusable: {reason}")]
+    BadTokenAnswer {
+        /// What was wrong (never the content).
+        reason: &'static str,
+    },
+    /// No token realm is configured and the registry announced none.
+    #[error("upstream registry {upstream} announced no token realm; set --token-realm")]
+    RealmUnknown {
+        /// The upstream origin.
+        upstream: String,
+    },
+    /// A token request regrelay cannot serve (bad OAuth2 form).
+    #[error("bad token request: {reason}")]
+    BadTokenRequest {
+        /// What is wrong.
+        reason: String,
+    },
     /// A response or request could not be built; a bug.
     #[error("internal error")]
     Internal(#[from] http::Error),
@@ -80,8 +131,16 @@ impl Error {
             Error::NotFound { .. }
             | Error::MethodNotAllowed { .. }
             | Error::Refused { .. }
-            | Error::ClientIdle { .. } => Blame::Client,
-            Error::UpstreamUnreachable { .. } | Error::UpstreamFailed { .. } => Blame::Upstream,
+            | Error::ClientIdle { .. }
+            | Error::Unauthorized { .. }
+            | Error::BadTokenRequest { .. } => Blame::Client,
+            Error::UpstreamUnreachable { .. }
+            | Error::UpstreamFailed { .. }
+            | Error::MintFailed { .. }
+            | Error::AuthRedirectRefused { .. }
+            | Error::TooManyRedirects { .. }
+            | Error::BadTokenAnswer { .. }
+            | Error::RealmUnknown { .. } => Blame::Upstream,
             Error::Internal(_) => Blame::Internal,
         }
     }
@@ -92,6 +151,7 @@ impl Error {
             (Blame::Client, Error::NotFound { .. }) => StatusCode::NOT_FOUND,
             (Blame::Client, Error::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
+            (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
             (Blame::Client, _) => StatusCode::BAD_REQUEST,
             (Blame::Upstream, _) => StatusCode::BAD_GATEWAY,
             (Blame::Internal, _) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -103,9 +163,24 @@ impl Error {
         match self {
             Error::NotFound { .. } | Error::MethodNotAllowed { .. } => "UNSUPPORTED",
             Error::Refused { .. } => "DENIED",
-            Error::ClientIdle { .. } => "UNKNOWN",
-            Error::UpstreamUnreachable { .. } | Error::UpstreamFailed { .. } => "UNAVAILABLE",
+            Error::ClientIdle { .. } | Error::BadTokenRequest { .. } => "UNKNOWN",
+            Error::Unauthorized { .. } => "UNAUTHORIZED",
+            Error::UpstreamUnreachable { .. }
+            | Error::UpstreamFailed { .. }
+            | Error::MintFailed { .. }
+            | Error::AuthRedirectRefused { .. }
+            | Error::TooManyRedirects { .. }
+            | Error::BadTokenAnswer { .. }
+            | Error::RealmUnknown { .. } => "UNAVAILABLE",
             Error::Internal(_) => "UNKNOWN",
+        }
+    }
+
+    /// The token service's status, for a failed mint.
+    pub fn upstream_status(&self) -> Option<u16> {
+        match self {
+            Error::MintFailed { status, .. } => Some(*status),
+            _ => None,
         }
     }
 

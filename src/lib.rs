@@ -4,7 +4,10 @@
 //! # Layout
 //! Data flows one way: client → [`server`] (listen, TLS, HTTP/1.1 + h2, drain) → [`app`]
 //! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
-//! [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
+//! [`auth`] (the `/jwt/auth` realm, sealed sessions, minting) and [`proxy`] (headers,
+//! `Location`, streaming bodies) → [`upstream`] (the only dialer). Auth's pieces: [`challenge`]
+//! (pure: challenges, scopes, JWT `exp`), [`session`] (AEAD-sealed sessions, key ring),
+//! [`token`] (upstream token cache, single-flight minting).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
 //! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log).
 //!
@@ -12,14 +15,18 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod body;
+pub mod challenge;
 pub mod config;
 pub mod error;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 pub mod upstream;
 
 pub use app::App;

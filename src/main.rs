@@ -78,6 +78,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let tls = config.server_tls.is_some();
     tracing::info!(addr = %addr, tls, registry = %config.registry, "listening");
+    if config.session_keys.is_ephemeral() {
+        tracing::warn!(
+            "no --session-key-file: sessions are sealed with a random key of this process; \
+             they die on restart and other replicas cannot open them (run one replica only)"
+        );
+    }
     server::run(
         listener,
         Arc::new(App::new(config)),

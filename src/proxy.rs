@@ -14,7 +14,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::body::{ProxyBody, Watched};
 use crate::config::Origin;
@@ -72,11 +71,15 @@ pub struct Forward<'a> {
 }
 
 /// Forwards `req` to `upstream` and streams the answer back.
-pub async fn forward(
+pub async fn forward<B>(
     upstream: &Upstream,
-    req: Request<Incoming>,
+    req: Request<B>,
     fwd: &Forward<'_>,
-) -> Result<Response<ProxyBody>, Error> {
+) -> Result<Response<ProxyBody>, Error>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
+{
     let (mut parts, body) = req.into_parts();
     prepare_request(&mut parts, upstream.origin(), fwd)?;
     let body = Watched::new(body, fwd.idle, Some(fwd.bytes_in.clone())).boxed_unsync();
@@ -94,17 +97,7 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
     // hyper answers `100 Continue` to the client when the body is first read, i.e. once the
     // upstream request is under way; the upstream leg needs no Expect of its own.
     headers.remove(header::EXPECT);
-    let prior = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let xff = if prior.is_empty() {
-        fwd.peer.to_string()
-    } else {
-        format!("{prior}, {}", fwd.peer)
-    };
+    let xff = forwarded_for(headers, fwd.peer);
     headers.insert(&X_FORWARDED_FOR, header_value(&xff)?);
     headers.insert(
         &X_FORWARDED_PROTO,
@@ -122,7 +115,23 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
     Ok(())
 }
 
-fn header_value(s: &str) -> Result<HeaderValue, Error> {
+/// `X-Forwarded-For` for a request from `peer`: the client's own list with `peer` appended.
+pub fn forwarded_for(headers: &HeaderMap, peer: std::net::IpAddr) -> String {
+    let prior = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{prior}, {peer}")
+    }
+}
+
+/// A header value from a string built here (addresses, origins).
+pub fn header_value(s: &str) -> Result<HeaderValue, Error> {
     HeaderValue::from_str(s).map_err(|e| Error::Internal(e.into()))
 }
 

@@ -18,6 +18,8 @@ pub const READY_PATH: &str = "/-/ready";
 pub enum Route {
     /// Registry API (`/v2/…`): forwarded to the upstream registry.
     Registry,
+    /// The token realm (`/jwt/auth`): served by regrelay, on the registry's own host.
+    Token,
     /// `/-/healthy`.
     Healthy,
     /// `/-/ready`.
@@ -60,6 +62,7 @@ pub fn route(
     let route = match path {
         "/v2" | "/v2/" => Route::Registry,
         p if p.starts_with("/v2/") => Route::Registry,
+        crate::auth::TOKEN_PATH => Route::Token,
         HEALTHY_PATH => Route::Healthy,
         READY_PATH => Route::Ready,
         _ => {
@@ -78,6 +81,7 @@ pub fn route(
                 | Method::PATCH
                 | Method::DELETE
         ),
+        Route::Token => matches!(*method, Method::GET | Method::POST),
         Route::Healthy | Route::Ready => matches!(*method, Method::GET | Method::HEAD),
     };
     if !allowed {
@@ -124,6 +128,16 @@ mod tests {
             ),
             ("HEAD", "/-/healthy", None, h1, Ok(Route::Healthy)),
             ("GET", "/-/ready", None, h1, Ok(Route::Ready)),
+            ("GET", "/jwt/auth", None, h1, Ok(Route::Token)),
+            ("POST", "/jwt/auth", None, h1, Ok(Route::Token)),
+            (
+                "PUT",
+                "/jwt/auth",
+                None,
+                h1,
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            ("GET", "/jwt/auth/x", None, h1, Err(StatusCode::NOT_FOUND)),
             (
                 "POST",
                 "/-/ready",

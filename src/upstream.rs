@@ -55,9 +55,11 @@ impl Upstream {
     }
 
     /// Sends a request whose URI is already absolute on the upstream origin.
+    /// Errors name the origin the request went to (the registry, or the token service).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, Error> {
+        let target = Origin::of(req.uri()).unwrap_or_else(|| self.origin.clone());
         self.client.request(req).await.map_err(|e| {
-            let upstream = self.origin.to_string();
+            let upstream = target.to_string();
             if crate::body::is_idle_timeout(&e) {
                 Error::ClientIdle {
                     secs: self.body_idle.as_secs(),
@@ -79,10 +81,15 @@ impl Upstream {
     /// Readiness: the upstream answers `GET /v2/` with any HTTP status (401 is the normal answer of
     /// a registry with token auth).
     pub async fn probe(&self) -> Result<http::StatusCode, Error> {
+        self.probe_response().await.map(|r| r.status())
+    }
+
+    /// `GET /v2/` on the upstream, with the readiness deadline (its challenge names the realm).
+    pub async fn probe_response(&self) -> Result<Response<Incoming>, Error> {
         let req = Request::get(self.origin.join("/v2/")?).body(body::empty())?;
         let timeout = Duration::from_secs(READY_TIMEOUT_SECS);
         match tokio::time::timeout(timeout, self.send(req)).await {
-            Ok(res) => res.map(|r| r.status()),
+            Ok(res) => res,
             Err(elapsed) => Err(Error::UpstreamUnreachable {
                 upstream: self.origin.to_string(),
                 source: Box::new(elapsed),

@@ -107,13 +107,17 @@ pub struct Seen {
     pub status: u16,
     /// `X-Forwarded-For`, if any.
     pub forwarded_for: Option<String>,
+    /// The raw `Authorization` header (test memory only, for byte-for-byte checks).
+    pub authorization: Option<Vec<u8>>,
+    /// The raw query string.
+    pub query: String,
 }
 
 struct State {
     key: RsaKeyPair,
     kid: String,
     lifetime: Duration,
-    credentials: Vec<Credential>,
+    credentials: Mutex<Vec<Credential>>,
     projects: Vec<Project>,
     mints: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
@@ -181,7 +185,7 @@ impl GitLabBuilder {
             key,
             kid,
             lifetime: self.lifetime,
-            credentials: self.credentials,
+            credentials: Mutex::new(self.credentials),
             projects: self.projects,
             mints: AtomicUsize::new(0),
             seen: Mutex::new(vec![]),
@@ -223,6 +227,15 @@ impl GitLab {
     /// Every token issued so far (for secret greps).
     pub fn issued(&self) -> Vec<String> {
         self.state.issued.lock().unwrap().clone()
+    }
+    /// Revokes every credential whose secret is `secret` (as an admin revoking a token does).
+    pub fn revoke(&self, secret: &str) {
+        self.state.credentials.lock().unwrap().retain(|c| match c {
+            Credential::Pat { token, .. }
+            | Credential::Deploy { token, .. }
+            | Credential::Job { token, .. } => token != secret,
+            Credential::Password { password, .. } => password != secret,
+        });
     }
     /// Token requests seen so far.
     pub fn seen(&self) -> Vec<Seen> {
@@ -394,6 +407,11 @@ fn handle(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec()),
+        query: req.uri().query().unwrap_or("").to_owned(),
     });
     resp
 }
@@ -489,7 +507,7 @@ fn authenticate(st: &State, user: &str, secret: &str) -> Option<Identity> {
             api || scopes.contains(&TokenScope::WriteRegistry),
         )
     };
-    for c in &st.credentials {
+    for c in st.credentials.lock().unwrap().iter() {
         match c {
             Credential::Pat {
                 user: owner,

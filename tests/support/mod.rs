@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod gitlab;
+pub mod nginx;
+pub mod relay;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -166,8 +168,16 @@ impl Drop for Regrelay {
 }
 
 /// Path of the regrelay binary under test.
-pub fn regrelay_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_regrelay")
+pub fn regrelay_bin() -> PathBuf {
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_regrelay") {
+        return bin.into();
+    }
+    // Examples (demo, bench) live in target/<profile>/examples/; the binary one level up.
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/examples/<name>")
+        .join("regrelay")
 }
 
 /// Path of a file in `certs/`.
@@ -435,9 +445,14 @@ pub fn assert_same_blobs(pushed: &OciImage, pulled: &Path) {
     }
 }
 
-/// Fails when any secret (or its Basic-auth encoding with `user`) appears in `output`.
+/// Fails when any secret (or its Basic-auth encoding with `user`) appears in `output`, or any
+/// regrelay session token (`rr1.…`) does.
 pub fn assert_no_secrets(output: &str, user: &str, secrets: &[String]) {
     use base64::Engine;
+    assert!(
+        !output.contains("rr1."),
+        "a regrelay session token reached regrelay's output"
+    );
     for secret in secrets {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
         for needle in [secret.as_str(), basic.as_str()] {

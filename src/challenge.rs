@@ -1,0 +1,344 @@
+//! Pure parsing and formatting for registry token auth: `WWW-Authenticate: Bearer` challenges
+//! (RFC 9110 §11.6.1 auth-params), the `scope` grammar (`type:name:actions`, several per value,
+//! space-separated), the scope a registry request needs, and reading `exp` from a JWT payload.
+//! No I/O here; everything is table-tested.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::Method;
+
+/// A parsed `Bearer` challenge: its auth-params in order (names lowercased).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `(name, value)` pairs, values unquoted.
+    pub params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// Parses `Bearer k="v",k2=v2`; `None` for any other scheme or a malformed header.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let header = header.trim_start();
+        let (scheme, rest) = header.split_at(header.find(' ').unwrap_or(header.len()));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut params = Vec::new();
+        let mut s = rest.trim_start();
+        while !s.is_empty() {
+            let eq = s.find('=')?;
+            let name = s[..eq].trim().to_ascii_lowercase();
+            if name.is_empty() || name.contains([' ', ',', '"']) {
+                return None;
+            }
+            s = s[eq + 1..].trim_start();
+            let value;
+            if let Some(quoted) = s.strip_prefix('"') {
+                let mut out = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => out.push(chars.next()?.1),
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        c => out.push(c),
+                    }
+                }
+                value = out;
+                s = &quoted[end?..];
+            } else {
+                let end = s.find(',').unwrap_or(s.len());
+                value = s[..end].trim().to_owned();
+                s = &s[end..];
+            }
+            params.push((name, value));
+            s = s.trim_start();
+            if let Some(r) = s.strip_prefix(',') {
+                s = r.trim_start();
+            } else if !s.is_empty() {
+                return None;
+            }
+        }
+        Some(Challenge { params })
+    }
+
+    /// The value of a parameter.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets (or appends) a parameter.
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(n, _)| n == name) {
+            Some(p) => p.1 = value.to_owned(),
+            None => self.params.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// `error="…"`, if any (`invalid_token`, `insufficient_scope`).
+    pub fn error(&self) -> Option<&str> {
+        self.get("error")
+    }
+}
+
+impl std::fmt::Display for Challenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer ")?;
+        for (i, (name, value)) in self.params.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+            write!(f, "{name}=\"{escaped}\"")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every scope in a token request: `scope` is repeated and each value may hold several
+/// space-separated scopes. Values are percent-decoded (`+` is a space).
+pub fn scopes_from_query(query: &str) -> Vec<String> {
+    query_values(query, "scope")
+        .iter()
+        .flat_map(|v| v.split(' '))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The decoded values of `key` in an `application/x-www-form-urlencoded` string, in order.
+pub fn query_values(query: &str, key: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k) == key).then(|| percent_decode(v))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` and `+` (form encoding). Invalid escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 2;
+            }
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a query value: unreserved characters stay, everything else is `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The query of a token request for `service` and `scopes` (one `scope` parameter each, as
+/// Docker sends them).
+pub fn token_query(service: &str, scopes: &[String]) -> String {
+    let mut q = format!("service={}", percent_encode(service));
+    for s in scopes {
+        q.push_str("&scope=");
+        q.push_str(&percent_encode(s));
+    }
+    q
+}
+
+/// The scope the registry will ask for on `method path`, for a fresh challenge when regrelay
+/// refuses a session itself: `repository:<name>:<actions>` (GET/HEAD pull, POST/PUT/PATCH
+/// pull,push, DELETE delete), or `None` for `/v2/` and paths that name no repository.
+pub fn required_scope(method: &Method, path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v2/")?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let at = segments
+        .iter()
+        .rposition(|s| matches!(*s, "blobs" | "manifests" | "tags" | "referrers"))?;
+    if at == 0 {
+        return None;
+    }
+    let name = segments[..at].join("/");
+    let actions = match *method {
+        Method::GET | Method::HEAD => "pull",
+        Method::DELETE => "delete",
+        _ => "pull,push",
+    };
+    Some(format!("repository:{name}:{actions}"))
+}
+
+/// The `exp` claim of a JWT, read from its payload without verifying anything: regrelay uses it
+/// only to know when to mint again.
+pub fn jwt_exp(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_parse_table() {
+        type Params<'a> = Option<&'a [(&'a str, &'a str)]>;
+        let cases: &[(&str, Params)] = &[
+            (
+                r#"Bearer realm="http://gl/jwt/auth",service="container_registry",scope="repository:g/p:pull,push""#,
+                Some(&[
+                    ("realm", "http://gl/jwt/auth"),
+                    ("service", "container_registry"),
+                    ("scope", "repository:g/p:pull,push"),
+                ]),
+            ),
+            (
+                r#"bearer Realm="r", error="insufficient_scope""#,
+                Some(&[("realm", "r"), ("error", "insufficient_scope")]),
+            ),
+            (
+                r#"Bearer realm=r,service="a\"b""#,
+                Some(&[("realm", "r"), ("service", "a\"b")]),
+            ),
+            ("Bearer", Some(&[])),
+            (r#"Basic realm="Registry Realm""#, None),
+            (r#"Bearer realm="unterminated"#, None),
+            (r#"Bearer realm="a" service="b""#, None),
+        ];
+        for (header, want) in cases {
+            let got = Challenge::parse(header);
+            let want = want.map(|w| Challenge {
+                params: w
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            });
+            assert_eq!(got, want, "{header}");
+        }
+    }
+
+    #[test]
+    fn challenge_rewrite_keeps_service_scope_error() {
+        let mut c = Challenge::parse(
+            r#"Bearer realm="http://gitlab:8080/jwt/auth",service="container_registry",scope="repository:g/p:pull",error="invalid_token""#,
+        )
+        .unwrap();
+        c.set("realm", "https://px.example.com/jwt/auth");
+        assert_eq!(
+            c.to_string(),
+            r#"Bearer realm="https://px.example.com/jwt/auth",service="container_registry",scope="repository:g/p:pull",error="invalid_token""#
+        );
+        assert_eq!(c.error(), Some("invalid_token"));
+        assert_eq!(Challenge::parse(&c.to_string()).unwrap(), c);
+    }
+
+    #[test]
+    fn scope_parsing_table() {
+        let cases: &[(&str, &[&str])] = &[
+            ("service=container_registry", &[]),
+            (
+                "service=container_registry&scope=repository:g/p:pull,push",
+                &["repository:g/p:pull,push"],
+            ),
+            (
+                "scope=repository%3Ag%2Fa%3Apull&account=x&scope=repository:g/b:push+repository:g/c:pull",
+                &["repository:g/a:pull", "repository:g/b:push", "repository:g/c:pull"],
+            ),
+            ("scope=&scope=%20registry:catalog:*", &["registry:catalog:*"]),
+        ];
+        for (q, want) in cases {
+            assert_eq!(scopes_from_query(q), *want, "{q}");
+        }
+        let scopes = vec![
+            "repository:g/p:pull,push".to_owned(),
+            "registry:catalog:*".into(),
+        ];
+        let q = token_query("container_registry", &scopes);
+        assert_eq!(
+            q,
+            "service=container_registry&scope=repository%3Ag%2Fp%3Apull%2Cpush&scope=registry%3Acatalog%3A%2A"
+        );
+        assert_eq!(scopes_from_query(&q), scopes);
+    }
+
+    #[test]
+    fn required_scope_table() {
+        let cases: &[(Method, &str, Option<&str>)] = &[
+            (Method::GET, "/v2/", None),
+            (
+                Method::GET,
+                "/v2/g/p/manifests/v1",
+                Some("repository:g/p:pull"),
+            ),
+            (
+                Method::HEAD,
+                "/v2/a/b/c/blobs/sha256:00",
+                Some("repository:a/b/c:pull"),
+            ),
+            (
+                Method::PATCH,
+                "/v2/g/p/blobs/uploads/u",
+                Some("repository:g/p:pull,push"),
+            ),
+            (
+                Method::PUT,
+                "/v2/g/blobs/manifests/v1",
+                Some("repository:g/blobs:pull,push"),
+            ),
+            (
+                Method::DELETE,
+                "/v2/g/p/manifests/sha256:0",
+                Some("repository:g/p:delete"),
+            ),
+            (
+                Method::GET,
+                "/v2/g/p/tags/list",
+                Some("repository:g/p:pull"),
+            ),
+            (Method::GET, "/v2/_catalog", None),
+            (Method::GET, "/v2/manifests/x", None),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(required_scope(m, p).as_deref(), *want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn jwt_exp_table() {
+        let jwt = |payload: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(payload));
+        let cases = [
+            (jwt(r#"{"exp":1700000000,"iat":1}"#), Some(1_700_000_000)),
+            (jwt(r#"{"iat":1}"#), None),
+            (jwt(r#"{"exp":"soon"}"#), None),
+            (jwt("not json"), None),
+            ("only-one-part".to_owned(), None),
+            ("a.!!!.c".to_owned(), None),
+        ];
+        for (token, want) in cases {
+            assert_eq!(jwt_exp(&token), want, "{token}");
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Sealed sessions: the opaque token regrelay hands to clients instead of GitLab's short-lived JWT.
+//!
+//! A session holds what regrelay needs to mint upstream tokens later on the client's behalf: the
+//! client's `Authorization` header as it arrived at `/jwt/auth` (or none, for anonymous pulls), the
+//! service, the exact scopes that were asked for, its expiry, and a random id (the token cache key).
+//! It is serialized, then sealed with XChaCha20-Poly1305 under the first key of a [`KeyRing`];
+//! the key id and the public URL are the associated data, so a token opens only on a regrelay that
+//! has the key *and* is reached under the same public URL. Any replica holding the key serves any
+//! session: no sticky sessions, no shared store, and a restart loses nothing.
+//!
+//! Token form: `rr1.<kid>.<base64url(nonce ‖ ciphertext)>`. Nothing here logs; [`Session`]'s
+//! `Debug` never shows the credentials, and every plaintext buffer is zeroized after use.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::config::ConfigError;
+
+/// Prefix of every token regrelay seals; anything else is not ours and passes untouched.
+pub const TOKEN_PREFIX: &str = "rr1.";
+const NONCE_LEN: usize = 24;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What a sealed token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A registry access session: scopes fixed at issue.
+    Access,
+    /// An OAuth2 refresh token (containerd): credentials only, scopes come with each use.
+    Refresh,
+}
+
+/// An open session. Credentials are zeroized on drop and never printed.
+#[derive(Clone, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct Session {
+    /// Random id: the token cache key.
+    #[zeroize(skip)]
+    pub id: u128,
+    /// Access or refresh.
+    #[zeroize(skip)]
+    pub kind: Kind,
+    /// The client's `Authorization` header value, byte-for-byte (base64 inside the seal), or
+    /// `None` for an anonymous session.
+    #[serde(with = "opt_bytes")]
+    pub authorization: Option<Vec<u8>>,
+    /// The `service` the client asked for.
+    pub service: String,
+    /// The exact scopes the client asked for (each one `type:name:actions`).
+    pub scopes: Vec<String>,
+    /// Issued at, Unix seconds.
+    #[zeroize(skip)]
+    pub iat: u64,
+    /// Expires at, Unix seconds.
+    #[zeroize(skip)]
+    pub exp: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &format_args!("{:032x}", self.id))
+            .field("kind", &self.kind)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("service", &self.service)
+            .field("scopes", &self.scopes)
+            .field("exp", &self.exp)
+            .finish()
+    }
+}
+
+impl Session {
+    /// A new session of `kind` with a random id, valid for `lifetime` from now.
+    pub fn new(
+        kind: Kind,
+        authorization: Option<Vec<u8>>,
+        service: String,
+        scopes: Vec<String>,
+        lifetime: Duration,
+    ) -> Session {
+        let mut id = [0u8; 16];
+        chacha20poly1305::aead::rand_core::RngCore::fill_bytes(&mut OsRng, &mut id);
+        let iat = unix_now();
+        Session {
+            id: u128::from_le_bytes(id),
+            kind,
+            authorization,
+            service,
+            scopes,
+            iat,
+            exp: iat + lifetime.as_secs(),
+        }
+    }
+}
+
+mod opt_bytes {
+    use super::{Engine, STANDARD};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&zeroize::Zeroizing::new(STANDARD.encode(b)).as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(zeroize::Zeroizing::new)
+            .map(|s| {
+                STANDARD
+                    .decode(s.as_bytes())
+                    .map_err(serde::de::Error::custom)
+            })
+            .transpose()
+    }
+}
+
+/// Why a sealed token was refused. Says nothing about its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// Not of the `rr1.<kid>.<data>` form.
+    #[error("malformed session token")]
+    Malformed,
+    /// Sealed with a key this replica does not hold (rotated out, or another deployment).
+    #[error("session token sealed with an unknown key")]
+    UnknownKey,
+    /// Tampered with, or sealed for another public URL.
+    #[error("session token failed authentication")]
+    Tampered,
+    /// Past its expiry.
+    #[error("session expired")]
+    Expired,
+}
+
+struct SealingKey {
+    id: String,
+    cipher: XChaCha20Poly1305,
+}
+
+/// Session keys: the first seals, every one opens. Key material is zeroized on drop (the cipher
+/// type zeroizes its key schedule).
+pub struct KeyRing {
+    keys: Vec<SealingKey>,
+    ephemeral: bool,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
+        f.debug_struct("KeyRing")
+            .field("key_ids", &ids)
+            .field("ephemeral", &self.ephemeral)
+            .finish()
+    }
+}
+
+impl KeyRing {
+    /// Builds a ring from raw 32-byte keys, first one sealing.
+    pub fn from_keys(keys: &[[u8; 32]]) -> KeyRing {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let hash = Sha256::digest(k);
+                SealingKey {
+                    id: hash[..4].iter().map(|b| format!("{b:02x}")).collect(),
+                    cipher: XChaCha20Poly1305::new(Key::from_slice(k)),
+                }
+            })
+            .collect();
+        KeyRing {
+            keys,
+            ephemeral: false,
+        }
+    }
+
+    /// One random key for this process only: sessions die with it.
+    pub fn ephemeral() -> KeyRing {
+        let key = Zeroizing::new(<[u8; 32]>::from(XChaCha20Poly1305::generate_key(
+            &mut OsRng,
+        )));
+        let mut ring = KeyRing::from_keys(&[*key]);
+        ring.ephemeral = true;
+        ring
+    }
+
+    /// Reads a key file: one base64 32-byte key per line, `#` comments and blank lines ignored.
+    /// The first key seals; all open (rotation: prepend the new key, drop the old one after the
+    /// session lifetime).
+    pub fn load(path: &Path) -> Result<KeyRing, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "session_key_file",
+            reason: format!("{}: {reason}", path.display()),
+        };
+        let text =
+            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?);
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // The decode error never echoes the key.
+            let raw = Zeroizing::new(
+                STANDARD
+                    .decode(line)
+                    .map_err(|_| invalid(format!("line {}: not base64", n + 1)))?,
+            );
+            let key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+                invalid(format!(
+                    "line {}: a key is 32 bytes (`head -c 32 /dev/urandom | base64`)",
+                    n + 1
+                ))
+            })?;
+            keys.push(Zeroizing::new(key));
+        }
+        if keys.is_empty() {
+            return Err(invalid("no key found".into()));
+        }
+        let raw: Vec<[u8; 32]> = keys.iter().map(|k| **k).collect();
+        let ring = KeyRing::from_keys(&raw);
+        drop(Zeroizing::new(raw));
+        Ok(ring)
+    }
+
+    /// True when the ring is a random per-process key.
+    pub fn is_ephemeral(&self) -> bool {
+        self.ephemeral
+    }
+
+    /// Seals `session` for clients of `public_url`.
+    pub fn seal(&self, session: &Session, public_url: &str) -> String {
+        let key = &self.keys[0];
+        let plain = Zeroizing::new(serde_json::to_vec(session).expect("a session serializes"));
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let aad = aad(&key.id, public_url);
+        let sealed = key
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 sealing does not fail for in-memory data");
+        let mut data = nonce.to_vec();
+        data.extend_from_slice(&sealed);
+        format!("{TOKEN_PREFIX}{}.{}", key.id, URL_SAFE_NO_PAD.encode(data))
+    }
+
+    /// Opens a token sealed for `public_url`, checking its expiry against `now`.
+    pub fn open(&self, token: &str, public_url: &str, now: u64) -> Result<Session, OpenError> {
+        let rest = token
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(OpenError::Malformed)?;
+        let (kid, data) = rest.split_once('.').ok_or(OpenError::Malformed)?;
+        let data = URL_SAFE_NO_PAD
+            .decode(data)
+            .map_err(|_| OpenError::Malformed)?;
+        if data.len() < NONCE_LEN {
+            return Err(OpenError::Malformed);
+        }
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == kid)
+            .ok_or(OpenError::UnknownKey)?;
+        let (nonce, sealed) = data.split_at(NONCE_LEN);
+        let aad = aad(&key.id, public_url);
+        let plain = Zeroizing::new(
+            key.cipher
+                .decrypt(
+                    XNonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| OpenError::Tampered)?,
+        );
+        let session: Session = serde_json::from_slice(&plain).map_err(|_| OpenError::Malformed)?;
+        if session.exp <= now {
+            return Err(OpenError::Expired);
+        }
+        Ok(session)
+    }
+}
+
+fn aad(kid: &str, public_url: &str) -> Vec<u8> {
+    format!("{TOKEN_PREFIX}{kid}|{public_url}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PUBLIC: &str = "https://registry.example.com";
+
+    fn session(lifetime: u64) -> Session {
+        Session::new(
+            Kind::Access,
+            Some(b"Basic YWxpY2U6czNjcjN0".to_vec()),
+            "container_registry".into(),
+            vec!["repository:g/p:pull,push".into()],
+            Duration::from_secs(lifetime),
+        )
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_refusals() {
+        let ring = KeyRing::from_keys(&[[7; 32]]);
+        let s = session(3600);
+        let token = ring.seal(&s, PUBLIC);
+        assert!(token.starts_with(TOKEN_PREFIX));
+        assert!(
+            !token.contains("YWxpY2U6czNjcjN0"),
+            "credentials must not be readable"
+        );
+        let now = unix_now();
+        let opened = ring.open(&token, PUBLIC, now).unwrap();
+        assert_eq!(opened.id, s.id);
+        assert_eq!(opened.authorization, s.authorization);
+        assert_eq!(opened.scopes, s.scopes);
+
+        // A flipped bit anywhere in the sealed part, another public URL, an expired session.
+        let mut bytes = token.clone().into_bytes();
+        let last = bytes.len() - 3;
+        bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).unwrap();
+        let cases: &[(&str, &str, u64, OpenError)] = &[
+            (&tampered, PUBLIC, now, OpenError::Tampered),
+            (
+                &token,
+                "https://other.example.com",
+                now,
+                OpenError::Tampered,
+            ),
+            (&token, PUBLIC, s.exp, OpenError::Expired),
+            ("rr1.nodot", PUBLIC, now, OpenError::Malformed),
+            ("rr1.abcd.!!!", PUBLIC, now, OpenError::Malformed),
+            ("eyJhbGciOi.x.y", PUBLIC, now, OpenError::Malformed),
+        ];
+        for (tok, public, at, want) in cases {
+            assert_eq!(ring.open(tok, public, *at).unwrap_err(), *want, "{tok}");
+        }
+    }
+
+    #[test]
+    fn rotation_new_key_seals_old_key_still_opens_removed_key_is_unknown() {
+        let old = KeyRing::from_keys(&[[1; 32]]);
+        let rotated = KeyRing::from_keys(&[[2; 32], [1; 32]]);
+        let after = KeyRing::from_keys(&[[2; 32]]);
+        let s = session(60);
+        let now = unix_now();
+        let by_old = old.seal(&s, PUBLIC);
+        let by_new = rotated.seal(&s, PUBLIC);
+        assert!(rotated.open(&by_old, PUBLIC, now).is_ok());
+        assert!(old.open(&by_new, PUBLIC, now).is_err());
+        assert_eq!(
+            after.open(&by_old, PUBLIC, now).unwrap_err(),
+            OpenError::UnknownKey
+        );
+        assert!(after.open(&by_new, PUBLIC, now).is_ok());
+    }
+
+    #[test]
+    fn key_file_parsing_and_debug_redaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let k1 = STANDARD.encode([3u8; 32]);
+        let k2 = STANDARD.encode([4u8; 32]);
+        std::fs::write(&path, format!("# current\n{k1}\n\n# previous\n{k2}\n")).unwrap();
+        let ring = KeyRing::load(&path).unwrap();
+        assert_eq!(ring.keys.len(), 2);
+        assert!(!format!("{ring:?}").contains(&k1));
+        for (text, want) in [
+            ("", "no key"),
+            ("!!\n", "not base64"),
+            ("AAAA\n", "32 bytes"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let msg = KeyRing::load(&path).unwrap_err().to_string();
+            assert!(
+                msg.contains("session_key_file") && msg.contains(want),
+                "{msg}"
+            );
+        }
+        let s = session(60);
+        let dbg = format!("{s:?}");
+        assert!(dbg.contains("<redacted>") && !dbg.contains("YWxp"), "{dbg}");
+    }
+}

@@ -1,0 +1,556 @@
+//! The token realm on the proxy: challenges point at regrelay, `/jwt/auth` reaches GitLab with the
+//! client's `Authorization` byte-for-byte, sealed sessions work (and are refused when tampered
+//! with or revoked), the OAuth2 form works, minting is single-flight, and nothing secret is
+//! logged. Real registry, the GitLab-behaving token service, regrelay as a process.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use regrelay::body;
+use regrelay::challenge::Challenge;
+use support::gitlab::{gitlab, Credential, GitLab, Role, TokenScope};
+use support::upstream::client;
+use support::*;
+
+const USER: &str = "alice";
+const PAT: &str = "glpat-Hv7qXcR2mLp9sTz4WbNe";
+
+async fn call(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (StatusCode, HeaderMap, String) {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map_or_else(body::empty, |b| body::full(b.to_owned()));
+    let resp = client().request(req.body(body).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+fn basic(user: &str, secret: &str) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{user}:{secret}")))
+}
+
+fn challenge(h: &HeaderMap) -> Challenge {
+    Challenge::parse(h["www-authenticate"].to_str().unwrap()).unwrap()
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+async fn token_service(lifetime: u64) -> GitLab {
+    gitlab()
+        .credential(Credential::Pat {
+            user: USER.into(),
+            token: PAT.into(),
+            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
+        })
+        .project("group/project", false, &[(USER, Role::Developer)])
+        .lifetime(Duration::from_secs(lifetime))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_realm_is_served_on_the_proxy_and_sessions_are_re_minted() {
+    let gl = token_service(3).await;
+    let reg = Registry::start(&gl.realm());
+    let px = Regrelay::start(&["--registry", &reg.url()]);
+    let base = px.url();
+
+    // 1. Challenges name regrelay's realm; service and scope stay.
+    let (status, h, _) = call(Method::GET, &format!("{base}/v2/"), &[], None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let c = challenge(&h);
+    assert_eq!(c.get("realm"), Some(format!("{base}/jwt/auth").as_str()));
+    assert_eq!(c.get("service"), Some("container_registry"));
+    let (_, h, _) = call(
+        Method::HEAD,
+        &format!("{base}/v2/group/project/app/manifests/v1"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        challenge(&h).get("scope"),
+        Some("repository:group/project/app:pull")
+    );
+
+    // 2. GET /jwt/auth reaches GitLab with Authorization byte-for-byte and the query unchanged.
+    let query = "account=alice&client_id=docker&offline_token=true&service=container_registry\
+                 &scope=repository%3Agroup%2Fproject%2Fapp%3Apull%2Cpush&scope=repository:group/project/app:pull";
+    let auth = basic(USER, PAT);
+    let (status, h, body) = call(
+        Method::GET,
+        &format!("{base}/jwt/auth?{query}"),
+        &[("authorization", &auth), ("x-forwarded-for", "203.0.113.9")],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h["cache-control"], "no-store");
+    let seen = gl.seen().pop().unwrap();
+    assert_eq!(seen.authorization.as_deref(), Some(auth.as_bytes()));
+    assert_eq!(seen.query, query);
+    assert_eq!(
+        seen.forwarded_for.as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    let answer = json(&body);
+    let session = answer["token"].as_str().unwrap().to_owned();
+    assert!(session.starts_with("rr1."), "{session}");
+    assert_eq!(answer["access_token"], answer["token"]);
+    assert_eq!(answer["expires_in"], 3600);
+    assert!(answer["issued_at"].as_str().unwrap().ends_with('Z'));
+    let bearer = format!("Bearer {session}");
+
+    // 3. The session works upstream, and keeps working long after GitLab's 3 s tokens (+ the
+    //    registry's 60 s leeway would not matter here: a stale token is never sent).
+    let upload = format!("{base}/v2/group/project/app/blobs/uploads/");
+    let (status, _, body) = call(Method::POST, &upload, &[("authorization", &bearer)], None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let mints_before = gl.mints();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // 50 parallel requests of one session with a stale token: exactly one mint.
+    let mut tasks = vec![];
+    for _ in 0..50 {
+        let (url, bearer) = (format!("{base}/v2/"), bearer.clone());
+        tasks.push(tokio::spawn(async move {
+            call(Method::GET, &url, &[("authorization", &bearer)], None)
+                .await
+                .0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        gl.mints(),
+        mints_before + 1,
+        "50 parallel requests share one mint"
+    );
+    let last = gl.seen().pop().unwrap();
+    assert_eq!(
+        last.authorization.as_deref(),
+        Some(auth.as_bytes()),
+        "minted with the sealed credentials"
+    );
+    assert!(
+        last.query
+            .contains("scope=repository%3Agroup%2Fproject%2Fapp%3Apull%2Cpush"),
+        "minted for exactly the sealed scopes: {}",
+        last.query
+    );
+
+    // 4. A tampered session gets 401 with a fresh challenge and a registry-format body.
+    let mut tampered = session.clone().into_bytes();
+    let i = tampered.len() - 5;
+    tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("Bearer {}", String::from_utf8(tampered).unwrap());
+    let (status, h, body) = call(
+        Method::HEAD,
+        &format!("{base}/v2/group/project/app/manifests/v1"),
+        &[("authorization", &tampered)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let c = challenge(&h);
+    assert_eq!(c.get("realm"), Some(format!("{base}/jwt/auth").as_str()));
+    assert_eq!(c.get("error"), Some("invalid_token"));
+    assert_eq!(c.get("scope"), Some("repository:group/project/app:pull"));
+    assert!(body.is_empty(), "HEAD has no body");
+    let (status, _, body) = call(
+        Method::GET,
+        &format!("{base}/v2/"),
+        &[("authorization", &tampered)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["errors"][0]["code"], "UNAUTHORIZED");
+
+    // 5. GitLab's refusals pass through unchanged.
+    let (status, _, body) = call(
+        Method::GET,
+        &format!("{base}/jwt/auth?service=container_registry"),
+        &[("authorization", &basic(USER, "wrong"))],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("HTTP Basic: Access denied"), "{body}");
+    let (status, _, body) = call(
+        Method::GET,
+        &format!("{base}/jwt/auth?service=container_registry"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("access forbidden"), "{body}");
+
+    // 6. A revoked credential stops working at the next mint.
+    gl.revoke(PAT);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, h, body) = call(
+        Method::GET,
+        &format!("{base}/v2/"),
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("HTTP Basic: Access denied"), "{body}");
+    assert_eq!(challenge(&h).get("error"), Some("invalid_token"));
+
+    let out = px.output.text();
+    assert!(
+        out.contains("token request method=\"GET\" authorization=\"present\" scheme=Basic username=\"alice\"")
+            || out.contains("method=GET authorization=present scheme=Basic username=alice"),
+        "{out}"
+    );
+    let mut secrets = gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&out, USER, &secrets);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth2_password_and_refresh_grants_for_containerd() {
+    let gl = token_service(300).await;
+    let reg = Registry::start(&gl.realm());
+    let px = Regrelay::start(&["--registry", &reg.url()]);
+    let url = format!("{}/jwt/auth", px.url());
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let pw = format!(
+        "grant_type=password&username={USER}&password={PAT}&service=container_registry\
+         &scope=repository%3Agroup%2Fproject%2Fapp%3Apull&client_id=containerd-client"
+    );
+    let (status, _, body) = call(Method::POST, &url, &form, Some(&pw)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let a = json(&body);
+    let refresh = a["refresh_token"].as_str().unwrap().to_owned();
+    assert!(a["access_token"].as_str().unwrap().starts_with("rr1."));
+    let seen = gl.seen().pop().unwrap();
+    assert_eq!(seen.method, "GET", "GitLab is asked with GET");
+    assert_eq!(
+        seen.authorization.as_deref(),
+        Some(basic(USER, PAT).as_bytes())
+    );
+
+    // Renewal without credentials, for another scope.
+    let rf = format!(
+        "grant_type=refresh_token&refresh_token={refresh}&service=container_registry\
+         &scope=repository%3Agroup%2Fproject%2Fapp%3Apull%2Cpush"
+    );
+    let (status, _, body) = call(Method::POST, &url, &form, Some(&rf)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let access = json(&body)["access_token"].as_str().unwrap().to_owned();
+    let (status, _, body) = call(
+        Method::POST,
+        &format!("{}/v2/group/project/app/blobs/uploads/", px.url()),
+        &[("authorization", &format!("Bearer {access}"))],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    // A refresh token is not an access token.
+    let (status, _, _) = call(
+        Method::GET,
+        &format!("{}/v2/", px.url()),
+        &[("authorization", &format!("Bearer {refresh}"))],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Bad input: a clear registry-format error.
+    let (status, _, body) = call(
+        Method::POST,
+        &url,
+        &form,
+        Some("grant_type=client_credentials"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(json(&body)["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("grant_type"));
+    // Wrong password: GitLab's answer.
+    let bad = pw.replace(PAT, "nope");
+    let (status, _, body) = call(Method::POST, &url, &form, Some(&bad)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("HTTP Basic: Access denied"));
+
+    let mut secrets = gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&px.output.text(), USER, &secrets);
+}
+
+/// The seed's setup: a front serves the registry but answers `/jwt/auth` with 307 to GitLab on
+/// another host:port. Go clients (skopeo, Docker) drop `Authorization` on that redirect.
+struct RedirectingFront {
+    gl: GitLab,
+    _reg: Registry,
+    front: nginx::Nginx,
+}
+
+async fn redirecting_front() -> RedirectingFront {
+    let gl = token_service(300).await;
+    let front_addr = nginx::free_addr();
+    let reg = Registry::start(&format!("http://{front_addr}/jwt/auth"));
+    let front = nginx::Nginx::start(
+        front_addr,
+        &format!(
+            "    client_max_body_size 0;\n\
+             location /jwt/auth {{ return 307 http://{gl}$request_uri; }}\n\
+             location / {{ proxy_pass http://{reg}; proxy_set_header Host $http_host; \
+             proxy_request_buffering off; proxy_http_version 1.1; }}",
+            gl = gl.addr,
+            reg = reg.addr
+        ),
+    );
+    RedirectingFront {
+        gl,
+        _reg: reg,
+        front,
+    }
+}
+
+fn skopeo_push(host: &str, creds: &str) -> std::process::Output {
+    let image = OciImage::random(11, &[1 << 20]);
+    skopeo_copy(
+        &image.reference(),
+        &format!("docker://{host}/group/project/app:v1"),
+        creds,
+        &Transport::Http,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_front_that_redirects_the_token_endpoint_is_fixed_by_the_realm_on_the_proxy() {
+    let f = redirecting_front().await;
+    let creds = format!("{USER}:{PAT}");
+    // Control: straight to the front, skopeo loses Authorization on the redirect and is denied.
+    let host = f.front.addr.to_string();
+    let c = creds.clone();
+    let direct = tokio::task::spawn_blocking(move || skopeo_push(&host, &c))
+        .await
+        .unwrap();
+    assert!(!direct.status.success(), "the control push should fail");
+    assert!(
+        f.gl.seen().iter().any(|s| s.authorization.is_none()),
+        "GitLab saw an anonymous token request"
+    );
+
+    // Without an allow entry regrelay refuses to carry credentials there, and says how to fix it.
+    let px = Regrelay::start(&["--registry", &format!("http://{}", f.front.addr)]);
+    let (status, _, body) = call(
+        Method::GET,
+        &format!("{}/jwt/auth?service=container_registry", px.url()),
+        &[("authorization", &basic(USER, PAT))],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let msg = json(&body)["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains(&f.gl.addr.to_string()) && msg.contains("--auth-redirect-allow"),
+        "{msg}"
+    );
+    drop(px);
+
+    // With it, the push goes through regrelay.
+    let px = Regrelay::start(&[
+        "--registry",
+        &format!("http://{}", f.front.addr),
+        "--auth-redirect-allow",
+        &f.gl.addr.to_string(),
+    ]);
+    let host = px.addr.to_string();
+    let c = creds.clone();
+    let push = tokio::task::spawn_blocking(move || skopeo_push(&host, &c))
+        .await
+        .unwrap();
+    assert!(
+        push.status.success(),
+        "push through regrelay failed: {}",
+        text(&push)
+    );
+    let seen = f.gl.seen();
+    assert!(
+        seen.iter()
+            .filter(|s| s.status == 200)
+            .all(|s| s.username.as_deref() == Some(USER) || s.authorization.is_none()),
+        "{seen:?}"
+    );
+    assert!(
+        f.front.access_log().contains("\"GET /jwt/auth?"),
+        "tokens went via the front"
+    );
+    let out = px.output.text();
+    let mut secrets = f.gl.issued();
+    secrets.push(PAT.to_owned());
+    assert_no_secrets(&out, USER, &secrets);
+
+    if !docker_available() {
+        eprintln!("SKIP docker part of the redirect test: no Docker daemon (`docker info` failed)");
+        return;
+    }
+    let (front, proxy) = (f.front.addr.to_string(), px.addr.to_string());
+    tokio::task::spawn_blocking(move || {
+        let cfg = tempfile::tempdir().unwrap();
+        let login = |host: &str| {
+            docker(
+                cfg.path(),
+                &["login", host, "-u", USER, "--password-stdin"],
+                Some(PAT),
+            )
+        };
+        let direct = login(&front);
+        assert!(
+            !direct.status.success(),
+            "docker login via the redirecting front should fail"
+        );
+        assert!(
+            text(&direct).contains("access forbidden"),
+            "{}",
+            text(&direct)
+        );
+        let via = login(&proxy);
+        assert!(
+            via.status.success(),
+            "docker login via regrelay: {}",
+            text(&via)
+        );
+        let image = format!("{proxy}/group/project/docker-redirect:v1");
+        let tarball = tempfile::NamedTempFile::new().unwrap();
+        let tar = std::process::Command::new("tar")
+            .args([
+                "-cf",
+                &tarball.path().display().to_string(),
+                "-C",
+                "/etc",
+                "hostname",
+            ])
+            .status()
+            .unwrap();
+        assert!(tar.success());
+        let imported = docker(
+            cfg.path(),
+            &["import", &tarball.path().display().to_string(), &image],
+            None,
+        );
+        assert!(imported.status.success(), "{}", text(&imported));
+        let push = docker(cfg.path(), &["push", &image], None);
+        let _ = docker(cfg.path(), &["rmi", &image], None);
+        assert!(
+            push.status.success(),
+            "docker push via regrelay: {}",
+            text(&push)
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gitlab_permission_outcomes_pass_through_faithfully() {
+    let gl = gitlab()
+        .credential(Credential::Job {
+            token: "job-token-7f3k".into(),
+            project: "group/project".into(),
+            user: USER.into(),
+        })
+        .credential(Credential::Deploy {
+            username: "gitlab+deploy-token-3".into(),
+            token: "deploy-ro-9q2w".into(),
+            scopes: vec![TokenScope::ReadRegistry],
+            project: "group/project".into(),
+        })
+        .project("group/project", false, &[(USER, Role::Developer)])
+        .project("group/other", false, &[(USER, Role::Developer)])
+        .start()
+        .await;
+    let reg = Registry::start(&gl.realm());
+    let px = Regrelay::start(&["--registry", &reg.url()]);
+    let (direct, proxied) = (reg.addr.to_string(), px.addr.to_string());
+    let outcomes = tokio::task::spawn_blocking(move || {
+        let push = |host: &str, repo: &str, creds: &str| {
+            let image = OciImage::random(3, &[256 << 10]);
+            skopeo_copy(
+                &image.reference(),
+                &format!("docker://{host}/{repo}:v1"),
+                creds,
+                &Transport::Http,
+            )
+        };
+        let job = "gitlab-ci-token:job-token-7f3k";
+        let deploy = "gitlab+deploy-token-3:deploy-ro-9q2w";
+        let mut out = vec![];
+        for (repo, creds, ok) in [
+            ("group/project/app", job, true),
+            ("group/other/app", job, false),
+            ("group/project/app2", deploy, false),
+        ] {
+            let d = push(&direct, repo, creds);
+            let p = push(&proxied, repo, creds);
+            out.push((repo, creds.split(':').next().unwrap(), ok, d, p));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    for (repo, user, ok, direct, proxied) in outcomes {
+        assert_eq!(
+            direct.status.success(),
+            ok,
+            "direct {user} → {repo}: {}",
+            text(&direct)
+        );
+        assert_eq!(
+            proxied.status.success(),
+            ok,
+            "regrelay {user} → {repo}: {}",
+            text(&proxied)
+        );
+        if !ok {
+            let (d, p) = (text(&direct), text(&proxied));
+            for word in ["denied", "unauthorized", "authentication required"] {
+                assert_eq!(
+                    d.contains(word),
+                    p.contains(word),
+                    "{word}:\ndirect: {d}\nregrelay: {p}"
+                );
+            }
+        }
+    }
+    assert_no_secrets(
+        &px.output.text(),
+        "gitlab-ci-token",
+        &["job-token-7f3k".into()],
+    );
+    assert_no_secrets(
+        &px.output.text(),
+        "gitlab+deploy-token-3",
+        &["deploy-ro-9q2w".into()],
+    );
+}
