@@ -554,3 +554,59 @@ async fn gitlab_permission_outcomes_pass_through_faithfully() {
         &["deploy-ro-9q2w".into()],
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bodiless_request_refused_as_invalid_token_is_re_minted_and_retried_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let gl = token_service(300).await;
+    let realm = gl.realm();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    // A registry stand-in for this one behaviour: it refuses the first token it sees as invalid.
+    let origin = support::upstream::serve(move |req: Request<hyper::body::Incoming>| {
+        let n = h.fetch_add(1, Ordering::SeqCst);
+        let realm = realm.clone();
+        async move {
+            let with_token = req.headers().contains_key("authorization");
+            let mut resp = http::Response::new(body::full("{}"));
+            if !with_token || n == 1 {
+                *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                let error = if with_token {
+                    ",error=\"invalid_token\""
+                } else {
+                    ""
+                };
+                let c = format!("Bearer realm=\"{realm}\",service=\"container_registry\"{error}");
+                resp.headers_mut()
+                    .insert("www-authenticate", c.parse().unwrap());
+            }
+            resp
+        }
+    })
+    .await;
+    let px = Regrelay::start(&["--registry", &origin.url()]);
+    let (status, _, _) = call(Method::GET, &format!("{}/v2/", px.url()), &[], None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let q = "service=container_registry&scope=repository:group/project:pull";
+    let (status, _, body) = call(
+        Method::GET,
+        &format!("{}/jwt/auth?{q}", px.url()),
+        &[("authorization", &basic(USER, PAT))],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let bearer = format!("Bearer {}", json(&body)["token"].as_str().unwrap());
+    let mints = gl.mints();
+    let (status, _, _) = call(
+        Method::GET,
+        &format!("{}/v2/group/project/manifests/v1", px.url()),
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "retried with a new token");
+    assert_eq!(gl.mints(), mints + 1, "one new mint");
+    assert_eq!(hits.load(Ordering::SeqCst), 3, "exactly one retry");
+}
