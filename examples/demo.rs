@@ -109,13 +109,11 @@ async fn main() {
     assert_same_blobs(&image, pulled.path());
     println!("pull OK through regrelay: every layer digest matches what was pushed");
 
-    println!("\nregrelay's access log (one line per request; no query, no header, no secret):");
-    for line in px
-        .output
-        .text()
-        .lines()
-        .filter(|l| l.contains("regrelay::"))
-    {
+    println!(
+        "\nregrelay's log (a line per request and per token request; no query, header or secret):"
+    );
+    let shown = |l: &&str| l.contains("regrelay::access") || l.contains("regrelay::auth");
+    for line in px.output.text().lines().filter(shown) {
         if let Some(i) = line.find("regrelay::") {
             println!("   {}", &line[i..]);
         }
