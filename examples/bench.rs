@@ -21,7 +21,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use regrelay::body::{self, ProxyBody};
 use sha2::{Digest, Sha256};
-use support::gitlab::{gitlab, Credential, Role, TokenScope};
+use support::gitlab::with_developer_pat;
 use support::upstream::{client, drain, Generated};
 use support::{nginx, Registry, Regrelay};
 
@@ -179,21 +179,7 @@ async fn main() {
     let rounds = env_or("BENCH_ROUNDS", 3) as usize;
     let heads = env_or("BENCH_HEADS", 10_000) as usize;
     let pat = "glpat-bench-0000000000";
-    let gl = gitlab()
-        .credential(Credential::Pat {
-            user: "bench".into(),
-            token: pat.into(),
-            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
-        })
-        .project(
-            "bench",
-            false,
-            &[("bench", support::gitlab::Role::Developer)],
-        )
-        .lifetime(Duration::from_secs(3600))
-        .start()
-        .await;
-    let _ = Role::Reporter;
+    let gl = with_developer_pat("bench", pat, "bench", Duration::from_secs(3600)).await;
     let shm = std::path::Path::new("/dev/shm");
     let reg = Registry::start_in(&gl.realm(), shm.is_dir().then_some(shm));
     let px = Regrelay::start(&["--registry", &reg.url()]);

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::gitlab::{gitlab, Credential, Role, TokenScope};
+use support::gitlab::with_developer_pat;
 use support::relay::Relay;
 use support::{assert_same_blobs, skopeo_copy, text, OciImage, Registry, Regrelay, Transport};
 
@@ -30,16 +30,7 @@ fn env_or(key: &str, default: u64) -> u64 {
 async fn main() {
     let token_secs = env_or("DEMO_TOKEN_SECS", 5);
     let rate = env_or("DEMO_RATE_KIB", 320) << 10;
-    let gl = gitlab()
-        .credential(Credential::Pat {
-            user: USER.into(),
-            token: PAT.into(),
-            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
-        })
-        .project("demo/app", false, &[(USER, Role::Developer)])
-        .lifetime(Duration::from_secs(token_secs))
-        .start()
-        .await;
+    let gl = with_developer_pat(USER, PAT, "demo/app", Duration::from_secs(token_secs)).await;
     println!(
         "1. GitLab-style token service  {}  (RS256, libtrust kid, tokens live {token_secs} s)",
         gl.realm()

@@ -261,9 +261,7 @@ impl Auth {
             });
         }
         let jwt = token_from_answer(resp.into_body()).await?;
-        UpstreamToken::new(&jwt).map_err(|_| Error::BadTokenAnswer {
-            reason: "the token is not a valid header value",
-        })
+        upstream_token(&jwt)
     }
 
     /// Sends a GET for the upstream realm with `query`, following allowed redirects.
@@ -459,9 +457,7 @@ impl Auth {
         public: &Origin,
         refresh_token: Option<String>,
     ) -> Result<Response<ProxyBody>, Error> {
-        let upstream_token = UpstreamToken::new(jwt).map_err(|_| Error::BadTokenAnswer {
-            reason: "the token is not a valid header value",
-        })?;
+        let upstream_token = upstream_token(jwt)?;
         self.tokens
             .seed(session.id, session.exp, upstream_token)
             .await;
@@ -485,6 +481,12 @@ impl Auth {
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         Ok(resp)
     }
+}
+
+fn upstream_token(jwt: &str) -> Result<UpstreamToken, Error> {
+    UpstreamToken::new(jwt).map_err(|_| Error::BadTokenAnswer {
+        reason: "the token is not a valid header value",
+    })
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

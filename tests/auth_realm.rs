@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use regrelay::body;
 use regrelay::challenge::Challenge;
-use support::gitlab::{gitlab, Credential, GitLab, Role, TokenScope};
+use support::gitlab::{gitlab, with_developer_pat, Credential, GitLab, Role, TokenScope};
 use support::upstream::client;
 use support::*;
 
@@ -54,16 +54,7 @@ fn json(body: &str) -> serde_json::Value {
 }
 
 async fn token_service(lifetime: u64) -> GitLab {
-    gitlab()
-        .credential(Credential::Pat {
-            user: USER.into(),
-            token: PAT.into(),
-            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
-        })
-        .project("group/project", false, &[(USER, Role::Developer)])
-        .lifetime(Duration::from_secs(lifetime))
-        .start()
-        .await
+    with_developer_pat(USER, PAT, "group/project", Duration::from_secs(lifetime)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,23 +5,14 @@ mod support;
 
 use std::time::Duration;
 
-use support::gitlab::{gitlab, Credential, Role, TokenScope};
+use support::gitlab::with_developer_pat;
 use support::*;
 
 const USER: &str = "alice";
 const PAT: &str = "glpat-Zq8sVbN3xWcT2mRk4JpL";
 
 async fn stack(extra: &[&str]) -> (support::gitlab::GitLab, Registry, Regrelay) {
-    let gl = gitlab()
-        .credential(Credential::Pat {
-            user: USER.into(),
-            token: PAT.into(),
-            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
-        })
-        .project("group/project", false, &[(USER, Role::Developer)])
-        .lifetime(Duration::from_secs(300))
-        .start()
-        .await;
+    let gl = with_developer_pat(USER, PAT, "group/project", Duration::from_secs(300)).await;
     let reg = Registry::start(&gl.realm());
     let mut args = vec!["--registry".to_owned(), reg.url()];
     args.extend(extra.iter().map(|s| s.to_string()));

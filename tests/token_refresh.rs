@@ -8,7 +8,7 @@ mod support;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use support::gitlab::{gitlab, Credential, GitLab, Role, TokenScope};
+use support::gitlab::{with_developer_pat, GitLab};
 use support::relay::Relay;
 use support::*;
 
@@ -16,16 +16,7 @@ const USER: &str = "builder";
 const PAT: &str = "glpat-Rk3nWq8ZtVc5LmXp2HsD";
 
 async fn token_service(lifetime: u64) -> GitLab {
-    gitlab()
-        .credential(Credential::Pat {
-            user: USER.into(),
-            token: PAT.into(),
-            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
-        })
-        .project("ci/app", false, &[(USER, Role::Developer)])
-        .lifetime(Duration::from_secs(lifetime))
-        .start()
-        .await
+    with_developer_pat(USER, PAT, "ci/app", Duration::from_secs(lifetime)).await
 }
 
 /// A session key file holding one random key.

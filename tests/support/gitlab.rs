@@ -154,6 +154,26 @@ pub fn gitlab() -> GitLabBuilder {
     }
 }
 
+/// A running service with one read/write access token `pat` of `user`, a Developer of the private
+/// project `project`, issuing tokens that live `lifetime`.
+pub async fn with_developer_pat(
+    user: &str,
+    pat: &str,
+    project: &str,
+    lifetime: Duration,
+) -> GitLab {
+    gitlab()
+        .credential(Credential::Pat {
+            user: user.into(),
+            token: pat.into(),
+            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
+        })
+        .project(project, false, &[(user, Role::Developer)])
+        .lifetime(lifetime)
+        .start()
+        .await
+}
+
 impl GitLabBuilder {
     /// Token lifetime (GitLab self-managed default: 5 minutes).
     pub fn lifetime(mut self, d: Duration) -> Self {
