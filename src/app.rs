@@ -5,22 +5,25 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::Scheme;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 
 use crate::auth::{Auth, Credentials};
 use crate::body::{self, ProxyBody};
 use crate::challenge::Challenge;
+use crate::config::MAX_SESSION_LIFETIME;
 use crate::config::{Config, Origin};
 use crate::error::Error;
 use crate::proxy::{self, Forward};
 use crate::router::{self, Route};
-use crate::session::Session;
+use crate::session::{unix_now, Session};
 use crate::telemetry::{AccessLog, Logged};
+use crate::token::{refresh_margin, UpstreamToken};
+use crate::upload;
 use crate::upstream::Upstream;
 
 /// The connection a request arrived on.
@@ -144,7 +147,8 @@ impl App {
 
     /// Forwards a request of a sealed session with a GitLab token valid on arrival. A bodiless
     /// request the registry answers 401 `invalid_token` is retried once with a new token;
-    /// `insufficient_scope` goes back to the client (scopes are never escalated).
+    /// `insufficient_scope` goes back to the client (scopes are never escalated). Long uploads
+    /// go in parts ([`App::forward_upload`]).
     async fn forward_with_session(
         &self,
         mut req: Request<Incoming>,
@@ -152,27 +156,16 @@ impl App {
         fwd: &Forward<'_>,
     ) -> Result<Response<ProxyBody>, Error> {
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        let refused = |err: Error| match err {
-            Error::MintFailed { status, message } if (400..500).contains(&status) => {
-                Error::Unauthorized {
-                    reason: format!(
-                        "the token service refused this session's credentials: {message}"
-                    ),
-                    challenge: self.auth.challenge_for(&method, &path, fwd.public),
-                }
-            }
-            other => other,
-        };
-        let token = self
-            .auth
-            .upstream_token(session, &self.upstream, fwd.peer)
-            .await
-            .map_err(refused)?;
-        let retry = req.body().is_end_stream().then(|| bodiless_copy(&req));
+        let ends = req.body().is_end_stream();
+        if upload::is_splittable(&method, &path, req.headers(), ends) {
+            return self.forward_upload(req, session, fwd).await;
+        }
+        let token = self.session_token(session, &method, &path, fwd).await?;
+        let retry = ends.then(|| bodiless_copy(&req));
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
         let resp = proxy::forward(&self.upstream, req, fwd).await?;
-        let Some(mut retry) = retry else {
+        let Some(retry) = retry else {
             return Ok(resp);
         };
         if resp.status() != StatusCode::UNAUTHORIZED || !invalid_token(resp.headers()) {
@@ -181,15 +174,170 @@ impl App {
         drop(resp);
         tracing::info!(path = %path, "registry refused the session's token as invalid; minting again");
         self.auth.invalidate(session, &token).await;
+        self.send_bodiless(retry, session, fwd).await
+    }
+
+    /// A GitLab token for `session`, fresh now. GitLab refusing the credentials (revoked, lost
+    /// permission) is the client's 401 with a fresh challenge, so it logs in again.
+    async fn session_token(
+        &self,
+        session: &Session,
+        method: &Method,
+        path: &str,
+        fwd: &Forward<'_>,
+    ) -> Result<UpstreamToken, Error> {
         let token = self
             .auth
             .upstream_token(session, &self.upstream, fwd.peer)
-            .await
-            .map_err(refused)?;
-        retry
-            .headers_mut()
+            .await;
+        token.map_err(|err| match err {
+            Error::MintFailed { status, message } if (400..500).contains(&status) => {
+                Error::Unauthorized {
+                    reason: format!(
+                        "the token service refused this session's credentials: {message}"
+                    ),
+                    challenge: self.auth.challenge_for(method, path, fwd.public),
+                }
+            }
+            other => other,
+        })
+    }
+
+    /// Sends a bodiless request with a fresh token of `session`.
+    async fn send_bodiless(
+        &self,
+        mut req: Request<ProxyBody>,
+        session: &Session,
+        fwd: &Forward<'_>,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let path = req.uri().path().to_owned();
+        let token = self
+            .session_token(session, req.method(), &path, fwd)
+            .await?;
+        req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
-        proxy::forward(&self.upstream, retry, fwd).await
+        proxy::forward(&self.upstream, req, fwd).await
+    }
+
+    /// A long upload in parts: each `PATCH` ends when its token's fresh life is used up (or after
+    /// `--upload-chunk-max` bytes) and the next one continues the same upload session with a new
+    /// token; a `PUT` with a body ends with a bodiless `PUT ?digest=`. A short upload is one
+    /// request. The client gets the registry's last answer.
+    async fn forward_upload(
+        &self,
+        req: Request<Incoming>,
+        session: &Session,
+        fwd: &Forward<'_>,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let (parts, body) = req.into_parts();
+        let digest = upload::digest_param(parts.uri.query()).map(str::to_owned);
+        let first = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut target = upload::with_digest(first, None);
+        let headers = upload::part_headers(&parts.headers);
+        let hard_cap = session.iat + MAX_SESSION_LIFETIME.as_secs();
+        let mut source = upload::Source::new(body);
+        let (mut count, mut recoveries) = (0u32, 0u32);
+        loop {
+            let method = Method::PATCH;
+            if unix_now() > hard_cap {
+                return Err(Error::Unauthorized {
+                    reason: "the upload outlived the session's hard cap".into(),
+                    challenge: self
+                        .auth
+                        .challenge_for(&method, parts.uri.path(), fwd.public),
+                });
+            }
+            let token = self
+                .session_token(session, &method, parts.uri.path(), fwd)
+                .await?;
+            let lifetime = Duration::from_secs(token.exp.saturating_sub(token.minted));
+            let budget = token
+                .remaining(unix_now())
+                .saturating_sub(refresh_margin(lifetime))
+                .max(upload::MIN_PART);
+            let (segment, back) =
+                upload::Segment::new(source, budget, self.config.upload_chunk_max);
+            let mut req = upload::part_request(method, &target, headers.clone(), segment)?;
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.header.clone());
+            let resp = proxy::forward(&self.upstream, req, fwd).await;
+            source = back.await.map_err(|_| Error::UploadInterrupted)?;
+            let resp = resp?;
+            count += 1;
+            if resp.status() != StatusCode::ACCEPTED {
+                let status = resp.status().as_u16();
+                tracing::warn!(path = %parts.uri.path(), part = count, status, "registry refused an upload part");
+                if recoveries < MAX_UPLOAD_RECOVERIES && count > 1 {
+                    recoveries += 1;
+                    if let Some(next) = self
+                        .recover_upload(&target, source.sent, session, fwd)
+                        .await
+                    {
+                        tracing::info!(path = %parts.uri.path(), bytes = source.sent, "upload recovered from the registry's upload status");
+                        target = next;
+                        continue;
+                    }
+                }
+                return Ok(resp);
+            }
+            let next = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(upload::next_target)
+                .ok_or(Error::UploadInterrupted)?;
+            if !source.is_done() {
+                target = next;
+                continue;
+            }
+            if count > 1 {
+                tracing::info!(path = %parts.uri.path(), parts = count, bytes = source.sent, "upload sent in parts");
+            }
+            if parts.method != Method::PUT {
+                return Ok(resp);
+            }
+            drop(resp);
+            let mut put = Request::new(body::empty());
+            *put.method_mut() = Method::PUT;
+            *put.uri_mut() = upload::with_digest(&next, digest.as_deref())
+                .parse()
+                .map_err(|_| Error::UploadInterrupted)?;
+            *put.headers_mut() = headers.clone();
+            put.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            return self.send_bodiless(put, session, fwd).await;
+        }
+    }
+
+    /// After a refused part: asks the registry what the upload holds (`GET` on its location
+    /// answers `Range: 0-<last>`). When it holds every byte sent so far, the upload continues
+    /// from the `Location` of that answer; otherwise (bytes of the refused part are gone, and
+    /// regrelay keeps no copy of them) there is nothing to recover.
+    async fn recover_upload(
+        &self,
+        target: &str,
+        sent: u64,
+        session: &Session,
+        fwd: &Forward<'_>,
+    ) -> Option<String> {
+        let mut status = Request::new(body::empty());
+        *status.uri_mut() = target.parse().ok()?;
+        let resp = self.send_bodiless(status, session, fwd).await.ok()?;
+        if resp.status() != StatusCode::NO_CONTENT {
+            return None;
+        }
+        let range = resp.headers().get(header::RANGE)?.to_str().ok()?;
+        let (low, high) = upload::stored_bytes(range)?;
+        if !(low..=high).contains(&sent) {
+            tracing::warn!(
+                sent,
+                stored = high,
+                "upload cannot be recovered: the registry holds fewer bytes than were sent"
+            );
+            return None;
+        }
+        let location = resp.headers().get(header::LOCATION)?.to_str().ok()?;
+        upload::next_target(location)
     }
 
     /// The origin clients use: the configured public URL, else the request's Host and scheme.
@@ -227,6 +375,9 @@ impl App {
         }
     }
 }
+
+/// Times a split upload asks the registry's upload status after a refused part.
+const MAX_UPLOAD_RECOVERIES: u32 = 3;
 
 /// A copy of a bodiless request (method, target, version, headers) for one retry.
 fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {

@@ -158,6 +158,10 @@ pub struct ConfigFile {
     /// Sessions whose upstream token is cached at once [default: 100000].
     #[arg(long, env = "REGRELAY_TOKEN_CACHE_MAX_ENTRIES")]
     pub token_cache_max_entries: Option<usize>,
+    /// Largest upstream upload request in bytes (e.g. a CDN's request-size cap); long uploads
+    /// are also split by time, whatever this says [default: off].
+    #[arg(long, env = "REGRELAY_UPLOAD_CHUNK_MAX")]
+    pub upload_chunk_max: Option<u64>,
 }
 
 impl ConfigFile {
@@ -201,6 +205,7 @@ impl ConfigFile {
             token_cache_max_entries: self
                 .token_cache_max_entries
                 .or(file.token_cache_max_entries),
+            upload_chunk_max: self.upload_chunk_max.or(file.upload_chunk_max),
         }
     }
 }
@@ -389,6 +394,8 @@ pub struct Config {
     pub session_lifetime: Duration,
     /// Bound of the upstream token cache.
     pub token_cache_max_entries: usize,
+    /// Largest upstream upload request, when bounded.
+    pub upload_chunk_max: Option<u64>,
 }
 
 impl std::fmt::Debug for Config {
@@ -529,6 +536,9 @@ impl TryFrom<ConfigFile> for Config {
         if token_cache_max_entries == 0 {
             return Err(invalid("token_cache_max_entries", "must be at least 1"));
         }
+        if raw.upload_chunk_max == Some(0) {
+            return Err(invalid("upload_chunk_max", "must be at least 1 byte"));
+        }
         Ok(Config {
             listen,
             registry,
@@ -543,6 +553,7 @@ impl TryFrom<ConfigFile> for Config {
             session_keys,
             session_lifetime,
             token_cache_max_entries,
+            upload_chunk_max: raw.upload_chunk_max,
         })
     }
 }

@@ -119,6 +119,10 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A split upload could not be continued (the registry gave no upload location, or the
+    /// client's stream was lost between parts).
+    #[error("the upload could not be continued")]
+    UploadInterrupted,
     /// A response or request could not be built; a bug.
     #[error("internal error")]
     Internal(#[from] http::Error),
@@ -140,7 +144,8 @@ impl Error {
             | Error::AuthRedirectRefused { .. }
             | Error::TooManyRedirects { .. }
             | Error::BadTokenAnswer { .. }
-            | Error::RealmUnknown { .. } => Blame::Upstream,
+            | Error::RealmUnknown { .. }
+            | Error::UploadInterrupted => Blame::Upstream,
             Error::Internal(_) => Blame::Internal,
         }
     }
@@ -171,7 +176,8 @@ impl Error {
             | Error::AuthRedirectRefused { .. }
             | Error::TooManyRedirects { .. }
             | Error::BadTokenAnswer { .. }
-            | Error::RealmUnknown { .. } => "UNAVAILABLE",
+            | Error::RealmUnknown { .. }
+            | Error::UploadInterrupted => "UNAVAILABLE",
             Error::Internal(_) => "UNKNOWN",
         }
     }

@@ -7,7 +7,8 @@
 //! [`auth`] (the `/jwt/auth` realm, sealed sessions, minting) and [`proxy`] (headers,
 //! `Location`, streaming bodies) → [`upstream`] (the only dialer). Auth's pieces: [`challenge`]
 //! (pure: challenges, scopes, JWT `exp`), [`session`] (AEAD-sealed sessions, key ring),
-//! [`token`] (upstream token cache, single-flight minting).
+//! [`token`] (upstream token cache, single-flight minting), [`upload`] (long uploads split
+//! into parts that each carry a fresh token).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
 //! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log).
 //!
@@ -27,6 +28,7 @@ pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upload;
 pub mod upstream;
 
 pub use app::App;
