@@ -16,14 +16,13 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use regrelay::body::{self, ProxyBody};
 use sha2::{Digest, Sha256};
 use support::gitlab::with_developer_pat;
 use support::upstream::{client, drain, Generated};
-use support::{nginx, Registry, Regrelay};
+use support::{fetch_token, nginx, Registry, Regrelay};
 
 const REPO: &str = "bench/blob";
 const CONCURRENCY: usize = 32;
@@ -199,20 +198,8 @@ async fn main() {
          proxy_busy_buffers_size 8m;\n      proxy_max_temp_file_size 0;\n    }",
     );
     // One GitLab token for all three paths (regrelay passes tokens it did not issue untouched).
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bench:{pat}"));
-    let token_req = Request::get(format!(
-        "{}?service=container_registry&scope=repository:{REPO}:pull,push",
-        gl.realm()
-    ))
-    .header("authorization", format!("Basic {basic}"))
-    .body(body::empty())
-    .unwrap();
-    let answer = client().request(token_req).await.unwrap();
-    let bytes = answer.into_body().collect().await.unwrap().to_bytes();
-    let jwt = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let scope = format!("repository:{REPO}:pull,push");
+    let jwt = fetch_token(&gl.realm(), "bench", pat, &scope).await;
     println!("computing the digest of a {} MiB blob…", len >> 20);
     let ctx = Arc::new(Ctx {
         auth: format!("Bearer {jwt}"),
@@ -242,19 +229,7 @@ async fn main() {
         "--upload-chunk-max",
         &SPLIT_PART_BYTES.to_string(),
     ]);
-    let session = {
-        let req = Request::get(format!(
-            "{}/jwt/auth?service=container_registry&scope=repository:{REPO}:pull,push",
-            split.url()
-        ))
-        .header("authorization", format!("Basic {basic}"))
-        .body(body::empty())
-        .unwrap();
-        let answer = client().request(req).await.unwrap();
-        let bytes = answer.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        v["token"].as_str().unwrap().to_owned()
-    };
+    let session = fetch_token(&format!("{}/jwt/auth", split.url()), "bench", pat, &scope).await;
     let split_ctx = Ctx {
         auth: format!("Bearer {session}"),
         len,

@@ -9,7 +9,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use regrelay::body;
@@ -149,17 +148,14 @@ async fn a_containerd_style_single_put_becomes_parts_with_the_clients_digest() {
     let px = Regrelay::start(&["--registry", &format!("http://{}", s.front.addr)]);
     let link = Relay::start(vec![px.addr], Some(RATE)).await;
     let base = format!("http://{}", link.addr);
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PAT}"));
-    let token_req = Request::get(format!(
-        "{base}/jwt/auth?service=container_registry&scope=repository:big/app:pull,push"
-    ))
-    .header("authorization", format!("Basic {basic}"))
-    .body(body::empty())
-    .unwrap();
-    let resp = client().request(token_req).await.unwrap();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    let bearer = format!("Bearer {}", v["token"].as_str().unwrap());
+    let session = fetch_token(
+        &format!("{base}/jwt/auth"),
+        USER,
+        PAT,
+        "repository:big/app:pull,push",
+    )
+    .await;
+    let bearer = format!("Bearer {session}");
     let send = |m: Method, url: String, b: regrelay::body::ProxyBody| {
         let req = Request::builder()
             .method(m)
@@ -268,24 +264,7 @@ async fn docker_pushes_through_regrelay_before_a_buffering_front() {
         let cfg = tempfile::tempdir().unwrap();
         let c = cfg.path();
         let image = format!("{host}/big/app:docker");
-        let rootfs = tempfile::tempdir().unwrap();
-        let mut noise = vec![0u8; LAYER];
-        Noise::new(44).fill(&mut noise);
-        std::fs::write(rootfs.path().join("payload.bin"), &noise).unwrap();
-        let tarball = rootfs.path().join("rootfs.tar");
-        let tar = std::process::Command::new("tar")
-            .args([
-                "-C",
-                &rootfs.path().display().to_string(),
-                "-cf",
-                &tarball.display().to_string(),
-                "payload.bin",
-            ])
-            .status()
-            .unwrap();
-        assert!(tar.success());
-        let imported = docker(c, &["import", &tarball.display().to_string(), &image], None);
-        assert!(imported.status.success(), "{}", text(&imported));
+        docker_import_random(c, &image, LAYER, 44);
         let login = docker(
             c,
             &["login", &host, "-u", USER, "--password-stdin"],

@@ -105,25 +105,7 @@ async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
         let cfg = tempfile::tempdir().unwrap();
         let c = cfg.path();
         let image = format!("{host}/group/project/docker-app:v1");
-        // A one-file root filesystem, imported: nothing is pulled from anywhere.
-        let rootfs = tempfile::tempdir().unwrap();
-        let mut noise = vec![0u8; 3 << 20];
-        Noise::new(42).fill(&mut noise);
-        std::fs::write(rootfs.path().join("payload.bin"), &noise).unwrap();
-        let tarball = rootfs.path().join("rootfs.tar");
-        let tar = std::process::Command::new("tar")
-            .args([
-                "-C",
-                &rootfs.path().display().to_string(),
-                "-cf",
-                &tarball.display().to_string(),
-                "payload.bin",
-            ])
-            .status()
-            .unwrap();
-        assert!(tar.success());
-        let imported = docker(c, &["import", &tarball.display().to_string(), &image], None);
-        assert!(imported.status.success(), "{}", text(&imported));
+        docker_import_random(c, &image, 3 << 20, 42);
         let id = docker(
             c,
             &["image", "inspect", "--format", "{{.Id}}", &image],

@@ -482,6 +482,47 @@ pub fn docker_available() -> bool {
         .unwrap_or(false)
 }
 
+/// `docker import`s a one-file root filesystem of `size` random bytes as `image` (nothing is
+/// pulled from anywhere).
+pub fn docker_import_random(config: &Path, image: &str, size: usize, seed: u64) {
+    let rootfs = tempfile::tempdir().unwrap();
+    let mut noise = vec![0u8; size];
+    Noise::new(seed).fill(&mut noise);
+    std::fs::write(rootfs.path().join("payload.bin"), &noise).unwrap();
+    let tarball = rootfs.path().join("rootfs.tar");
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs.path())
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("payload.bin")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let imported = docker(
+        config,
+        &["import", &tarball.display().to_string(), image],
+        None,
+    );
+    assert!(imported.status.success(), "{}", text(&imported));
+}
+
+/// Asks `realm` (GitLab's or regrelay's `/jwt/auth`) for a token for `scope` with Basic
+/// credentials; returns the `token` of the answer.
+pub async fn fetch_token(realm: &str, user: &str, secret: &str, scope: &str) -> String {
+    use base64::Engine;
+    use http_body_util::BodyExt;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
+    let req = http::Request::get(format!("{realm}?service=container_registry&scope={scope}"))
+        .header("authorization", format!("Basic {basic}"))
+        .body(regrelay::body::empty())
+        .unwrap();
+    let resp = upstream::client().request(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    v["token"].as_str().expect("a token").to_owned()
+}
+
 /// Runs docker with a private DOCKER_CONFIG and optional stdin.
 pub fn docker(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new("docker")
