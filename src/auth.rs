@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 
 use crate::body::{self, ProxyBody};
 use crate::challenge::{self, Challenge};
-use crate::config::{AllowedHost, Config, Origin};
+use crate::config::{AllowedHost, Config, Origin, MAX_SESSION_LIFETIME};
 use crate::error::Error;
 use crate::proxy;
 use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
@@ -56,7 +56,6 @@ pub struct Auth {
     allow: Vec<AllowedHost>,
     keys: std::sync::Arc<KeyRing>,
     session_lifetime: Duration,
-    refresh_lifetime: Duration,
     tokens: TokenStore,
 }
 
@@ -78,7 +77,6 @@ impl Auth {
             allow: cfg.auth_redirect_allow.clone(),
             keys: cfg.session_keys.clone(),
             session_lifetime: cfg.session_lifetime,
-            refresh_lifetime: crate::config::MAX_SESSION_LIFETIME,
             tokens: TokenStore::new(cfg.token_cache_max_entries),
         }
     }
@@ -402,7 +400,7 @@ impl Auth {
                     Some(value.as_bytes().to_vec()),
                     service.clone(),
                     vec![],
-                    self.refresh_lifetime,
+                    MAX_SESSION_LIFETIME,
                 );
                 (
                     Some(value.as_bytes().to_vec()),

@@ -164,21 +164,14 @@ impl Error {
     }
 
     /// The error code in the registry's JSON error format (distribution's errcode names).
+    /// Every upstream failure is `UNAVAILABLE`, decided by [`Error::blame`] like the status.
     pub fn registry_code(&self) -> &'static str {
-        match self {
-            Error::NotFound { .. } | Error::MethodNotAllowed { .. } => "UNSUPPORTED",
-            Error::Refused { .. } => "DENIED",
-            Error::ClientIdle { .. } | Error::BadTokenRequest { .. } => "UNKNOWN",
-            Error::Unauthorized { .. } => "UNAUTHORIZED",
-            Error::UpstreamUnreachable { .. }
-            | Error::UpstreamFailed { .. }
-            | Error::MintFailed { .. }
-            | Error::AuthRedirectRefused { .. }
-            | Error::TooManyRedirects { .. }
-            | Error::BadTokenAnswer { .. }
-            | Error::RealmUnknown { .. }
-            | Error::UploadInterrupted => "UNAVAILABLE",
-            Error::Internal(_) => "UNKNOWN",
+        match (self.blame(), self) {
+            (Blame::Upstream, _) => "UNAVAILABLE",
+            (_, Error::NotFound { .. } | Error::MethodNotAllowed { .. }) => "UNSUPPORTED",
+            (_, Error::Refused { .. }) => "DENIED",
+            (_, Error::Unauthorized { .. }) => "UNAUTHORIZED",
+            _ => "UNKNOWN",
         }
     }
 
