@@ -1,29 +1,31 @@
 //! The request handler: routes a request, runs the matching handler, and turns any error into
 //! the registry's JSON error format. Following the outer/inner split, [`App::handle`] logs and
 //! builds synthetic responses; [`App::handle_inner`] returns `Result` and uses `?`.
+//!
+//! [`App::new`] builds everything the config only names (TLS configs, the session key ring, the
+//! upstream clients) and fails with a [`ConfigError`] before any port is bound.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Scheme;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
 
-use crate::auth::{Auth, Credentials};
+use crate::access::{Access, Credentials};
+use crate::auth::Auth;
 use crate::body::{self, ProxyBody};
 use crate::challenge::Challenge;
-use crate::config::MAX_SESSION_LIFETIME;
-use crate::config::{Config, Origin};
-use crate::error::Error;
-use crate::proxy::{self, Forward};
+use crate::config::{Config, ConfigError, Origin};
+use crate::error::{Blame, Error};
+use crate::mint::Minter;
+use crate::proxy::{self, Forward, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::router::{self, Route};
-use crate::session::{unix_now, Session};
+use crate::session::{KeyRing, Session};
 use crate::telemetry::{AccessLog, Logged};
-use crate::token::{refresh_margin, UpstreamToken};
-use crate::upload;
+use crate::tls;
+use crate::upload::{self, Uploader};
 use crate::upstream::Upstream;
 
 /// The connection a request arrived on.
@@ -38,30 +40,73 @@ pub struct ConnInfo {
 /// Shared state of the server: one per process, behind an `Arc`.
 pub struct App {
     config: Config,
+    server_tls: Option<Arc<rustls::ServerConfig>>,
     upstream: Upstream,
+    access: Access,
     auth: Auth,
 }
 
 impl App {
-    /// Builds the state from a validated config.
-    pub fn new(config: Config) -> App {
-        let upstream = Upstream::new(&config);
-        let auth = Auth::new(&config);
-        App {
+    /// Builds the state from a validated config: loads the TLS files and the session key ring.
+    pub fn new(config: Config) -> Result<App, ConfigError> {
+        let server_tls = config
+            .tls
+            .as_ref()
+            .map(|t| tls::server_config(&t.cert, &t.key))
+            .transpose()?;
+        let upstream_tls = tls::client_config(config.upstream_ca.as_deref())?;
+        let keys = Arc::new(match &config.session_key_file {
+            Some(path) => KeyRing::load(path)?,
+            None => KeyRing::ephemeral(),
+        });
+        let upstream = Upstream::new(&config, upstream_tls.clone(), config.registry.clone());
+        let token_origin = config
+            .token_realm
+            .as_ref()
+            .and_then(Origin::of)
+            .unwrap_or_else(|| config.registry.clone());
+        let token_client = Upstream::new(&config, upstream_tls, token_origin);
+        let minter = Arc::new(Minter::new(&config, upstream.clone(), token_client));
+        let access = Access::new(keys, minter.clone(), config.token_cache_max_entries);
+        let auth = Auth::new(minter, config.session_lifetime);
+        Ok(App {
             config,
+            server_tls,
             upstream,
+            access,
             auth,
-        }
+        })
     }
 
-    /// Auth state (token cache counters).
-    pub fn auth(&self) -> &Auth {
-        &self.auth
+    /// Session state (token cache counters, key ring).
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The server's TLS config, when serving HTTPS.
+    pub fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.server_tls.clone()
+    }
+
+    /// The quick answer when `--max-requests` are in flight: 503 with `Retry-After`, logged.
+    pub fn overloaded(
+        &self,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<Logged<ProxyBody>> {
+        let err = Error::Overloaded {
+            what: "requests in flight",
+        };
+        tracing::warn!(path = %req.uri().path(), error = %err, "request refused");
+        let mut log = AccessLog::new(req, conn.peer.ip());
+        let resp = error_response(&err);
+        log.status = resp.status().as_u16();
+        resp.map(|b| Logged::new(b, log))
     }
 
     /// Handles one request; never fails, and logs it once when its response body is done.
@@ -70,21 +115,16 @@ impl App {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<Logged<ProxyBody>> {
-        let mut log = AccessLog {
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            peer: conn.peer.ip(),
-            start: Instant::now(),
-            status: 0,
-            upstream_status: None,
-            bytes_in: Arc::new(AtomicU64::new(0)),
-            bytes_out: 0,
-            complete: false,
-        };
+        let mut log = AccessLog::new(&req, conn.peer.ip());
         let resp = match self.handle_inner(req, conn, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
-                tracing::warn!(path = %log.path, status = err.status().as_u16(), error = %err.chain(), "request failed");
+                let status = err.status().as_u16();
+                if err.blame() == Blame::Client {
+                    tracing::info!(path = %log.path, status, blame = "client", error = %err.chain(), "request refused");
+                } else {
+                    tracing::warn!(path = %log.path, status, error = %err.chain(), "request failed");
+                }
                 error_response(&err)
             }
         };
@@ -98,35 +138,33 @@ impl App {
         conn: ConnInfo,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, Error> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let public_url = self.config.public_url.as_ref();
         let route = router::route(req.method(), req.uri(), req.version(), public_url)?;
+        let trusted = self.config.is_trusted_proxy(conn.peer.ip());
         match route {
             Route::Healthy => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())),
             Route::Ready => Ok(self.ready().await),
             Route::Token => {
-                let public = self.public_origin(host.as_deref(), conn)?;
+                let public = self.public_origin(&req, conn, trusted)?;
+                let xff = proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted);
                 let resp = self
                     .auth
-                    .token_endpoint(req, &self.upstream, &public, conn.peer.ip())
+                    .token_endpoint(req, &self.access, &public, &xff)
                     .await?;
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }
             Route::Registry => {
-                let public = self.public_origin(host.as_deref(), conn)?;
+                let public = self.public_origin(&req, conn, trusted)?;
                 let fwd = Forward {
                     peer: conn.peer.ip(),
+                    trusted,
+                    forwarded_for: proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted),
                     public: &public,
                     idle: self.config.timeouts.body_idle,
                     bytes_in: log.bytes_in.clone(),
                 };
-                let creds = self.auth.credentials(
+                let creds = self.access.credentials(
                     req.method(),
                     req.uri().path(),
                     req.headers(),
@@ -139,16 +177,16 @@ impl App {
                     }
                 };
                 log.upstream_status = Some(resp.status().as_u16());
-                self.auth.rewrite_challenges(resp.headers_mut(), &public);
+                self.access.rewrite_challenges(resp.headers_mut(), &public);
                 Ok(resp)
             }
         }
     }
 
-    /// Forwards a request of a sealed session with a GitLab token valid on arrival. A bodiless
-    /// request the registry answers 401 `invalid_token` is retried once with a new token;
-    /// `insufficient_scope` goes back to the client (scopes are never escalated). Long uploads
-    /// go in parts ([`App::forward_upload`]).
+    /// Forwards a request of a sealed session with a GitLab token valid on arrival. A registry
+    /// `401` with `invalid_token` or `insufficient_scope` forgets that token (whatever the
+    /// request), and a bodiless request is retried once with a new one. Long uploads go in parts
+    /// ([`Uploader`]).
     async fn forward_with_session(
         &self,
         mut req: Request<Incoming>,
@@ -157,213 +195,93 @@ impl App {
     ) -> Result<Response<ProxyBody>, Error> {
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let ends = req.body().is_end_stream();
-        if upload::is_splittable(&method, &path, req.headers(), ends) {
-            return self.forward_upload(req, session, fwd).await;
+        let cfg = &self.config;
+        if upload::is_splittable(
+            &method,
+            &path,
+            req.headers(),
+            ends,
+            cfg.upload_split,
+            cfg.upload_chunk_max,
+        ) {
+            let uploader = Uploader {
+                upstream: &self.upstream,
+                access: &self.access,
+                fwd,
+                chunk_max: cfg.upload_chunk_max,
+                mode: cfg.upload_split,
+            };
+            return uploader.forward(req, session).await;
         }
-        let token = self.session_token(session, &method, &path, fwd).await?;
+        let token = self
+            .access
+            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
+            .await?;
         let retry = ends.then(|| bodiless_copy(&req));
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
         let resp = proxy::forward(&self.upstream, req, fwd).await?;
-        let Some(retry) = retry else {
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(error) = token_error(resp.headers()) else {
             return Ok(resp);
         };
-        if resp.status() != StatusCode::UNAUTHORIZED || !invalid_token(resp.headers()) {
+        self.access.invalidate(session, &token);
+        let Some(mut retry) = retry else {
             return Ok(resp);
-        }
+        };
         drop(resp);
-        tracing::info!(path = %path, "registry refused the session's token as invalid; minting again");
-        self.auth.invalidate(session, &token).await;
-        self.send_bodiless(retry, session, fwd).await
-    }
-
-    /// A GitLab token for `session`, fresh now. GitLab refusing the credentials (revoked, lost
-    /// permission) is the client's 401 with a fresh challenge, so it logs in again.
-    async fn session_token(
-        &self,
-        session: &Session,
-        method: &Method,
-        path: &str,
-        fwd: &Forward<'_>,
-    ) -> Result<UpstreamToken, Error> {
+        tracing::info!(path = %path, error, "registry refused the session's token; minting again");
         let token = self
-            .auth
-            .upstream_token(session, &self.upstream, fwd.peer)
-            .await;
-        token.map_err(|err| match err {
-            Error::MintFailed { status, message } if (400..500).contains(&status) => {
-                Error::Unauthorized {
-                    reason: format!(
-                        "the token service refused this session's credentials: {message}"
-                    ),
-                    challenge: self.auth.challenge_for(method, path, fwd.public),
-                }
-            }
-            other => other,
-        })
-    }
-
-    /// Sends a bodiless request with a fresh token of `session`.
-    async fn send_bodiless(
-        &self,
-        mut req: Request<ProxyBody>,
-        session: &Session,
-        fwd: &Forward<'_>,
-    ) -> Result<Response<ProxyBody>, Error> {
-        let path = req.uri().path().to_owned();
-        let token = self
-            .session_token(session, req.method(), &path, fwd)
+            .access
+            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
             .await?;
-        req.headers_mut()
+        retry
+            .headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
-        proxy::forward(&self.upstream, req, fwd).await
+        proxy::forward(&self.upstream, retry, fwd).await
     }
 
-    /// A long upload in parts: each `PATCH` ends when its token's fresh life is used up (or after
-    /// `--upload-chunk-max` bytes) and the next one continues the same upload session with a new
-    /// token; a `PUT` with a body ends with a bodiless `PUT ?digest=`. A short upload is one
-    /// request. The client gets the registry's last answer.
-    async fn forward_upload(
+    /// The origin clients use: the configured public URL; else, from a trusted proxy, its
+    /// `X-Forwarded-Proto`/`-Host`; else the request's Host and scheme.
+    fn public_origin(
         &self,
-        req: Request<Incoming>,
-        session: &Session,
-        fwd: &Forward<'_>,
-    ) -> Result<Response<ProxyBody>, Error> {
-        let (parts, body) = req.into_parts();
-        let digest = upload::digest_param(parts.uri.query()).map(str::to_owned);
-        let first = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut target = upload::with_digest(first, None);
-        let headers = upload::part_headers(&parts.headers);
-        let hard_cap = session.iat + MAX_SESSION_LIFETIME.as_secs();
-        let mut source = upload::Source::new(body);
-        let (mut count, mut recoveries) = (0u32, 0u32);
-        loop {
-            let method = Method::PATCH;
-            if unix_now() > hard_cap {
-                return Err(Error::Unauthorized {
-                    reason: "the upload outlived the session's hard cap".into(),
-                    challenge: self
-                        .auth
-                        .challenge_for(&method, parts.uri.path(), fwd.public),
-                });
-            }
-            let token = self
-                .session_token(session, &method, parts.uri.path(), fwd)
-                .await?;
-            let lifetime = Duration::from_secs(token.exp.saturating_sub(token.minted));
-            let budget = token
-                .remaining(unix_now())
-                .saturating_sub(refresh_margin(lifetime))
-                .max(upload::MIN_PART);
-            let (segment, back) =
-                upload::Segment::new(source, budget, self.config.upload_chunk_max);
-            let mut req = upload::part_request(method, &target, headers.clone(), segment)?;
-            req.headers_mut()
-                .insert(header::AUTHORIZATION, token.header.clone());
-            let resp = proxy::forward(&self.upstream, req, fwd).await;
-            source = back.await.map_err(|_| Error::UploadInterrupted)?;
-            let resp = resp?;
-            count += 1;
-            if resp.status() != StatusCode::ACCEPTED {
-                let status = resp.status().as_u16();
-                tracing::warn!(path = %parts.uri.path(), part = count, status, "registry refused an upload part");
-                if recoveries < MAX_UPLOAD_RECOVERIES && count > 1 {
-                    recoveries += 1;
-                    if let Some(next) = self
-                        .recover_upload(&target, source.sent, session, fwd)
-                        .await
-                    {
-                        tracing::info!(path = %parts.uri.path(), bytes = source.sent, "upload recovered from the registry's upload status");
-                        target = next;
-                        continue;
-                    }
-                }
-                return Ok(resp);
-            }
-            let next = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(upload::next_target)
-                .ok_or(Error::UploadInterrupted)?;
-            if !source.is_done() {
-                target = next;
-                continue;
-            }
-            if count > 1 {
-                tracing::info!(path = %parts.uri.path(), parts = count, bytes = source.sent, "upload sent in parts");
-            }
-            if parts.method != Method::PUT {
-                return Ok(resp);
-            }
-            drop(resp);
-            let mut put = Request::new(body::empty());
-            *put.method_mut() = Method::PUT;
-            *put.uri_mut() = upload::with_digest(&next, digest.as_deref())
-                .parse()
-                .map_err(|_| Error::UploadInterrupted)?;
-            *put.headers_mut() = headers.clone();
-            put.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            return self.send_bodiless(put, session, fwd).await;
-        }
-    }
-
-    /// After a refused part: asks the registry what the upload holds (`GET` on its location
-    /// answers `Range: 0-<last>`). When it holds every byte sent so far, the upload continues
-    /// from the `Location` of that answer; otherwise (bytes of the refused part are gone, and
-    /// regrelay keeps no copy of them) there is nothing to recover.
-    async fn recover_upload(
-        &self,
-        target: &str,
-        sent: u64,
-        session: &Session,
-        fwd: &Forward<'_>,
-    ) -> Option<String> {
-        let mut status = Request::new(body::empty());
-        *status.uri_mut() = target.parse().ok()?;
-        let resp = self.send_bodiless(status, session, fwd).await.ok()?;
-        if resp.status() != StatusCode::NO_CONTENT {
-            return None;
-        }
-        let range = resp.headers().get(header::RANGE)?.to_str().ok()?;
-        let (low, high) = upload::stored_bytes(range)?;
-        if !(low..=high).contains(&sent) {
-            tracing::warn!(
-                sent,
-                stored = high,
-                "upload cannot be recovered: the registry holds fewer bytes than were sent"
-            );
-            return None;
-        }
-        let location = resp.headers().get(header::LOCATION)?.to_str().ok()?;
-        upload::next_target(location)
-    }
-
-    /// The origin clients use: the configured public URL, else the request's Host and scheme.
-    fn public_origin(&self, host: Option<&str>, conn: ConnInfo) -> Result<Origin, Error> {
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        trusted: bool,
+    ) -> Result<Origin, Error> {
         if let Some(public) = &self.config.public_url {
             return Ok(public.clone());
         }
-        let scheme = if conn.tls {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
+        let headers = req.headers();
+        let first = |name| first_value(headers, name);
+        let scheme = match (trusted, first(&X_FORWARDED_PROTO)) {
+            (true, Some("https")) => Scheme::HTTPS,
+            (true, Some("http")) => Scheme::HTTP,
+            _ if conn.tls => Scheme::HTTPS,
+            _ => Scheme::HTTP,
         };
-        host.and_then(|h| Origin::from_parts(scheme, h))
+        let host = trusted
+            .then(|| first(&X_FORWARDED_HOST))
+            .flatten()
+            .or_else(|| first(&header::HOST))
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        host.and_then(|h| Origin::from_parts(scheme, &h))
             .ok_or(Error::Refused {
                 reason: "missing or invalid Host header",
             })
     }
 
     /// `/-/ready`: 200 when the upstream answers HTTP at all, else 503 ("not ready" is not a
-    /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]).
+    /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]). It names
+    /// no upstream address.
     async fn ready(&self) -> Response<ProxyBody> {
         match self.upstream.probe().await {
             Ok(status) => {
                 let body = serde_json::json!({
                     "status": "ready",
-                    "upstream": self.upstream.origin().to_string(),
                     "upstream_status": status.as_u16(),
                 });
                 json(StatusCode::OK, body.to_string())
@@ -376,8 +294,11 @@ impl App {
     }
 }
 
-/// Times a split upload asks the registry's upload status after a refused part.
-const MAX_UPLOAD_RECOVERIES: u32 = 3;
+/// The first comma-separated value of a header.
+fn first_value<'h>(headers: &'h HeaderMap, name: &header::HeaderName) -> Option<&'h str> {
+    let v = headers.get(name)?.to_str().ok()?;
+    v.split(',').next().map(str::trim).filter(|s| !s.is_empty())
+}
 
 /// A copy of a bodiless request (method, target, version, headers) for one retry.
 fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {
@@ -389,13 +310,17 @@ fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {
     copy
 }
 
-/// True when a registry challenge says `error="invalid_token"`.
-fn invalid_token(headers: &http::HeaderMap) -> bool {
+/// `invalid_token` or `insufficient_scope`, when a registry challenge says so.
+fn token_error(headers: &HeaderMap) -> Option<&'static str> {
     headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok().and_then(Challenge::parse))
-        .any(|c| c.error() == Some("invalid_token"))
+        .find_map(|c| match c.error() {
+            Some("invalid_token") => Some("invalid_token"),
+            Some("insufficient_scope") => Some("insufficient_scope"),
+            _ => None,
+        })
 }
 
 fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -408,7 +333,8 @@ fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp
 }
 
-/// The synthetic answer for an error: its status, registry JSON error body.
+/// The synthetic answer for an error: its status, registry JSON error body, and the headers it
+/// implies (`Allow`, `WWW-Authenticate`, `Retry-After`).
 pub fn error_response(err: &Error) -> Response<ProxyBody> {
     let mut resp = json(err.status(), err.registry_body());
     match err {
@@ -424,6 +350,10 @@ pub fn error_response(err: &Error) -> Response<ProxyBody> {
             }
         }
         _ => {}
+    }
+    if let Some(secs) = err.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }

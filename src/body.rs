@@ -55,8 +55,15 @@ pin_project! {
         idle: Duration,
         waiting: bool,
         bytes: Option<Arc<AtomicU64>>,
+        from_client: bool,
     }
 }
+
+/// An error of a client's request body (aborted upload, malformed chunk): marks the failure as
+/// the client's, whatever layer reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientError(#[source] pub BoxError);
 
 impl<B> Watched<B> {
     /// Wraps `inner`; `bytes`, when given, receives the running count of data bytes.
@@ -67,7 +74,15 @@ impl<B> Watched<B> {
             idle,
             waiting: false,
             bytes,
+            from_client: false,
         }
+    }
+
+    /// Wraps a client's request body: its errors become [`ClientError`]s.
+    pub fn client(inner: B, idle: Duration, bytes: Arc<AtomicU64>) -> Self {
+        let mut w = Watched::new(inner, idle, Some(bytes));
+        w.from_client = true;
+        w
     }
 }
 
@@ -91,6 +106,9 @@ where
                     bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) if *this.from_client => {
+                Poll::Ready(Some(Err(Box::new(ClientError(e.into())))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
@@ -127,6 +145,18 @@ pub fn is_idle_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
         cur = e.source();
     }
     false
+}
+
+/// The client's own body error, when `err` or one of its sources is a [`ClientError`].
+pub fn client_error(err: &(dyn std::error::Error + 'static)) -> Option<BoxError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(ClientError(inner)) = e.downcast_ref::<ClientError>() {
+            return Some(inner.to_string().into());
+        }
+        cur = e.source();
+    }
+    None
 }
 
 #[cfg(test)]

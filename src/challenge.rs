@@ -128,8 +128,10 @@ pub fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Both characters must be hex digits (`from_str_radix` alone accepts a sign).
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
@@ -178,10 +180,10 @@ pub fn required_scope(method: &Method, path: &str) -> Option<String> {
     let at = segments
         .iter()
         .rposition(|s| matches!(*s, "blobs" | "manifests" | "tags" | "referrers"))?;
-    if at == 0 {
+    let name = segments[..at].join("/");
+    if name.is_empty() || segments[..at].iter().any(|s| s.is_empty()) {
         return None;
     }
-    let name = segments[..at].join("/");
     let actions = match *method {
         Method::GET | Method::HEAD => "pull",
         Method::DELETE => "delete",
@@ -193,10 +195,19 @@ pub fn required_scope(method: &Method, path: &str) -> Option<String> {
 /// The `exp` claim of a JWT, read from its payload without verifying anything: regrelay uses it
 /// only to know when to mint again.
 pub fn jwt_exp(token: &str) -> Option<u64> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("exp")?.as_u64()
+    jwt_times(token).1
+}
+
+/// The `iat` and `exp` claims of a JWT (unverified). Their difference is the token's lifetime
+/// as its issuer's clock counts it, whatever the local clock says.
+pub fn jwt_times(token: &str) -> (Option<u64>, Option<u64>) {
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let claim = |name: &str| claims.as_ref().and_then(|c| c.get(name)?.as_u64());
+    (claim("iat"), claim("exp"))
 }
 
 #[cfg(test)]
@@ -320,9 +331,26 @@ mod tests {
             ),
             (Method::GET, "/v2/_catalog", None),
             (Method::GET, "/v2/manifests/x", None),
+            // Found by fuzzing (fuzz/regressions/scope-empty-repository-name).
+            (Method::GET, "/v2//blobs", None),
+            (Method::GET, "/v2/a//b/blobs/sha256:00", None),
         ];
         for (m, p, want) in cases {
             assert_eq!(required_scope(m, p).as_deref(), *want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn invalid_percent_escapes_are_kept() {
+        // `from_str_radix` alone takes "+f" as 15 (found while fuzzing).
+        for (raw, want) in [
+            ("%+f", "% f"),
+            ("%-1", "%-1"),
+            ("%2f", "/"),
+            ("a+b", "a b"),
+            ("%", "%"),
+        ] {
+            assert_eq!(percent_decode(raw), want, "{raw}");
         }
     }
 

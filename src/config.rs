@@ -1,12 +1,13 @@
 //! Configuration: command-line flags, `REGRELAY_*` environment variables and a TOML file, merged
 //! (flags win over env, env over the file) into a raw [`ConfigFile`], then validated into a typed
 //! [`Config`] before any port is bound. Every error names the key it is about, and `main` exits 64
-//! (EX_USAGE) on it. This module reads files (TOML, PEM) but opens no socket.
+//! (EX_USAGE) on it. `Config` is plain data: paths stay paths here; the TLS configs and the
+//! session key ring are built from it by [`crate::app::App::new`] (still before any bind), so this
+//! module depends on nothing else of regrelay. Every number is range-checked.
 
-use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -14,28 +15,46 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use serde::Deserialize;
 
-use crate::session::KeyRing;
-use crate::tls;
-use crate::token::DEFAULT_TOKEN_CACHE_MAX_ENTRIES;
-
 /// Defaults, with their unit in the name.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
-/// Connections served at once; further ones wait in the kernel's accept queue.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-/// Time a client has to send its request headers.
+/// Client connections served at once; further ones wait in the kernel's accept queue.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Requests in flight at once over all connections (HTTP/2 streams included); more get 503.
+pub const DEFAULT_MAX_REQUESTS: usize = 2048;
+/// Upstream connections open at once, per upstream (in use plus idle).
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 256;
+/// Concurrent streams one HTTP/2 client connection may open.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Largest request head (request line and headers) in bytes; larger ones get 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most request header fields; more get 431.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Time a client has to send its request headers (and its first byte).
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 30;
 /// Time a client has to finish the TLS handshake.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 15;
-/// Silence allowed inside a body stream, either way. There is no total-request timeout.
+/// Time a connection may stay open with no request in flight (HTTP/1.1 keep-alive, idle h2).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Silence allowed inside a body stream, either way, and the time a write to a client that
+/// stopped reading may stall. There is no total-request timeout.
 pub const DEFAULT_BODY_IDLE_TIMEOUT_SECS: u64 = 300;
 /// Time allowed to open a TCP connection to the upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Deadline for one token request to the token service (all redirect hops).
+pub const DEFAULT_TOKEN_TIMEOUT_SECS: u64 = 30;
+/// Interval of HTTP/2 keep-alive pings to clients (a peer that does not answer within the same
+/// time is closed).
+pub const DEFAULT_H2_KEEPALIVE_SECS: u64 = 30;
 /// Time in-flight requests get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 /// Lifetime of a sealed session (the `expires_in` clients get).
 pub const DEFAULT_SESSION_LIFETIME_SECS: u64 = 3600;
 /// Hard cap on a session's lifetime (and the lifetime of OAuth2 refresh tokens).
 pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default bound on cached sessions.
+pub const DEFAULT_TOKEN_CACHE_MAX_ENTRIES: usize = 100_000;
+/// Largest config file read (a real one is a few KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
 /// A configuration problem; its message names the key (`--flag` / `REGRELAY_*` / TOML key).
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +89,8 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &'static str, reason: impl ToString) -> ConfigError {
+/// A [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: &'static str, reason: impl ToString) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.to_string(),
@@ -88,6 +108,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// When a blob upload is sent upstream in several requests (`--upload-split`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadSplit {
+    /// Split only what needs it: a stream of unknown length by time (each part ends before its
+    /// token's fresh life does); a body with a `Content-Length` is sent whole when it fits in
+    /// one part, else in parts that each carry their own exact `Content-Length`.
+    #[default]
+    Auto,
+    /// Always split streaming uploads by time (chunked parts), whatever their length.
+    Always,
+    /// Never split: every upload goes upstream as the client sent it.
+    Never,
+}
+
 /// Raw settings as the user wrote them. Used both as clap flags (with env fallbacks) and as the
 /// TOML file schema; every field is optional here and checked in [`Config::try_from`].
 #[derive(Debug, Default, Clone, Args, Deserialize)]
@@ -97,7 +132,7 @@ pub struct ConfigFile {
     #[arg(long, env = "REGRELAY_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 0.0.0.0:5000].
+    /// Address to listen on [default: 0.0.0.0:5000]. Port 0 binds an ephemeral port (logged).
     #[arg(long, env = "REGRELAY_LISTEN")]
     pub listen: Option<String>,
     /// Upstream registry base URL, http or https (e.g. https://registry.gitlab.example.com).
@@ -118,37 +153,72 @@ pub struct ConfigFile {
     /// Log format: text or json [default: text].
     #[arg(long, env = "REGRELAY_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Connections served at once [default: 4096].
+    /// Client connections served at once [default: 1024].
     #[arg(long, env = "REGRELAY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Seconds a client has to send request headers [default: 30].
+    /// Requests in flight at once, HTTP/2 streams included; more get 503 [default: 2048].
+    #[arg(long, env = "REGRELAY_MAX_REQUESTS")]
+    pub max_requests: Option<usize>,
+    /// Connections to the upstream open at once (in use and idle) [default: 256].
+    #[arg(long, env = "REGRELAY_MAX_UPSTREAM_CONNECTIONS")]
+    pub max_upstream_connections: Option<usize>,
+    /// Concurrent streams per HTTP/2 client connection [default: 100].
+    #[arg(long, env = "REGRELAY_H2_MAX_CONCURRENT_STREAMS")]
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// Largest request head in bytes; larger ones get 431 [default: 65536].
+    #[arg(long, env = "REGRELAY_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Most request header fields; more get 431 [default: 100].
+    #[arg(long, env = "REGRELAY_MAX_HEADERS")]
+    pub max_headers: Option<usize>,
+    /// Seconds a client has to send its first byte and its request headers [default: 30].
     #[arg(long, env = "REGRELAY_HEADER_READ_TIMEOUT_SECS")]
     pub header_read_timeout_secs: Option<u64>,
     /// Seconds a client has to complete the TLS handshake [default: 15].
     #[arg(long, env = "REGRELAY_TLS_HANDSHAKE_TIMEOUT_SECS")]
     pub tls_handshake_timeout_secs: Option<u64>,
-    /// Seconds a body stream may stay silent, either direction [default: 300]. No total timeout.
+    /// Seconds a connection may stay open with no request in flight [default: 60].
+    #[arg(long, env = "REGRELAY_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Seconds a body stream may stay silent, either direction, and a write to a client that
+    /// stopped reading may stall [default: 300]. No total timeout.
     #[arg(long, env = "REGRELAY_BODY_IDLE_TIMEOUT_SECS")]
     pub body_idle_timeout_secs: Option<u64>,
     /// Seconds allowed to connect to the upstream [default: 10].
     #[arg(long, env = "REGRELAY_UPSTREAM_CONNECT_TIMEOUT_SECS")]
     pub upstream_connect_timeout_secs: Option<u64>,
+    /// Seconds one token request to the token service may take, redirects included [default: 30].
+    #[arg(long, env = "REGRELAY_TOKEN_TIMEOUT_SECS")]
+    pub token_timeout_secs: Option<u64>,
+    /// Seconds between HTTP/2 keep-alive pings; an unanswered ping closes the connection
+    /// [default: 30].
+    #[arg(long, env = "REGRELAY_H2_KEEPALIVE_SECS")]
+    pub h2_keepalive_secs: Option<u64>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
     #[arg(long, env = "REGRELAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
     /// Upstream token realm URL (GitLab's `https://gitlab.example.com/jwt/auth`). Default: the
-    /// realm the registry announces in its challenges.
+    /// realm the registry announces when regrelay itself asks it (never a proxied answer).
     #[arg(long, env = "REGRELAY_TOKEN_REALM")]
     pub token_realm: Option<String>,
-    /// HOST[:PORT] the token service may redirect to with the client's credentials, besides the
-    /// realm's own origin and its https upgrade. Repeatable; env: comma-separated.
+    /// SCHEME://HOST[:PORT] the token service may redirect to with the client's credentials,
+    /// besides the realm's own origin and its https upgrade. Repeatable; env: comma-separated.
     #[arg(
         long = "auth-redirect-allow",
         env = "REGRELAY_AUTH_REDIRECT_ALLOW",
         value_delimiter = ','
     )]
     pub auth_redirect_allow: Option<Vec<String>>,
-    /// File of session keys, one base64 32-byte key per line: the first seals, all open.
+    /// CIDRs of proxies in front of regrelay whose X-Forwarded-*/Forwarded headers are kept
+    /// (appended to); from anyone else they are replaced. Repeatable; env: comma-separated.
+    #[arg(
+        long = "trusted-proxies",
+        env = "REGRELAY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// File of session keys, one base64 32-byte key per line: the first seals, all open; a line
+    /// `open-only KEY` opens but never seals (rollout of a new key). Mode 0600 or stricter.
     /// Without it: a random key per process (one replica only; sessions die on restart).
     #[arg(long, env = "REGRELAY_SESSION_KEY_FILE")]
     pub session_key_file: Option<PathBuf>,
@@ -162,76 +232,99 @@ pub struct ConfigFile {
     /// are also split by time, whatever this says [default: off].
     #[arg(long, env = "REGRELAY_UPLOAD_CHUNK_MAX")]
     pub upload_chunk_max: Option<u64>,
+    /// Upload splitting: auto, always or never [default: auto].
+    #[arg(long, env = "REGRELAY_UPLOAD_SPLIT")]
+    pub upload_split: Option<UploadSplit>,
+}
+
+/// Picks each field from `$a` when set, else from `$b`.
+macro_rules! over {
+    ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
+        ConfigFile { config: $a.config, $($f: $a.$f.or($b.$f)),* }
+    };
 }
 
 impl ConfigFile {
-    /// Reads and parses a TOML file; unknown keys are refused with their name.
+    /// Reads and parses a TOML file (at most [`MAX_CONFIG_FILE_BYTES`]); unknown keys are
+    /// refused with their name.
     pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
         let file_err = |reason: String| ConfigError::File {
             path: path.to_owned(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let text = read_bounded(path, MAX_CONFIG_FILE_BYTES).map_err(file_err)?;
         toml::from_str(&text).map_err(|e| file_err(e.to_string()))
     }
 
     /// `self` (flags and env) over `file`: each key takes the first value present.
     pub fn over(self, file: ConfigFile) -> ConfigFile {
-        ConfigFile {
-            config: self.config,
-            listen: self.listen.or(file.listen),
-            registry: self.registry.or(file.registry),
-            public_url: self.public_url.or(file.public_url),
-            tls_cert: self.tls_cert.or(file.tls_cert),
-            tls_key: self.tls_key.or(file.tls_key),
-            upstream_ca: self.upstream_ca.or(file.upstream_ca),
-            log_format: self.log_format.or(file.log_format),
-            max_connections: self.max_connections.or(file.max_connections),
-            header_read_timeout_secs: self
-                .header_read_timeout_secs
-                .or(file.header_read_timeout_secs),
-            tls_handshake_timeout_secs: self
-                .tls_handshake_timeout_secs
-                .or(file.tls_handshake_timeout_secs),
-            body_idle_timeout_secs: self.body_idle_timeout_secs.or(file.body_idle_timeout_secs),
-            upstream_connect_timeout_secs: self
-                .upstream_connect_timeout_secs
-                .or(file.upstream_connect_timeout_secs),
-            shutdown_grace_secs: self.shutdown_grace_secs.or(file.shutdown_grace_secs),
-            token_realm: self.token_realm.or(file.token_realm),
-            auth_redirect_allow: self.auth_redirect_allow.or(file.auth_redirect_allow),
-            session_key_file: self.session_key_file.or(file.session_key_file),
-            session_lifetime_secs: self.session_lifetime_secs.or(file.session_lifetime_secs),
-            token_cache_max_entries: self
-                .token_cache_max_entries
-                .or(file.token_cache_max_entries),
-            upload_chunk_max: self.upload_chunk_max.or(file.upload_chunk_max),
-        }
+        over!(
+            self,
+            file,
+            listen,
+            registry,
+            public_url,
+            tls_cert,
+            tls_key,
+            upstream_ca,
+            log_format,
+            max_connections,
+            max_requests,
+            max_upstream_connections,
+            h2_max_concurrent_streams,
+            max_header_bytes,
+            max_headers,
+            header_read_timeout_secs,
+            tls_handshake_timeout_secs,
+            idle_timeout_secs,
+            body_idle_timeout_secs,
+            upstream_connect_timeout_secs,
+            token_timeout_secs,
+            h2_keepalive_secs,
+            shutdown_grace_secs,
+            token_realm,
+            auth_redirect_allow,
+            trusted_proxies,
+            session_key_file,
+            session_lifetime_secs,
+            token_cache_max_entries,
+            upload_chunk_max,
+            upload_split,
+        )
     }
 }
 
+/// Reads a UTF-8 file of at most `max` bytes (a bigger one is refused, not truncated).
+pub fn read_bounded(path: &Path, max: u64) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(text)
+}
+
 /// A scheme + authority (no path): the upstream registry, or the public URL of this proxy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     scheme: Scheme,
     authority: Authority,
 }
 
 impl Origin {
-    /// Parses a base URL; a path other than `/`, a query or userinfo are refused.
+    /// Parses a base URL; a path other than `/`, a query, userinfo or port 0 are refused.
     pub fn parse(key: &'static str, s: &str) -> Result<Origin, ConfigError> {
         let uri: Uri = s.parse().map_err(|e| invalid(key, format!("{s:?}: {e}")))?;
-        let scheme = match uri.scheme_str() {
-            Some("http") => Scheme::HTTP,
-            Some("https") => Scheme::HTTPS,
-            _ => return Err(invalid(key, format!("{s:?}: scheme must be http or https"))),
-        };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| invalid(key, format!("{s:?}: no host")))?;
-        if authority.as_str().contains('@') {
+        let origin = Origin::of(&uri)
+            .ok_or_else(|| invalid(key, format!("{s:?}: want an http(s) URL with a host")))?;
+        if origin.authority.as_str().contains('@') {
             return Err(invalid(key, "credentials in the URL are not allowed"));
+        }
+        if origin.authority.port_u16() == Some(0) {
+            return Err(invalid(key, format!("{s:?}: port must be 1-65535")));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(invalid(
@@ -239,13 +332,13 @@ impl Origin {
                 format!("{s:?}: must be a base URL without path or query"),
             ));
         }
-        Ok(Origin { scheme, authority })
+        Ok(origin)
     }
 
     /// Builds from a scheme and a `Host` value, when it is a valid authority.
     pub fn from_parts(scheme: Scheme, host: &str) -> Option<Origin> {
         let authority: Authority = host.parse().ok()?;
-        if authority.as_str().contains('@') {
+        if authority.as_str().contains('@') || authority.host().is_empty() {
             return None;
         }
         Some(Origin { scheme, authority })
@@ -257,10 +350,11 @@ impl Origin {
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return None;
         }
-        Some(Origin {
-            scheme,
-            authority: uri.authority()?.clone(),
-        })
+        let authority = uri.authority()?.clone();
+        if authority.host().is_empty() {
+            return None;
+        }
+        Some(Origin { scheme, authority })
     }
 
     /// The scheme.
@@ -310,42 +404,74 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// A `HOST[:PORT]` the token service may redirect credentials to (`--auth-redirect-allow`).
+/// A `SCHEME://HOST[:PORT]` the token service may redirect credentials to
+/// (`--auth-redirect-allow`): scheme, host and port must all match.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowedHost {
-    host: String,
-    port: Option<u16>,
-}
+pub struct AllowedOrigin(Origin);
 
-impl AllowedHost {
-    /// Parses `host`, `host:port` or `[v6]:port`.
-    pub fn parse(s: &str) -> Result<AllowedHost, ConfigError> {
-        let authority: Authority = s.trim().parse().map_err(|e| {
-            invalid(
-                "auth_redirect_allow",
-                format!("{s:?}: {e} (want HOST[:PORT])"),
-            )
-        })?;
-        if authority.as_str().contains('@') || authority.host().is_empty() {
+impl AllowedOrigin {
+    /// Parses `https://host[:port]` (or `http://…`, for a plain-HTTP test GitLab).
+    pub fn parse(s: &str) -> Result<AllowedOrigin, ConfigError> {
+        let s = s.trim();
+        if !s.contains("://") {
             return Err(invalid(
                 "auth_redirect_allow",
-                format!("{s:?}: want HOST[:PORT]"),
+                format!("{s:?}: want SCHEME://HOST[:PORT], e.g. https://{s}"),
             ));
         }
-        Ok(AllowedHost {
-            host: authority.host().to_ascii_lowercase(),
-            port: authority.port_u16(),
-        })
+        Origin::parse("auth_redirect_allow", s).map(AllowedOrigin)
     }
 
-    /// Same host, and the same port (the scheme's default when none was given).
+    /// Same scheme, host and effective port.
     pub fn matches(&self, origin: &Origin) -> bool {
-        let port = self.port.unwrap_or(if origin.scheme == Scheme::HTTPS {
-            443
-        } else {
-            80
-        });
-        origin.authority.host().eq_ignore_ascii_case(&self.host) && origin.effective_port() == port
+        self.0.same_as(origin)
+    }
+}
+
+/// A network of trusted proxies (`--trusted-proxies`), `ADDR/PREFIX` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or `192.0.2.7`.
+    pub fn parse(s: &str) -> Result<Cidr, ConfigError> {
+        let bad = |why: &str| invalid("trusted_proxies", format!("{s:?}: {why}"));
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let net: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| bad("bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    /// True when `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
+            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        if shift >= 128 {
+            return true;
+        }
+        (a >> shift) == (b >> shift)
     }
 }
 
@@ -353,20 +479,60 @@ impl AllowedHost {
 /// stream for hours.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// Client request headers.
+    /// Client's first byte and request headers.
     pub header_read: Duration,
     /// Client TLS handshake.
     pub tls_handshake: Duration,
-    /// Silence within a body, either direction.
+    /// A connection with no request in flight.
+    pub idle: Duration,
+    /// Silence within a body, either direction; a stalled write to a client.
     pub body_idle: Duration,
     /// TCP connect to the upstream.
     pub upstream_connect: Duration,
+    /// One token request to the token service.
+    pub token_request: Duration,
+    /// HTTP/2 keep-alive ping interval (and its answer's deadline).
+    pub h2_keepalive: Duration,
     /// Drain after a shutdown signal.
     pub shutdown_grace: Duration,
 }
 
-/// Validated configuration.
-#[derive(Clone)]
+/// Bounds on what clients may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections at once.
+    pub max_connections: usize,
+    /// Requests in flight at once.
+    pub max_requests: usize,
+    /// Upstream connections at once, per upstream.
+    pub max_upstream_connections: usize,
+    /// Streams per HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Request head bytes.
+    pub max_header_bytes: usize,
+    /// Request header fields.
+    pub max_headers: usize,
+}
+
+impl Limits {
+    /// File descriptors the process needs at most: clients, upstream connections (plus token
+    /// service connections, bounded alike), and a margin for listeners, files and logs.
+    pub fn fds_needed(&self) -> u64 {
+        (self.max_connections + 2 * self.max_upstream_connections + 64) as u64
+    }
+}
+
+/// Server TLS files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Validated configuration: plain data.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
@@ -374,48 +540,32 @@ pub struct Config {
     pub registry: Origin,
     /// Public URL of regrelay, when configured.
     pub public_url: Option<Origin>,
-    /// Server TLS, when serving HTTPS (loaded and checked already).
-    pub server_tls: Option<Arc<rustls::ServerConfig>>,
-    /// Client TLS for the upstream (system roots + `upstream_ca`).
-    pub upstream_tls: rustls::ClientConfig,
+    /// Server TLS files, when serving HTTPS.
+    pub tls: Option<TlsFiles>,
+    /// Extra CA bundle for the upstream.
+    pub upstream_ca: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
-    /// Connections served at once.
-    pub max_connections: NonZeroUsize,
+    /// Bounds.
+    pub limits: Limits,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Upstream token realm, when configured (else learnt from challenges).
+    /// Upstream token realm, when configured (else asked of the registry).
     pub token_realm: Option<Uri>,
     /// Extra origins the token service may redirect credentials to.
-    pub auth_redirect_allow: Vec<AllowedHost>,
-    /// Session sealing keys.
-    pub session_keys: Arc<KeyRing>,
+    pub auth_redirect_allow: Vec<AllowedOrigin>,
+    /// Proxies whose forwarding headers are kept.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Session key file (None: a random key per process).
+    pub session_key_file: Option<PathBuf>,
     /// Session lifetime.
     pub session_lifetime: Duration,
     /// Bound of the upstream token cache.
     pub token_cache_max_entries: usize,
     /// Largest upstream upload request, when bounded.
     pub upload_chunk_max: Option<u64>,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("registry", &self.registry.to_string())
-            .field(
-                "public_url",
-                &self.public_url.as_ref().map(ToString::to_string),
-            )
-            .field("tls", &self.server_tls.is_some())
-            .field("max_connections", &self.max_connections)
-            .field("timeouts", &self.timeouts)
-            .field("token_realm", &self.token_realm)
-            .field("auth_redirect_allow", &self.auth_redirect_allow)
-            .field("session_keys", &self.session_keys)
-            .field("session_lifetime", &self.session_lifetime)
-            .finish_non_exhaustive()
-    }
+    /// Upload splitting mode.
+    pub upload_split: UploadSplit,
 }
 
 impl Config {
@@ -427,13 +577,147 @@ impl Config {
         };
         Config::try_from(cli.over(file))
     }
+
+    /// True when `ip` is a configured trusted proxy.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
 }
 
-fn secs(key: &'static str, v: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
-    match v.unwrap_or(default) {
-        0 => Err(invalid(key, "must be at least 1 second")),
-        n => Ok(Duration::from_secs(n)),
+/// A duration in seconds within `[min, max]`.
+fn secs(
+    key: &'static str,
+    v: Option<u64>,
+    default: u64,
+    (min, max): (u64, u64),
+) -> Result<Duration, ConfigError> {
+    bounded(key, v, default, (min, max)).map(Duration::from_secs)
+}
+
+/// A number within `[min, max]`.
+fn bounded<T>(
+    key: &'static str,
+    v: Option<T>,
+    default: T,
+    (min, max): (T, T),
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + Copy + std::fmt::Display,
+{
+    let v = v.unwrap_or(default);
+    if v < min || v > max {
+        return Err(invalid(key, format!("{v} is out of range {min}..={max}")));
     }
+    Ok(v)
+}
+
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+
+fn limits(raw: &ConfigFile) -> Result<Limits, ConfigError> {
+    Ok(Limits {
+        max_connections: bounded(
+            "max_connections",
+            raw.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            (1, 1_000_000),
+        )?,
+        max_requests: bounded(
+            "max_requests",
+            raw.max_requests,
+            DEFAULT_MAX_REQUESTS,
+            (1, 10_000_000),
+        )?,
+        max_upstream_connections: bounded(
+            "max_upstream_connections",
+            raw.max_upstream_connections,
+            DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+            (1, 1_000_000),
+        )?,
+        h2_max_concurrent_streams: bounded(
+            "h2_max_concurrent_streams",
+            raw.h2_max_concurrent_streams,
+            DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            (1, 10_000),
+        )?,
+        // hyper's HTTP/1 read buffer has a floor of 8 KiB.
+        max_header_bytes: bounded(
+            "max_header_bytes",
+            raw.max_header_bytes,
+            DEFAULT_MAX_HEADER_BYTES,
+            (8192, 1 << 20),
+        )?,
+        max_headers: bounded(
+            "max_headers",
+            raw.max_headers,
+            DEFAULT_MAX_HEADERS,
+            (8, 1000),
+        )?,
+    })
+}
+
+fn timeouts(raw: &ConfigFile) -> Result<Timeouts, ConfigError> {
+    Ok(Timeouts {
+        header_read: secs(
+            "header_read_timeout_secs",
+            raw.header_read_timeout_secs,
+            DEFAULT_HEADER_READ_TIMEOUT_SECS,
+            (1, HOUR),
+        )?,
+        tls_handshake: secs(
+            "tls_handshake_timeout_secs",
+            raw.tls_handshake_timeout_secs,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
+            (1, 600),
+        )?,
+        idle: secs(
+            "idle_timeout_secs",
+            raw.idle_timeout_secs,
+            DEFAULT_IDLE_TIMEOUT_SECS,
+            (1, DAY),
+        )?,
+        body_idle: secs(
+            "body_idle_timeout_secs",
+            raw.body_idle_timeout_secs,
+            DEFAULT_BODY_IDLE_TIMEOUT_SECS,
+            (1, DAY),
+        )?,
+        upstream_connect: secs(
+            "upstream_connect_timeout_secs",
+            raw.upstream_connect_timeout_secs,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECS,
+            (1, 600),
+        )?,
+        token_request: secs(
+            "token_timeout_secs",
+            raw.token_timeout_secs,
+            DEFAULT_TOKEN_TIMEOUT_SECS,
+            (1, 600),
+        )?,
+        h2_keepalive: secs(
+            "h2_keepalive_secs",
+            raw.h2_keepalive_secs,
+            DEFAULT_H2_KEEPALIVE_SECS,
+            (1, HOUR),
+        )?,
+        shutdown_grace: secs(
+            "shutdown_grace_secs",
+            raw.shutdown_grace_secs,
+            DEFAULT_SHUTDOWN_GRACE_SECS,
+            (1, DAY),
+        )?,
+    })
+}
+
+fn list<T>(
+    raw: &Option<Vec<String>>,
+    parse: impl Fn(&str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    raw.iter()
+        .flatten()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| parse(s))
+        .collect()
 }
 
 impl TryFrom<ConfigFile> for Config {
@@ -441,7 +725,7 @@ impl TryFrom<ConfigFile> for Config {
 
     fn try_from(raw: ConfigFile) -> Result<Config, ConfigError> {
         let listen_str = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen = listen_str
+        let listen: SocketAddr = listen_str
             .parse()
             .map_err(|e| invalid("listen", format!("{listen_str:?}: {e} (want IP:PORT)")))?;
         let registry = raw.registry.as_deref().ok_or(ConfigError::Missing {
@@ -455,107 +739,96 @@ impl TryFrom<ConfigFile> for Config {
             .as_deref()
             .map(|s| Origin::parse("public_url", s))
             .transpose()?;
-        let server_tls = match (&raw.tls_cert, &raw.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        let tls = match (&raw.tls_cert, &raw.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
             (None, None) => None,
             (Some(_), None) => return Err(invalid("tls_key", "required with tls_cert")),
             (None, Some(_)) => return Err(invalid("tls_cert", "required with tls_key")),
         };
-        let upstream_tls = tls::client_config(raw.upstream_ca.as_deref())?;
-        let max_connections =
-            NonZeroUsize::new(raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
-                .ok_or_else(|| invalid("max_connections", "must be at least 1"))?;
-        let timeouts = Timeouts {
-            header_read: secs(
-                "header_read_timeout_secs",
-                raw.header_read_timeout_secs,
-                DEFAULT_HEADER_READ_TIMEOUT_SECS,
-            )?,
-            tls_handshake: secs(
-                "tls_handshake_timeout_secs",
-                raw.tls_handshake_timeout_secs,
-                DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
-            )?,
-            body_idle: secs(
-                "body_idle_timeout_secs",
-                raw.body_idle_timeout_secs,
-                DEFAULT_BODY_IDLE_TIMEOUT_SECS,
-            )?,
-            upstream_connect: secs(
-                "upstream_connect_timeout_secs",
-                raw.upstream_connect_timeout_secs,
-                DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECS,
-            )?,
-            shutdown_grace: secs(
-                "shutdown_grace_secs",
-                raw.shutdown_grace_secs,
-                DEFAULT_SHUTDOWN_GRACE_SECS,
-            )?,
-        };
-        let token_realm = raw
-            .token_realm
-            .as_deref()
-            .map(|s| {
-                let uri: Uri = s
-                    .parse()
-                    .map_err(|e| invalid("token_realm", format!("{s:?}: {e}")))?;
-                match (Origin::of(&uri), uri.authority()) {
-                    (Some(_), Some(a)) if !a.as_str().contains('@') => Ok(uri),
-                    _ => Err(invalid(
-                        "token_realm",
-                        format!("{s:?}: want an absolute http(s) URL"),
-                    )),
-                }
-            })
-            .transpose()?;
-        let auth_redirect_allow = raw
-            .auth_redirect_allow
-            .unwrap_or_default()
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| AllowedHost::parse(s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let session_keys = Arc::new(match &raw.session_key_file {
-            Some(path) => KeyRing::load(path)?,
-            None => KeyRing::ephemeral(),
-        });
+        let token_realm = raw.token_realm.as_deref().map(parse_realm).transpose()?;
+        if let Some(realm) = token_realm.as_ref().and_then(Origin::of) {
+            refuse_self_realm(&realm, listen, public_url.as_ref())?;
+        }
         let session_lifetime = secs(
             "session_lifetime_secs",
             raw.session_lifetime_secs,
             DEFAULT_SESSION_LIFETIME_SECS,
+            (1, MAX_SESSION_LIFETIME.as_secs()),
         )?;
-        if session_lifetime > MAX_SESSION_LIFETIME {
-            return Err(invalid(
-                "session_lifetime_secs",
-                format!("at most {} (24 h)", MAX_SESSION_LIFETIME.as_secs()),
-            ));
-        }
-        let token_cache_max_entries = raw
-            .token_cache_max_entries
-            .unwrap_or(DEFAULT_TOKEN_CACHE_MAX_ENTRIES);
-        if token_cache_max_entries == 0 {
-            return Err(invalid("token_cache_max_entries", "must be at least 1"));
-        }
-        if raw.upload_chunk_max == Some(0) {
-            return Err(invalid("upload_chunk_max", "must be at least 1 byte"));
-        }
+        let token_cache_max_entries = bounded(
+            "token_cache_max_entries",
+            raw.token_cache_max_entries,
+            DEFAULT_TOKEN_CACHE_MAX_ENTRIES,
+            (1, 100_000_000),
+        )?;
+        let upload_chunk_max = raw
+            .upload_chunk_max
+            .map(|n| bounded("upload_chunk_max", Some(n), n, (1, u64::MAX)))
+            .transpose()?;
         Ok(Config {
             listen,
             registry,
             public_url,
-            server_tls,
-            upstream_tls,
+            tls,
+            upstream_ca: raw.upstream_ca.clone(),
             log_format: raw.log_format.unwrap_or_default(),
-            max_connections,
-            timeouts,
+            limits: limits(&raw)?,
+            timeouts: timeouts(&raw)?,
             token_realm,
-            auth_redirect_allow,
-            session_keys,
+            auth_redirect_allow: list(&raw.auth_redirect_allow, AllowedOrigin::parse)?,
+            trusted_proxies: list(&raw.trusted_proxies, Cidr::parse)?,
+            session_key_file: raw.session_key_file.clone(),
             session_lifetime,
             token_cache_max_entries,
-            upload_chunk_max: raw.upload_chunk_max,
+            upload_chunk_max,
+            upload_split: raw.upload_split.unwrap_or_default(),
         })
     }
+}
+
+fn parse_realm(s: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri = s
+        .parse()
+        .map_err(|e| invalid("token_realm", format!("{s:?}: {e}")))?;
+    match (Origin::of(&uri), uri.authority()) {
+        (Some(o), Some(a)) if !a.as_str().contains('@') && o.authority.port_u16() != Some(0) => {
+            Ok(uri)
+        }
+        _ => Err(invalid(
+            "token_realm",
+            format!("{s:?}: want an absolute http(s) URL"),
+        )),
+    }
+}
+
+/// A realm on regrelay's own listener (or public URL) would make every mint call regrelay
+/// itself, forever.
+pub fn refuse_self_realm(
+    realm: &Origin,
+    listen: SocketAddr,
+    public: Option<&Origin>,
+) -> Result<(), ConfigError> {
+    let on_public = public.is_some_and(|p| p.same_as(realm));
+    let host = realm
+        .authority()
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let on_listener = realm.effective_port() == listen.port()
+        && host
+            .parse::<IpAddr>()
+            .map(|ip| ip == listen.ip() || (listen.ip().is_unspecified() && ip.is_loopback()))
+            .unwrap_or(host.eq_ignore_ascii_case("localhost"));
+    if on_public || on_listener {
+        return Err(invalid(
+            "token_realm",
+            format!("{realm} is regrelay itself; point it at GitLab's /jwt/auth"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -581,86 +854,95 @@ mod tests {
             c.timeouts.body_idle,
             Duration::from_secs(DEFAULT_BODY_IDLE_TIMEOUT_SECS)
         );
-        assert!(c.server_tls.is_none() && c.public_url.is_none());
+        assert_eq!(c.upload_split, UploadSplit::Auto);
+        assert!(c.tls.is_none() && c.public_url.is_none());
     }
 
     #[test]
     fn errors_name_the_key() {
+        let with = |f: fn(&mut ConfigFile)| {
+            let mut c = raw("http://r");
+            f(&mut c);
+            c
+        };
         let cases: Vec<(ConfigFile, &str)> = vec![
             (ConfigFile::default(), "`registry`"),
             (raw("ftp://x"), "`registry`"),
             (raw("http://r/some/path"), "`registry`"),
             (raw("http://user:pw@r"), "`registry`"),
+            (raw("http://r:0"), "`registry`"),
+            (with(|c| c.public_url = Some("nope".into())), "`public_url`"),
+            (with(|c| c.listen = Some("localhost".into())), "`listen`"),
             (
-                ConfigFile {
-                    public_url: Some("nope".into()),
-                    ..raw("http://r")
-                },
-                "`public_url`",
-            ),
-            (
-                ConfigFile {
-                    listen: Some("localhost".into()),
-                    ..raw("http://r")
-                },
+                with(|c| c.listen = Some("1.2.3.4:70000".into())),
                 "`listen`",
             ),
+            (with(|c| c.tls_cert = Some("/x".into())), "`tls_key`"),
+            (with(|c| c.max_connections = Some(0)), "`max_connections`"),
+            (with(|c| c.max_requests = Some(0)), "`max_requests`"),
             (
-                ConfigFile {
-                    tls_cert: Some("/x".into()),
-                    ..raw("http://r")
-                },
-                "`tls_key`",
+                with(|c| c.max_upstream_connections = Some(0)),
+                "`max_upstream_connections`",
             ),
             (
-                ConfigFile {
-                    max_connections: Some(0),
-                    ..raw("http://r")
-                },
-                "`max_connections`",
+                with(|c| c.h2_max_concurrent_streams = Some(0)),
+                "`h2_max_concurrent_streams`",
             ),
             (
-                ConfigFile {
-                    body_idle_timeout_secs: Some(0),
-                    ..raw("http://r")
-                },
+                with(|c| c.max_header_bytes = Some(100)),
+                "`max_header_bytes`",
+            ),
+            (with(|c| c.max_headers = Some(100_000)), "`max_headers`"),
+            (
+                with(|c| c.body_idle_timeout_secs = Some(0)),
                 "`body_idle_timeout_secs`",
             ),
+            // Absurd values used to pass and then panic at start (timer overflow).
             (
-                ConfigFile {
-                    upstream_ca: Some("/nonexistent.pem".into()),
-                    ..raw("http://r")
-                },
-                "`upstream_ca`",
+                with(|c| c.header_read_timeout_secs = Some(u64::MAX)),
+                "`header_read_timeout_secs`",
             ),
             (
-                ConfigFile {
-                    token_realm: Some("/jwt/auth".into()),
-                    ..raw("http://r")
-                },
+                with(|c| c.shutdown_grace_secs = Some(u64::MAX / 2)),
+                "`shutdown_grace_secs`",
+            ),
+            (
+                with(|c| c.tls_handshake_timeout_secs = Some(100_000)),
+                "`tls_handshake_timeout_secs`",
+            ),
+            (
+                with(|c| c.idle_timeout_secs = Some(0)),
+                "`idle_timeout_secs`",
+            ),
+            (
+                with(|c| c.token_timeout_secs = Some(86_400)),
+                "`token_timeout_secs`",
+            ),
+            (
+                with(|c| c.token_realm = Some("/jwt/auth".into())),
                 "`token_realm`",
             ),
             (
-                ConfigFile {
-                    auth_redirect_allow: Some(vec!["user@host".into()]),
-                    ..raw("http://r")
-                },
+                with(|c| c.auth_redirect_allow = Some(vec!["user@host".into()])),
                 "`auth_redirect_allow`",
             ),
             (
-                ConfigFile {
-                    session_key_file: Some("/nonexistent.keys".into()),
-                    ..raw("http://r")
-                },
-                "`session_key_file`",
+                with(|c| c.auth_redirect_allow = Some(vec!["gitlab.example.com".into()])),
+                "`auth_redirect_allow`",
             ),
             (
-                ConfigFile {
-                    session_lifetime_secs: Some(86_401),
-                    ..raw("http://r")
-                },
+                with(|c| c.trusted_proxies = Some(vec!["10.0.0.0/33".into()])),
+                "`trusted_proxies`",
+            ),
+            (
+                with(|c| c.session_lifetime_secs = Some(86_401)),
                 "`session_lifetime_secs`",
             ),
+            (
+                with(|c| c.token_cache_max_entries = Some(0)),
+                "`token_cache_max_entries`",
+            ),
+            (with(|c| c.upload_chunk_max = Some(0)), "`upload_chunk_max`"),
         ];
         for (c, key) in cases {
             let msg = err_of(c);
@@ -669,7 +951,52 @@ mod tests {
     }
 
     #[test]
-    fn flags_win_over_file_and_unknown_keys_are_refused() {
+    fn a_realm_on_regrelay_itself_is_refused() {
+        let cases = [
+            ("0.0.0.0:5000", None, "http://127.0.0.1:5000/jwt/auth", true),
+            (
+                "127.0.0.1:5000",
+                None,
+                "http://localhost:5000/jwt/auth",
+                true,
+            ),
+            (
+                "127.0.0.1:5000",
+                Some("https://px.example.com"),
+                "https://px.example.com/jwt/auth",
+                true,
+            ),
+            (
+                "127.0.0.1:5000",
+                None,
+                "http://127.0.0.1:5001/jwt/auth",
+                false,
+            ),
+            (
+                "0.0.0.0:443",
+                None,
+                "https://gitlab.example.com/jwt/auth",
+                false,
+            ),
+        ];
+        for (listen, public, realm, refused) in cases {
+            let c = ConfigFile {
+                listen: Some(listen.into()),
+                public_url: public.map(Into::into),
+                token_realm: Some(realm.into()),
+                ..raw("http://r:5001")
+            };
+            let got = Config::try_from(c).map_err(|e| e.to_string());
+            assert_eq!(
+                got.is_err(),
+                refused,
+                "{listen} {public:?} {realm}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_win_over_file_and_unknown_keys_and_huge_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(
@@ -685,14 +1012,21 @@ mod tests {
         let c = Config::load(cli).unwrap();
         assert_eq!(c.registry.to_string(), "http://flag:2");
         assert_eq!(c.listen.port(), 7);
+        let load = |path: &Path| {
+            Config::load(ConfigFile {
+                config: Some(path.to_owned()),
+                ..ConfigFile::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
         std::fs::write(&path, "registy = \"http://typo\"\n").unwrap();
-        let msg = Config::load(ConfigFile {
-            config: Some(path),
-            ..ConfigFile::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(msg.contains("registy"), "{msg}");
+        assert!(load(&path).contains("registy"));
+        let mut big = "# padding\n".repeat(120_000);
+        big.push_str("registry = \"http://r\"\n");
+        std::fs::write(&path, big).unwrap();
+        let msg = load(&path);
+        assert!(msg.contains("larger than"), "{msg}");
     }
 
     #[test]
@@ -705,38 +1039,65 @@ mod tests {
     }
 
     #[test]
-    fn redirect_allow_entries_match_host_and_port() {
+    fn redirect_allow_entries_match_scheme_host_and_port() {
         let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
         let cases = [
             (
-                "gitlab.example.com",
+                "https://gitlab.example.com",
                 "https://GitLab.example.com/jwt/auth",
                 true,
             ),
             (
-                "gitlab.example.com",
+                "https://gitlab.example.com",
                 "http://gitlab.example.com/jwt/auth",
-                true,
+                false,
             ),
             (
-                "gitlab.example.com",
+                "https://gitlab.example.com",
                 "https://gitlab.example.com:8443/x",
                 false,
             ),
             (
-                "gitlab.example.com:8443",
+                "https://gitlab.example.com:8443",
                 "https://gitlab.example.com:8443/x",
                 true,
             ),
-            ("127.0.0.1:9000", "http://127.0.0.1:9001/x", false),
-            ("127.0.0.1:9000", "http://127.0.0.1:9000/x", true),
-            ("other.example.com", "https://gitlab.example.com/x", false),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:9001/x", false),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:9000/x", true),
+            (
+                "https://other.example.com",
+                "https://gitlab.example.com/x",
+                false,
+            ),
         ];
         for (entry, url, want) in cases {
             assert_eq!(
-                AllowedHost::parse(entry).unwrap().matches(&o(url)),
+                AllowedOrigin::parse(entry).unwrap().matches(&o(url)),
                 want,
                 "{entry} {url}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidr_table() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases = [
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("192.0.2.7", "192.0.2.7", true),
+            ("192.0.2.7", "192.0.2.8", false),
+            ("0.0.0.0/0", "203.0.113.9", true),
+            ("127.0.0.0/8", "::ffff:127.0.0.1", true),
+            ("::1/128", "::1", true),
+            ("fd00::/8", "fd12::1", true),
+            ("fd00::/8", "10.0.0.1", false),
+        ];
+        for (net, addr, want) in cases {
+            assert_eq!(
+                Cidr::parse(net).unwrap().contains(ip(addr)),
+                want,
+                "{net} {addr}"
             );
         }
     }

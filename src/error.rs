@@ -21,6 +21,60 @@ pub enum Blame {
     Internal,
 }
 
+/// Why the token service gave no token for a session. Cloneable: one failed mint is handed to
+/// every request that waited for it, and remembered for a backoff ([`crate::token`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MintFailure {
+    /// The token service refused the credentials (401, 403, 404…), with its own message.
+    #[error("token service answered {status}: {message}")]
+    Refused {
+        /// Its status.
+        status: u16,
+        /// Its message (registry error format), or the status text.
+        message: String,
+    },
+    /// The token service is rate limiting (429) or unavailable (503).
+    #[error("token service answered {status}: {message}")]
+    Busy {
+        /// 429 or 503.
+        status: u16,
+        /// Its `Retry-After` in seconds, when it sent one.
+        retry_after: Option<u64>,
+        /// Its message, or the status text.
+        message: String,
+    },
+    /// No answer within the token request deadline.
+    #[error("token service did not answer within {secs} s")]
+    Timeout {
+        /// The deadline.
+        secs: u64,
+    },
+    /// The token service could not be reached, or answered something unusable.
+    #[error("{reason}")]
+    Failed {
+        /// What went wrong (no secret, no internal address).
+        reason: String,
+    },
+}
+
+impl MintFailure {
+    /// The token service's status, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MintFailure::Refused { status, .. } | MintFailure::Busy { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Seconds the token service asked us to wait.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            MintFailure::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 /// Errors on the request path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,7 +92,7 @@ pub enum Error {
         /// The path it was sent to.
         path: String,
     },
-    /// The request names another origin than this proxy (absolute-form target, dot segments).
+    /// The request names another origin than this proxy, or a non-canonical path.
     #[error("refused request target: {reason}")]
     Refused {
         /// Why the target was refused.
@@ -49,6 +103,20 @@ pub enum Error {
     ClientIdle {
         /// The configured idle timeout.
         secs: u64,
+    },
+    /// The client's request body failed (aborted, or a malformed chunk): the client's fault.
+    #[error("the request body could not be read")]
+    ClientBody {
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+    /// A bound on concurrent work is reached; the client should retry shortly (503 +
+    /// `Retry-After`).
+    #[error("regrelay is at its limit of {what}; retry shortly")]
+    Overloaded {
+        /// Which bound.
+        what: &'static str,
     },
     /// The upstream could not be reached (DNS, connect, TLS).
     #[error("upstream registry {upstream} is unreachable")]
@@ -68,6 +136,12 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The registry answered against its own protocol.
+    #[error("upstream registry answered unexpectedly: {reason}")]
+    UpstreamProtocol {
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// regrelay refused the request's credentials itself (a sealed session that is tampered
     /// with, expired, or sealed with an unknown key; or credentials GitLab no longer accepts).
     /// Answered 401 with `challenge` in `WWW-Authenticate`, so the client asks for a new token.
@@ -78,21 +152,16 @@ pub enum Error {
         /// A fresh `Bearer` challenge pointing at regrelay's realm.
         challenge: String,
     },
-    /// GitLab refused to mint a token for a session (revoked credential, lost permission…).
-    #[error("token service answered {status}: {message}")]
-    MintFailed {
-        /// GitLab's status.
-        status: u16,
-        /// GitLab's error message (registry error format), or the status text.
-        message: String,
-    },
+    /// The token service gave no token for a session.
+    #[error(transparent)]
+    Mint(#[from] MintFailure),
     /// The token service redirected somewhere `Authorization` must not go.
     #[error(
         "token service redirected to {target}, which is not an allowed origin for credentials; \
          if it is your GitLab, allow it with --auth-redirect-allow {target}"
     )]
     AuthRedirectRefused {
-        /// The refused target (`host[:port]`).
+        /// The refused target (`scheme://host[:port]`).
         target: String,
     },
     /// The token service kept redirecting.
@@ -107,8 +176,8 @@ pub enum Error {
         /// What was wrong (never the content).
         reason: &'static str,
     },
-    /// No token realm is configured and the registry announced none.
-    #[error("upstream registry {upstream} announced no token realm; set --token-realm")]
+    /// No token realm is configured and the registry announced none (or announced regrelay).
+    #[error("upstream registry {upstream} announced no usable token realm; set --token-realm")]
     RealmUnknown {
         /// The upstream origin.
         upstream: String,
@@ -119,14 +188,19 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// A split upload could not be continued (the registry gave no upload location, or the
-    /// client's stream was lost between parts).
-    #[error("the upload could not be continued")]
-    UploadInterrupted,
+    /// A split upload could not be continued.
+    #[error("the upload could not be continued: {reason}")]
+    UploadInterrupted {
+        /// Why, and what the client should do.
+        reason: &'static str,
+    },
     /// A response or request could not be built; a bug.
     #[error("internal error")]
     Internal(#[from] http::Error),
 }
+
+/// Seconds a client is asked to wait after an [`Error::Overloaded`].
+pub const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
 
 impl Error {
     /// Who caused this error.
@@ -136,21 +210,25 @@ impl Error {
             | Error::MethodNotAllowed { .. }
             | Error::Refused { .. }
             | Error::ClientIdle { .. }
+            | Error::ClientBody { .. }
             | Error::Unauthorized { .. }
             | Error::BadTokenRequest { .. } => Blame::Client,
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamFailed { .. }
-            | Error::MintFailed { .. }
+            | Error::UpstreamProtocol { .. }
+            | Error::Mint(_)
             | Error::AuthRedirectRefused { .. }
             | Error::TooManyRedirects { .. }
             | Error::BadTokenAnswer { .. }
             | Error::RealmUnknown { .. }
-            | Error::UploadInterrupted => Blame::Upstream,
-            Error::Internal(_) => Blame::Internal,
+            | Error::UploadInterrupted { .. } => Blame::Upstream,
+            Error::Overloaded { .. } | Error::Internal(_) => Blame::Internal,
         }
     }
 
-    /// The HTTP status: the one place where blame becomes a status code.
+    /// The HTTP status: the one place where blame becomes a status code. A token service that
+    /// rate-limits or is unavailable stays 429/503 (never "unauthorized"), a token service that
+    /// does not answer in time is 504, and a bound reached is 503.
     pub fn status(&self) -> StatusCode {
         match (self.blame(), self) {
             (Blame::Client, Error::NotFound { .. }) => StatusCode::NOT_FOUND,
@@ -158,16 +236,32 @@ impl Error {
             (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
             (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
             (Blame::Client, _) => StatusCode::BAD_REQUEST,
+            (Blame::Upstream, Error::Mint(MintFailure::Busy { status, .. })) => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            (Blame::Upstream, Error::Mint(MintFailure::Timeout { .. })) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             (Blame::Upstream, _) => StatusCode::BAD_GATEWAY,
+            (Blame::Internal, Error::Overloaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             (Blame::Internal, _) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
+    /// `Retry-After` seconds for the client, when the status asks it to come back.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::Mint(f @ MintFailure::Busy { .. }) => Some(f.retry_after().unwrap_or(1)),
+            Error::Overloaded { .. } => Some(OVERLOAD_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+
     /// The error code in the registry's JSON error format (distribution's errcode names).
-    /// Every upstream failure is `UNAVAILABLE`, decided by [`Error::blame`] like the status.
     pub fn registry_code(&self) -> &'static str {
         match (self.blame(), self) {
-            (Blame::Upstream, _) => "UNAVAILABLE",
+            (_, Error::Mint(MintFailure::Busy { status: 429, .. })) => "TOOMANYREQUESTS",
+            (Blame::Upstream, _) | (_, Error::Overloaded { .. }) => "UNAVAILABLE",
             (_, Error::NotFound { .. } | Error::MethodNotAllowed { .. }) => "UNSUPPORTED",
             (_, Error::Refused { .. }) => "DENIED",
             (_, Error::Unauthorized { .. }) => "UNAUTHORIZED",
@@ -175,15 +269,7 @@ impl Error {
         }
     }
 
-    /// The token service's status, for a failed mint.
-    pub fn upstream_status(&self) -> Option<u16> {
-        match self {
-            Error::MintFailed { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// The full cause chain, for the one log line at the edge.
+    /// The full cause chain, for the one log line at the edge (may name internal addresses).
     pub fn chain(&self) -> String {
         let mut out = self.to_string();
         let mut cur = std::error::Error::source(self);
@@ -195,10 +281,32 @@ impl Error {
         out
     }
 
-    /// The body of the synthetic response: registry JSON error format. The message includes the
-    /// cause chain so "connection refused" reaches the user; causes never hold secrets.
+    /// What the client is told: no internal upstream URL or address, no cause chain (the log
+    /// has those); the token service's own messages pass, they are meant for the user.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::UpstreamUnreachable { .. } => "the upstream registry is unreachable".into(),
+            Error::UpstreamFailed { .. } => {
+                "the upstream registry failed while answering; see regrelay's log".into()
+            }
+            Error::AuthRedirectRefused { .. } => "the token service redirected to an origin \
+                 that is not allowed to receive credentials; see regrelay's log for the origin \
+                 and allow it with --auth-redirect-allow if it is your GitLab"
+                .into(),
+            Error::RealmUnknown { .. } => {
+                "the upstream registry announced no usable token realm; set --token-realm".into()
+            }
+            Error::Mint(MintFailure::Failed { .. }) => {
+                "the token service could not be reached or answered unusably; see regrelay's log"
+                    .into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The body of the synthetic response: registry JSON error format.
     pub fn registry_body(&self) -> String {
-        registry_error_json(self.registry_code(), &self.chain())
+        registry_error_json(self.registry_code(), &self.public_message())
     }
 }
 
@@ -223,6 +331,52 @@ mod tests {
         assert_eq!(nf.status(), StatusCode::NOT_FOUND);
         let idle = Error::ClientIdle { secs: 5 };
         assert_eq!(idle.status(), StatusCode::REQUEST_TIMEOUT);
+        let aborted = Error::ClientBody {
+            source: "connection reset".into(),
+        };
+        assert_eq!(aborted.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn token_service_failures_keep_their_meaning() {
+        let busy = |status, retry_after| {
+            Error::Mint(MintFailure::Busy {
+                status,
+                retry_after,
+                message: "slow down".into(),
+            })
+        };
+        let cases = [
+            (busy(429, Some(7)), 429, Some(7), "TOOMANYREQUESTS"),
+            (busy(503, None), 503, Some(1), "UNAVAILABLE"),
+            (
+                Error::Mint(MintFailure::Timeout { secs: 30 }),
+                504,
+                None,
+                "UNAVAILABLE",
+            ),
+            (
+                Error::Mint(MintFailure::Failed {
+                    reason: "connection refused".into(),
+                }),
+                502,
+                None,
+                "UNAVAILABLE",
+            ),
+            (
+                Error::Overloaded {
+                    what: "requests in flight",
+                },
+                503,
+                Some(1),
+                "UNAVAILABLE",
+            ),
+        ];
+        for (err, status, retry, code) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.retry_after(), retry, "{err}");
+            assert_eq!(err.registry_code(), code, "{err}");
+        }
     }
 
     #[test]
@@ -234,9 +388,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&up.registry_body()).unwrap();
         assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
         let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.contains("unreachable"), "{msg}");
         assert!(
-            msg.contains("http://r:5000") && msg.contains("connection refused"),
-            "{msg}"
+            !msg.contains("r:5000"),
+            "the body names no internal address: {msg}"
         );
+        assert!(up.chain().contains("http://r:5000") && up.chain().contains("connection refused"));
     }
 }

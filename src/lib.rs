@@ -4,23 +4,26 @@
 //! # Layout
 //! Data flows one way: client → [`server`] (listen, TLS, HTTP/1.1 + h2, drain) → [`app`]
 //! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
-//! [`auth`] (the `/jwt/auth` realm, sealed sessions, minting) and [`proxy`] (headers,
-//! `Location`, streaming bodies) → [`upstream`] (the only dialer). Auth's pieces: [`challenge`]
-//! (pure: challenges, scopes, JWT `exp`), [`session`] (AEAD-sealed sessions, key ring),
-//! [`token`] (upstream token cache, single-flight minting), [`upload`] (long uploads split
-//! into parts that each carry a fresh token).
+//! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
+//! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
+//! Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
+//! [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
+//! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
+//! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
 //! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log).
 //!
 //! Bodies are never collected on the proxy path: a 10 GB layer flows through in frames.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod body;
 pub mod challenge;
 pub mod config;
 pub mod error;
+pub mod mint;
 pub mod proxy;
 pub mod router;
 pub mod server;

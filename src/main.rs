@@ -46,13 +46,14 @@ fn main() -> ExitCode {
         Command::Serve(raw) => (raw, false),
         Command::CheckConfig(raw) => (raw, true),
     };
-    let config = match Config::load(raw) {
-        Ok(config) => config,
+    let app = match Config::load(raw).and_then(App::new) {
+        Ok(app) => app,
         Err(err) => {
             eprintln!("regrelay: {err}");
             return ExitCode::from(EX_USAGE);
         }
     };
+    let config = app.config();
     if check_only {
         println!(
             "config ok: listen {} -> registry {}",
@@ -61,7 +62,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(config.log_format);
-    match serve(config) {
+    match server::raise_fd_limit(&config.limits) {
+        Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
+        Err(err) => {
+            tracing::error!(error = %err, "refusing to start");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    match serve(app) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "fatal");
@@ -71,24 +79,20 @@ fn main() -> ExitCode {
 }
 
 #[tokio::main]
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(app: App) -> anyhow::Result<()> {
+    let config = app.config();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("bind {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
-    let tls = config.server_tls.is_some();
+    let tls = config.tls.is_some();
     tracing::info!(addr = %addr, tls, registry = %config.registry, "listening");
-    if config.session_keys.is_ephemeral() {
+    if app.access().keys().is_ephemeral() {
         tracing::warn!(
             "no --session-key-file: sessions are sealed with a random key of this process; \
              they die on restart and other replicas cannot open them (run one replica only)"
         );
     }
-    server::run(
-        listener,
-        Arc::new(App::new(config)),
-        server::shutdown_signal(),
-    )
-    .await;
+    server::run(listener, Arc::new(app), server::shutdown_signal()).await;
     Ok(())
 }

@@ -3,8 +3,12 @@
 //! The request keeps its method, path, query, body and end-to-end headers; hop-by-hop headers go
 //! (RFC 9110 §7.6.1), `Host` becomes the upstream's, and `X-Forwarded-For/-Proto/-Host` tell the
 //! registry who asked and under which name, so the absolute `Location`s it builds point back at
-//! regrelay. `Location`s that still name the upstream origin are rewritten to the public origin;
-//! any other origin (object storage) passes untouched and is never followed here.
+//! regrelay. What a client claims in `X-Forwarded-*` and `Forwarded` is replaced, unless the peer
+//! is a `--trusted-proxies` address (then the list is appended to). `Location`s that still name
+//! the upstream origin are rewritten to the public origin; any other origin (object storage)
+//! passes untouched and is never followed here. `Set-Cookie` from upstream never reaches clients:
+//! registry clients have no use for it, and a cookie set for regrelay's name is a session-fixation
+//! risk.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -26,6 +30,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `Forwarded` (RFC 7239).
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the de-facto ones proxies strip.
 const HOP_BY_HOP: [&str; 8] = [
@@ -62,6 +68,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Forward<'a> {
     /// The client's address.
     pub peer: std::net::IpAddr,
+    /// Whether the peer is a trusted proxy (its forwarding headers are kept).
+    pub trusted: bool,
+    /// The `X-Forwarded-For` the upstream and the token service get.
+    pub forwarded_for: String,
     /// The origin the client used (public URL if configured, else Host + scheme).
     pub public: &'a Origin,
     /// Body idle timeout.
@@ -80,12 +90,31 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::error::BoxError>,
 {
+    forward_to(upstream, upstream.origin(), req, fwd).await
+}
+
+/// Forwards `req` to `target`, an origin the upstream named (an upload `Location` on object
+/// storage, say): when it is not the upstream itself, `Authorization` does not go with it.
+pub async fn forward_to<B>(
+    upstream: &Upstream,
+    target: &Origin,
+    req: Request<B>,
+    fwd: &Forward<'_>,
+) -> Result<Response<ProxyBody>, Error>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
+{
     let (mut parts, body) = req.into_parts();
-    prepare_request(&mut parts, upstream.origin(), fwd)?;
-    let body = Watched::new(body, fwd.idle, Some(fwd.bytes_in.clone())).boxed_unsync();
+    prepare_request(&mut parts, target, fwd)?;
+    if !target.same_as(upstream.origin()) {
+        parts.headers.remove(header::AUTHORIZATION);
+    }
+    let body = Watched::client(body, fwd.idle, fwd.bytes_in.clone()).boxed_unsync();
     let resp = upstream.send(Request::from_parts(parts, body)).await?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::SET_COOKIE);
     rewrite_location(&mut parts.headers, upstream.origin(), fwd.public);
     let body = Watched::new(body, fwd.idle, None).boxed_unsync();
     Ok(Response::from_parts(parts, body))
@@ -97,16 +126,22 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
     // hyper answers `100 Continue` to the client when the body is first read, i.e. once the
     // upstream request is under way; the upstream leg needs no Expect of its own.
     headers.remove(header::EXPECT);
-    let xff = forwarded_for(headers, fwd.peer);
-    headers.insert(&X_FORWARDED_FOR, header_value(&xff)?);
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        header_value(fwd.public.scheme().as_str())?,
-    );
-    headers.insert(
-        &X_FORWARDED_HOST,
-        header_value(fwd.public.authority().as_str())?,
-    );
+    headers.insert(&X_FORWARDED_FOR, header_value(&fwd.forwarded_for)?);
+    if !fwd.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            header_value(fwd.public.scheme().as_str())?,
+        );
+    }
+    if !fwd.trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        headers.insert(
+            &X_FORWARDED_HOST,
+            header_value(fwd.public.authority().as_str())?,
+        );
+    }
+    if !fwd.trusted {
+        headers.remove(&FORWARDED);
+    }
     headers.insert(header::HOST, header_value(upstream.authority().as_str())?);
     let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     parts.uri = upstream.join(pq)?;
@@ -115,15 +150,17 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
     Ok(())
 }
 
-/// `X-Forwarded-For` for a request from `peer`: the client's own list with `peer` appended.
-pub fn forwarded_for(headers: &HeaderMap, peer: std::net::IpAddr) -> String {
+/// `X-Forwarded-For` for a request from `peer`: just `peer`, or, from a trusted proxy, the
+/// list it sent with `peer` appended. A client cannot choose the address GitLab and the
+/// registry see (GitLab rate-limits and bans failed logins by it).
+pub fn forwarded_for(headers: &HeaderMap, peer: std::net::IpAddr, trusted: bool) -> String {
     let prior = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join(", ");
-    if prior.is_empty() {
+    if prior.is_empty() || !trusted {
         peer.to_string()
     } else {
         format!("{prior}, {peer}")
@@ -183,6 +220,16 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-range", "docker-upload-uuid"]);
+    }
+
+    #[test]
+    fn forwarded_for_is_replaced_unless_the_peer_is_trusted() {
+        let mut h = HeaderMap::new();
+        let peer: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(forwarded_for(&h, peer, false), "192.0.2.9");
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        assert_eq!(forwarded_for(&h, peer, false), "192.0.2.9");
+        assert_eq!(forwarded_for(&h, peer, true), "6.6.6.6, 192.0.2.9");
     }
 
     #[test]

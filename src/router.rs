@@ -54,10 +54,8 @@ pub fn route(
             });
         }
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") || path.contains('\\') {
-        return Err(Error::Refused {
-            reason: "dot segments in path",
-        });
+    if let Err(reason) = canonical(path) {
+        return Err(Error::Refused { reason });
     }
     let route = match path {
         "/v2" | "/v2/" => Route::Registry,
@@ -91,6 +89,30 @@ pub fn route(
         });
     }
     Ok(route)
+}
+
+/// Refuses paths that mean something else once a later hop normalizes them: dot segments, in
+/// any spelling (`..`, `%2e%2e`, `%2E.`), encoded or back slashes (`..%2f`, `%5c`), empty
+/// segments and encoded NULs. Registry paths never need any of them (repository names, tags
+/// and digests are `[a-z0-9._:/-]`), so nothing legitimate is lost.
+pub fn canonical(path: &str) -> Result<(), &'static str> {
+    if path.contains('\\') {
+        return Err("backslash in path");
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00"]
+        .iter()
+        .any(|e| lower.contains(e))
+    {
+        return Err("percent-encoded dot, slash, backslash or NUL in path");
+    }
+    if path.contains("//") {
+        return Err("empty path segment");
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("dot segments in path");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -207,6 +229,52 @@ mod tests {
                 None,
                 h1,
                 Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "/v2/%2e%2e/admin",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            ("GET", "/v2/%2E./x", None, h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "/v2/..%2fx", None, h1, Err(StatusCode::BAD_REQUEST)),
+            (
+                "GET",
+                "/v2/a%2Fb/manifests/1",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "/v2/a%5c..%5cb",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "GET",
+                "/v2//etc/passwd",
+                None,
+                h1,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            ("GET", "/v2/./x", None, h1, Err(StatusCode::BAD_REQUEST)),
+            ("GET", "/v2/a/%00", None, h1, Err(StatusCode::BAD_REQUEST)),
+            (
+                "GET",
+                "/v2/g/p/blobs/sha256%3Aab",
+                None,
+                h1,
+                Ok(Route::Registry),
+            ),
+            (
+                "GET",
+                "/v2/g/p.v2/manifests/1.0_rc-1",
+                None,
+                h1,
+                Ok(Route::Registry),
             ),
             ("GET", "/", None, h1, Err(StatusCode::NOT_FOUND)),
             ("GET", "/v20/", None, h1, Err(StatusCode::NOT_FOUND)),

@@ -152,7 +152,14 @@ pub enum OpenError {
 struct SealingKey {
     id: String,
     cipher: XChaCha20Poly1305,
+    /// Accepted for opening, never used for sealing (step 1 of a rolling key rotation).
+    open_only: bool,
 }
+
+/// Largest session key file read (a ring of keys is a few hundred bytes).
+pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+/// Marks a key-file line whose key opens sessions but never seals them.
+pub const OPEN_ONLY: &str = "open-only";
 
 /// Session keys: the first seals, every one opens. Key material is zeroized on drop (the cipher
 /// type zeroizes its key schedule).
@@ -163,7 +170,11 @@ pub struct KeyRing {
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
+        let ids: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| format!("{}{}", k.id, if k.open_only { " (open-only)" } else { "" }))
+            .collect();
         f.debug_struct("KeyRing")
             .field("key_ids", &ids)
             .field("ephemeral", &self.ephemeral)
@@ -174,13 +185,23 @@ impl std::fmt::Debug for KeyRing {
 impl KeyRing {
     /// Builds a ring from raw 32-byte keys, first one sealing.
     pub fn from_keys(keys: &[[u8; 32]]) -> KeyRing {
+        let keys: Vec<([u8; 32], bool)> = keys.iter().map(|k| (*k, false)).collect();
+        let ring = KeyRing::with_modes(&keys);
+        drop(Zeroizing::new(keys));
+        ring
+    }
+
+    /// Builds a ring from keys and their open-only flags; the first key that is not open-only
+    /// seals. The caller guarantees there is one.
+    fn with_modes(keys: &[([u8; 32], bool)]) -> KeyRing {
         let keys = keys
             .iter()
-            .map(|k| {
+            .map(|(k, open_only)| {
                 let hash = Sha256::digest(k);
                 SealingKey {
                     id: hash[..4].iter().map(|b| format!("{b:02x}")).collect(),
                     cipher: XChaCha20Poly1305::new(Key::from_slice(k)),
+                    open_only: *open_only,
                 }
             })
             .collect();
@@ -200,26 +221,36 @@ impl KeyRing {
         ring
     }
 
-    /// Reads a key file: one base64 32-byte key per line, `#` comments and blank lines ignored.
-    /// The first key seals; all open (rotation: prepend the new key, drop the old one after the
-    /// session lifetime).
+    /// Reads a key file: one base64 32-byte key per line, `#` comments and blank lines ignored;
+    /// `open-only KEY` lines open but never seal. The first other key seals; all open.
+    /// The file must not be readable by group or others, and is read with a size bound.
+    ///
+    /// Rolling rotation over replicas: (1) add the new key as `open-only` everywhere, so every
+    /// replica opens what any replica will seal with it; (2) make it the first plain key
+    /// everywhere (it seals, the old one still opens); (3) after one session lifetime, remove the
+    /// old key.
     pub fn load(path: &Path) -> Result<KeyRing, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid {
             key: "session_key_file",
             reason: format!("{}: {reason}", path.display()),
         };
+        check_private(path).map_err(invalid)?;
         let text =
-            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?);
-        let mut keys = Vec::new();
+            Zeroizing::new(crate::config::read_bounded(path, MAX_KEY_FILE_BYTES).map_err(invalid)?);
+        let mut keys = Zeroizing::new(Vec::new());
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            let (open_only, encoded) = match line.strip_prefix(OPEN_ONLY) {
+                Some(rest) => (true, rest.trim()),
+                None => (false, line),
+            };
             // The decode error never echoes the key.
             let raw = Zeroizing::new(
                 STANDARD
-                    .decode(line)
+                    .decode(encoded)
                     .map_err(|_| invalid(format!("line {}: not base64", n + 1)))?,
             );
             let key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
@@ -228,15 +259,17 @@ impl KeyRing {
                     n + 1
                 ))
             })?;
-            keys.push(Zeroizing::new(key));
+            keys.push((key, open_only));
         }
         if keys.is_empty() {
             return Err(invalid("no key found".into()));
         }
-        let raw: Vec<[u8; 32]> = keys.iter().map(|k| **k).collect();
-        let ring = KeyRing::from_keys(&raw);
-        drop(Zeroizing::new(raw));
-        Ok(ring)
+        if keys.iter().all(|(_, open_only)| *open_only) {
+            return Err(invalid(
+                "every key is open-only: one key must seal (a line without `open-only`)".into(),
+            ));
+        }
+        Ok(KeyRing::with_modes(&keys))
     }
 
     /// True when the ring is a random per-process key.
@@ -246,7 +279,11 @@ impl KeyRing {
 
     /// Seals `session` for clients of `public_url`.
     pub fn seal(&self, session: &Session, public_url: &str) -> String {
-        let key = &self.keys[0];
+        let key = self
+            .keys
+            .iter()
+            .find(|k| !k.open_only)
+            .expect("a key ring always has a sealing key");
         let plain = Zeroizing::new(serde_json::to_vec(session).expect("a session serializes"));
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let aad = aad(&key.id, public_url);
@@ -301,6 +338,28 @@ impl KeyRing {
         }
         Ok(session)
     }
+}
+
+/// Refuses a key file that group or others may read (or write).
+#[cfg(unix)]
+fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {:04o} lets group or others read it; `chmod 600` it (Kubernetes: defaultMode: 0400)",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_path: &Path) -> Result<(), String> {
+    Ok(())
 }
 
 fn aad(kid: &str, public_url: &str) -> Vec<u8> {
@@ -386,7 +445,12 @@ mod tests {
         let path = dir.path().join("keys");
         let k1 = STANDARD.encode([3u8; 32]);
         let k2 = STANDARD.encode([4u8; 32]);
-        std::fs::write(&path, format!("# current\n{k1}\n\n# previous\n{k2}\n")).unwrap();
+        let write = |text: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(&format!("# current\n{k1}\n\n# previous\n{k2}\n"));
         let ring = KeyRing::load(&path).unwrap();
         assert_eq!(ring.keys.len(), 2);
         assert!(!format!("{ring:?}").contains(&k1));
@@ -394,8 +458,10 @@ mod tests {
             ("", "no key"),
             ("!!\n", "not base64"),
             ("AAAA\n", "32 bytes"),
+            (format!("open-only {k1}\n").as_str(), "one key must seal"),
+            ("#\n".repeat(40_000).as_str(), "larger than"),
         ] {
-            std::fs::write(&path, text).unwrap();
+            write(text);
             let msg = KeyRing::load(&path).unwrap_err().to_string();
             assert!(
                 msg.contains("session_key_file") && msg.contains(want),
@@ -405,5 +471,50 @@ mod tests {
         let s = session(60);
         let dbg = format!("{s:?}");
         assert!(dbg.contains("<redacted>") && !dbg.contains("YWxp"), "{dbg}");
+    }
+
+    #[test]
+    fn key_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{}\n", STANDARD.encode([5u8; 32]))).unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = KeyRing::load(&path);
+            assert_eq!(got.is_ok(), ok, "mode {mode:o}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains("chmod 600"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn open_only_keys_open_but_never_seal_through_a_rolling_rotation() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let (old, new) = (STANDARD.encode([1u8; 32]), STANDARD.encode([2u8; 32]));
+        let ring = |text: String| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            KeyRing::load(&path).unwrap()
+        };
+        let before = ring(format!("{old}\n"));
+        // Step 1: the new key is open-only everywhere; sealing still uses the old key.
+        let step1 = ring(format!("{OPEN_ONLY} {new}\n{old}\n"));
+        // Step 2: the new key seals on some replicas while others are still at step 1.
+        let step2 = ring(format!("{new}\n{old}\n"));
+        let now = unix_now();
+        let s = session(60);
+        let by_step1 = step1.seal(&s, PUBLIC);
+        assert!(
+            before.open(&by_step1, PUBLIC, now).is_ok(),
+            "step 1 seals with the old key"
+        );
+        let by_step2 = step2.seal(&s, PUBLIC);
+        assert!(step1.open(&by_step2, PUBLIC, now).is_ok());
+        assert!(step2.open(&by_step1, PUBLIC, now).is_ok());
+        assert!(format!("{step1:?}").contains("open-only"));
     }
 }

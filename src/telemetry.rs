@@ -54,6 +54,23 @@ pub struct AccessLog {
     pub complete: bool,
 }
 
+impl AccessLog {
+    /// The log of a request that starts now.
+    pub fn new<B>(req: &http::Request<B>, peer: IpAddr) -> AccessLog {
+        AccessLog {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            peer,
+            start: Instant::now(),
+            status: 0,
+            upstream_status: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_out: 0,
+            complete: false,
+        }
+    }
+}
+
 impl Drop for AccessLog {
     fn drop(&mut self) {
         tracing::info!(

@@ -1,35 +1,58 @@
-//! The upstream token cache: one GitLab JWT per session, re-minted before it runs out.
+//! The upstream token cache: one GitLab JWT per session, re-minted before it runs out, and a
+//! token service that fails is asked once, not once per waiting request.
 //!
 //! GitLab's registry tokens live 5 minutes (15 on gitlab.com) and the registry checks a token
 //! once, when a request's headers arrive. So every upstream request gets a token that is valid on
-//! arrival: a cached token is reused while more than a margin of its life is left
-//! ([`refresh_margin`]: 20 % of the lifetime, clamped to [1 s, 60 s]), and minted again from the
-//! sealed credentials otherwise. Concurrent requests of one session share one mint (a per-session
-//! async mutex: the waiters find the fresh token). The cache is bounded: expired sessions are
-//! swept out, and past the bound arbitrary entries go (they are re-minted on next use).
+//! arrival:
+//! - A token's life is counted from the moment it was *received*, for the lifetime its issuer
+//!   gave it (`exp - iat`), so a skewed local clock neither keeps an expired token nor throws away
+//!   a good one.
+//! - A cached token is used while more than a margin of its life is left ([`refresh_margin`]: 20 %
+//!   of the lifetime, clamped to [1 s, 60 s]). Once less than twice the margin is left, the first
+//!   request that uses it starts a re-mint in the background ([`UpstreamToken::due_at`]): in
+//!   steady state no request waits for a mint. A request waits only when no valid token exists.
+//! - One mint at a time per session (its scopes are fixed): concurrent requests wait for it and
+//!   share its outcome, a failure included. A failure is then remembered for a backoff (1 s,
+//!   doubling to 60 s, or the token service's own `Retry-After`), during which requests get the
+//!   same error without calling the token service: GitLab bans addresses that fail auth
+//!   repeatedly, and regrelay must not be why a runner fleet is banned.
+//!
+//! The cache is bounded: expired sessions are swept out, and past the bound arbitrary entries go
+//! (they are re-minted on next use).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use http::HeaderValue;
+use tokio::time::Instant;
 
-use crate::error::Error;
+use crate::error::MintFailure;
 use crate::session::unix_now;
 
-/// Default bound on cached sessions.
-pub const DEFAULT_TOKEN_CACHE_MAX_ENTRIES: usize = 100_000;
-/// Lifetime assumed for a token without a readable `exp` (what Docker assumes without
+/// Lifetime assumed for a token without readable `iat`/`exp` (what Docker assumes without
 /// `expires_in`).
 pub const FALLBACK_TOKEN_LIFETIME_SECS: u64 = 60;
 const MIN_MARGIN: Duration = Duration::from_secs(1);
 const MAX_MARGIN: Duration = Duration::from_secs(60);
+/// First backoff after a failed mint; it doubles with each failure in a row.
+pub const MINT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest backoff after failed mints (also the cap on a honoured `Retry-After`).
+pub const MINT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// How long before its expiry a token of `lifetime` is replaced: 20 %, clamped to [1 s, 60 s].
 pub fn refresh_margin(lifetime: Duration) -> Duration {
     (lifetime / 5).clamp(MIN_MARGIN, MAX_MARGIN)
+}
+
+/// Backoff after `streak` failed mints in a row (1-based), or the token service's wish.
+pub fn mint_backoff(streak: u32, retry_after: Option<u64>) -> Duration {
+    let doubled = MINT_BACKOFF_MIN.saturating_mul(1 << streak.saturating_sub(1).min(16));
+    let wanted = retry_after.map_or(Duration::ZERO, Duration::from_secs);
+    doubled.max(wanted).min(MINT_BACKOFF_MAX)
 }
 
 /// An upstream (GitLab) token ready to send.
@@ -37,44 +60,52 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
 pub struct UpstreamToken {
     /// `Bearer <jwt>`, marked sensitive.
     pub header: HeaderValue,
-    /// Expiry, Unix seconds.
-    pub exp: u64,
-    /// Unix seconds when it was minted.
-    pub minted: u64,
+    /// Its lifetime as the issuer counts it.
+    pub lifetime: Duration,
+    /// When regrelay received it.
+    pub received: Instant,
 }
 
 impl std::fmt::Debug for UpstreamToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamToken")
             .field("header", &"<redacted>")
-            .field("exp", &self.exp)
+            .field("lifetime", &self.lifetime)
             .finish()
     }
 }
 
 impl UpstreamToken {
-    /// Wraps a JWT; `exp` comes from its payload, or [`FALLBACK_TOKEN_LIFETIME_SECS`] from now.
+    /// Wraps a JWT received now. Its lifetime is `exp - iat` from its claims; without `iat`,
+    /// `exp` against the local clock; without either, [`FALLBACK_TOKEN_LIFETIME_SECS`].
     pub fn new(jwt: &str) -> Result<UpstreamToken, http::header::InvalidHeaderValue> {
-        let minted = unix_now();
-        let exp = crate::challenge::jwt_exp(jwt).unwrap_or(minted + FALLBACK_TOKEN_LIFETIME_SECS);
+        let lifetime = match crate::challenge::jwt_times(jwt) {
+            (Some(iat), Some(exp)) => exp.saturating_sub(iat),
+            (None, Some(exp)) => exp.saturating_sub(unix_now()),
+            _ => FALLBACK_TOKEN_LIFETIME_SECS,
+        };
         let mut header = HeaderValue::from_str(&format!("Bearer {jwt}"))?;
         header.set_sensitive(true);
         Ok(UpstreamToken {
             header,
-            exp,
-            minted,
+            lifetime: Duration::from_secs(lifetime),
+            received: Instant::now(),
         })
     }
 
-    /// Seconds of life left at `now` (0 when expired).
-    pub fn remaining(&self, now: u64) -> Duration {
-        Duration::from_secs(self.exp.saturating_sub(now))
+    /// Life left at `now` (zero when expired).
+    pub fn remaining(&self, now: Instant) -> Duration {
+        (self.received + self.lifetime).saturating_duration_since(now)
     }
 
     /// Still usable at `now`: more than the margin of its lifetime is left.
-    pub fn fresh_at(&self, now: u64) -> bool {
-        let lifetime = Duration::from_secs(self.exp.saturating_sub(self.minted));
-        self.remaining(now) > refresh_margin(lifetime)
+    pub fn fresh_at(&self, now: Instant) -> bool {
+        self.remaining(now) > refresh_margin(self.lifetime)
+    }
+
+    /// Due for a background re-mint at `now`: less than twice the margin is left.
+    pub fn due_at(&self, now: Instant) -> bool {
+        self.remaining(now) <= 2 * refresh_margin(self.lifetime)
     }
 }
 
@@ -83,10 +114,14 @@ impl UpstreamToken {
 pub struct Counters {
     /// Tokens minted (first mints and refreshes).
     pub mints: AtomicU64,
-    /// Mints that replaced a token that was running out.
+    /// Mints that replaced a token that was running out (background refreshes included).
     pub refreshes: AtomicU64,
-    /// Requests that waited for another request's mint and used its token.
+    /// Background refreshes started.
+    pub background: AtomicU64,
+    /// Requests that waited for another request's mint and used its outcome.
     pub joins: AtomicU64,
+    /// Requests answered from a remembered failure without calling the token service.
+    pub negative_hits: AtomicU64,
     /// Failed mints by upstream status (0 = no answer).
     pub mint_failures: DashMap<u16, AtomicU64>,
 }
@@ -100,10 +135,62 @@ impl Counters {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<UpstreamToken>>>;
+/// A mint that can run in a background task.
+pub type MintFuture = Pin<Box<dyn Future<Output = Result<UpstreamToken, MintFailure>> + Send>>;
+
+#[derive(Default)]
+struct State {
+    token: Option<UpstreamToken>,
+    failure: Option<(MintFailure, Instant)>,
+    streak: u32,
+    refreshing: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    // A std mutex: held only to read or swap a few fields, never across an await.
+    state: Mutex<State>,
+    // One mint at a time per session; waiters queue here and then find its outcome.
+    minting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    /// The cached answer at `now`, if any: a fresh token, or a failure still in its backoff.
+    fn answer(&self, now: Instant) -> Option<Result<UpstreamToken, MintFailure>> {
+        let state = self.state.lock().expect("token slot lock");
+        if let Some(t) = state.token.as_ref().filter(|t| t.fresh_at(now)) {
+            return Some(Ok(t.clone()));
+        }
+        match &state.failure {
+            Some((f, until)) if now < *until => Some(Err(f.clone())),
+            _ => None,
+        }
+    }
+
+    fn record(&self, outcome: &Result<UpstreamToken, MintFailure>, counters: &Counters) {
+        let mut state = self.state.lock().expect("token slot lock");
+        match outcome {
+            Ok(tok) => {
+                counters.mints.fetch_add(1, Ordering::Relaxed);
+                if state.token.is_some() {
+                    counters.refreshes.fetch_add(1, Ordering::Relaxed);
+                }
+                state.token = Some(tok.clone());
+                state.failure = None;
+                state.streak = 0;
+            }
+            Err(f) => {
+                counters.failed(f.status().unwrap_or(0));
+                state.streak += 1;
+                let until = Instant::now() + mint_backoff(state.streak, f.retry_after());
+                state.failure = Some((f.clone(), until));
+            }
+        }
+    }
+}
 
 struct Entry {
-    slot: Slot,
+    slot: Arc<Slot>,
     session_exp: u64,
 }
 
@@ -111,7 +198,7 @@ struct Entry {
 pub struct TokenStore {
     entries: DashMap<u128, Entry>,
     max_entries: usize,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 impl TokenStore {
@@ -120,7 +207,7 @@ impl TokenStore {
         TokenStore {
             entries: DashMap::new(),
             max_entries: max_entries.max(1),
-            counters: Counters::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -139,7 +226,7 @@ impl TokenStore {
         self.entries.is_empty()
     }
 
-    fn slot(&self, session: u128, session_exp: u64) -> Slot {
+    fn slot(&self, session: u128, session_exp: u64) -> Arc<Slot> {
         if let Some(e) = self.entries.get(&session) {
             return e.slot.clone();
         }
@@ -149,7 +236,7 @@ impl TokenStore {
         self.entries
             .entry(session)
             .or_insert_with(|| Entry {
-                slot: Slot::default(),
+                slot: Arc::default(),
                 session_exp,
             })
             .slot
@@ -175,178 +262,105 @@ impl TokenStore {
     }
 
     /// Puts a token just obtained for a new session (the one answering its token request).
-    pub async fn seed(&self, session: u128, session_exp: u64, token: UpstreamToken) {
-        *self.slot(session, session_exp).lock().await = Some(token);
+    pub fn seed(&self, session: u128, session_exp: u64, token: UpstreamToken) {
+        let slot = self.slot(session, session_exp);
+        let mut state = slot.state.lock().expect("token slot lock");
+        state.token = Some(token);
+        state.failure = None;
     }
 
-    /// A token for `session` that is fresh now: the cached one, or one from `mint`, which runs at
-    /// most once at a time per session (waiters use its result).
-    pub async fn get<F, Fut>(
+    /// A token for `session` that is fresh now: the cached one (re-minted in the background
+    /// when it is due), or one from `mint`, which runs at most once at a time per session; its
+    /// outcome, failure included, is what every waiter gets.
+    pub async fn get<F>(
         &self,
         session: u128,
         session_exp: u64,
         mint: F,
-    ) -> Result<UpstreamToken, Error>
+    ) -> Result<UpstreamToken, MintFailure>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<UpstreamToken, Error>>,
+        F: Fn() -> MintFuture,
     {
         let slot = self.slot(session, session_exp);
-        let (mut guard, waited) = match slot.try_lock() {
+        match slot.answer(Instant::now()) {
+            Some(Ok(tok)) => {
+                self.refresh_ahead(&slot, &tok, &mint);
+                return Ok(tok);
+            }
+            Some(Err(f)) => {
+                self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+                return Err(f);
+            }
+            None => {}
+        }
+        let (_guard, waited) = match slot.minting.try_lock() {
             Ok(g) => (g, false),
-            Err(_) => (slot.lock().await, true),
+            Err(_) => (slot.minting.lock().await, true),
         };
-        if let Some(tok) = guard.as_ref().filter(|t| t.fresh_at(unix_now())) {
+        if let Some(answer) = slot.answer(Instant::now()) {
             if waited {
                 self.counters.joins.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(tok.clone());
+            return answer;
         }
-        let refresh = guard.is_some();
-        match mint().await {
-            Ok(tok) => {
-                self.counters.mints.fetch_add(1, Ordering::Relaxed);
-                if refresh {
-                    self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
-                }
-                *guard = Some(tok.clone());
-                Ok(tok)
-            }
-            Err(err) => {
-                self.counters.failed(err.upstream_status().unwrap_or(0));
-                Err(err)
-            }
+        let outcome = mint().await;
+        slot.record(&outcome, &self.counters);
+        outcome
+    }
+
+    /// Starts a background re-mint of a token that is due, unless one is running.
+    fn refresh_ahead<F: Fn() -> MintFuture>(
+        &self,
+        slot: &Arc<Slot>,
+        tok: &UpstreamToken,
+        mint: &F,
+    ) {
+        if !tok.due_at(Instant::now()) {
+            return;
         }
+        {
+            let mut state = slot.state.lock().expect("token slot lock");
+            if state.refreshing {
+                return;
+            }
+            state.refreshing = true;
+        }
+        self.counters.background.fetch_add(1, Ordering::Relaxed);
+        let (slot, counters, fut) = (slot.clone(), self.counters.clone(), mint());
+        tokio::spawn(async move {
+            let guard = slot.minting.lock().await;
+            // A foreground mint may have replaced the token while this task waited.
+            let still_due = slot
+                .state
+                .lock()
+                .expect("token slot lock")
+                .token
+                .as_ref()
+                .map_or(true, |t| t.due_at(Instant::now()));
+            if still_due {
+                let outcome = fut.await;
+                slot.record(&outcome, &counters);
+            }
+            drop(guard);
+            slot.state.lock().expect("token slot lock").refreshing = false;
+        });
     }
 
     /// Forgets `stale` (the registry refused it), unless another request already replaced it.
-    pub async fn invalidate(&self, session: u128, stale: &UpstreamToken) {
-        let slot = match self.entries.get(&session) {
-            Some(e) => e.slot.clone(),
-            None => return,
+    pub fn invalidate(&self, session: u128, stale: &UpstreamToken) {
+        let Some(slot) = self.entries.get(&session).map(|e| e.slot.clone()) else {
+            return;
         };
-        let mut guard = slot.lock().await;
-        if guard.as_ref().is_some_and(|t| t.header == stale.header) {
-            *guard = None;
+        let mut state = slot.state.lock().expect("token slot lock");
+        if state
+            .token
+            .as_ref()
+            .is_some_and(|t| t.header == stale.header)
+        {
+            state.token = None;
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    fn token(minted: u64, exp: u64) -> UpstreamToken {
-        let mut t = UpstreamToken::new("a.b.c").unwrap();
-        t.minted = minted;
-        t.exp = exp;
-        t
-    }
-
-    #[test]
-    fn margin_is_a_fifth_clamped() {
-        let cases = [(1, 1), (5, 1), (10, 2), (300, 60), (900, 60), (0, 1)];
-        for (lifetime, want) in cases {
-            assert_eq!(
-                refresh_margin(Duration::from_secs(lifetime)),
-                Duration::from_secs(want),
-                "{lifetime}"
-            );
-        }
-        // A 5 s token minted at 100 is fresh until 1 s before its expiry; a 300 s one until 60 s.
-        let cases = [
-            (100, 105, 103, true),
-            (100, 105, 104, false),
-            (0, 300, 239, true),
-            (0, 300, 240, false),
-        ];
-        for (minted, exp, now, fresh) in cases {
-            assert_eq!(
-                token(minted, exp).fresh_at(now),
-                fresh,
-                "{minted} {exp} {now}"
-            );
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn fifty_parallel_requests_share_one_mint() {
-        let store = Arc::new(TokenStore::new(16));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let exp = unix_now() + 3600;
-        let mut tasks = vec![];
-        for _ in 0..50 {
-            let (store, calls) = (store.clone(), calls.clone());
-            tasks.push(tokio::spawn(async move {
-                store
-                    .get(7, exp, || async move {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        Ok(token(unix_now(), unix_now() + 300))
-                    })
-                    .await
-                    .unwrap()
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert_eq!(store.counters().mints.load(Ordering::SeqCst), 1);
-        assert_eq!(store.counters().joins.load(Ordering::SeqCst), 49);
-    }
-
-    #[tokio::test]
-    async fn stale_tokens_are_refreshed_invalidated_and_failures_counted() {
-        let store = TokenStore::new(16);
-        let exp = unix_now() + 3600;
-        let now = unix_now();
-        store.seed(1, exp, token(now - 10, now + 1)).await;
-        let got = store
-            .get(1, exp, || async { Ok(token(now, now + 300)) })
-            .await
-            .unwrap();
-        assert_eq!(got.exp, now + 300);
-        assert_eq!(store.counters().refreshes.load(Ordering::SeqCst), 1);
-        store.invalidate(1, &got).await;
-        let err = store
-            .get(1, exp, || async {
-                Err(Error::MintFailed {
-                    status: 401,
-                    message: "HTTP Basic: Access denied".into(),
-                })
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.upstream_status(), Some(401));
-        assert_eq!(
-            store
-                .counters()
-                .mint_failures
-                .get(&401)
-                .unwrap()
-                .load(Ordering::SeqCst),
-            1
-        );
-    }
-
-    #[tokio::test]
-    async fn the_cache_is_bounded_and_expired_sessions_go_first() {
-        let store = TokenStore::new(100);
-        let now = unix_now();
-        for id in 0..50u128 {
-            store.seed(id, now - 1, token(now, now + 300)).await;
-        }
-        for id in 50..100u128 {
-            store.seed(id, now + 3600, token(now, now + 300)).await;
-        }
-        assert_eq!(store.len(), 100);
-        store.seed(1000, now + 3600, token(now, now + 300)).await;
-        assert_eq!(store.len(), 51, "expired sessions were swept");
-        for id in 2000..2500u128 {
-            store.seed(id, now + 3600, token(now, now + 300)).await;
-        }
-        assert!(store.len() <= 100, "{}", store.len());
-    }
-}
+mod tests;

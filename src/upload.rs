@@ -12,6 +12,21 @@
 //! `PUT ?digest=`. The client sees one request and the registry's last answer; the registry still
 //! verifies the digest of the whole blob.
 //!
+//! How a body is cut ([`UploadSplit`], `--upload-split`): a stream of unknown length (Docker's
+//! chunked `PATCH`) is cut by time, each part sent chunked. A body with a `Content-Length` keeps
+//! a length on every request: it goes whole when it fits in the first part
+//! ([`FIRST_PART_BYTES`], or `--upload-chunk-max`), else in parts of exact length, each sized
+//! from the measured rate to fit in its token's fresh life (fronts that demand a length would
+//! answer a chunked part 411). `always` cuts every streaming upload by time; `never` forwards
+//! uploads as they come.
+//!
+//! Silence counts across parts: a client that sends nothing is cut off after the body idle
+//! timeout, however many parts that spans. A part that fails is not retried and no upload state
+//! is re-read (distribution cancels an upload whose `_state` no longer matches what it holds):
+//! the client gets a clear error and restarts the blob; the registry verifies every blob's digest,
+//! so nothing corrupt is ever stored. An upload `Location` on another origin (object storage) is
+//! followed without `Authorization`.
+//!
 //! Nothing is buffered: [`Segment`] passes the client's frames through and hands the stream back
 //! when its part ends, so memory stays flat whatever the blob size.
 
@@ -21,63 +36,296 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
-use http::{Method, Request, Uri};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-use crate::error::BoxError;
+use crate::access::Access;
+use crate::body::{self, IdleTimeout, ProxyBody};
+use crate::config::{Origin, UploadSplit, MAX_SESSION_LIFETIME};
+use crate::error::{BoxError, Error};
+use crate::proxy::{self, Forward};
+use crate::session::{unix_now, Session};
+use crate::token::refresh_margin;
+use crate::upstream::Upstream;
 
 /// `PUT`s with a body up to this size are forwarded as they are (manifest-sized; they take no
 /// time to send). Larger ones become `PATCH`es plus a bodiless `PUT`.
 pub const PUT_SPLIT_THRESHOLD_BYTES: u64 = 1 << 20;
-/// The shortest part regrelay sends, whatever the token's remaining life.
+/// The shortest part regrelay sends by time, whatever the token's remaining life.
 pub const MIN_PART: Duration = Duration::from_secs(1);
+/// A body with a `Content-Length` up to this size goes upstream whole (with its length), and
+/// larger ones start with a part of this size (a few seconds even on a slow uplink).
+pub const FIRST_PART_BYTES: u64 = 8 << 20;
+/// The smallest part of exact length after the first.
+pub const MIN_PART_BYTES: u64 = 1 << 20;
 
-/// True for requests that may stream a blob for long: a `PATCH` without `Content-Range` (a
-/// stream appended to the upload) and a `PUT` with more than [`PUT_SPLIT_THRESHOLD_BYTES`] (or an
-/// unknown length) to an upload location. OCI chunked `PATCH`es (`Content-Range`) are already
-/// short and are left alone.
-pub fn is_splittable(method: &Method, path: &str, headers: &HeaderMap, body_ends: bool) -> bool {
-    if body_ends || !path.contains("/blobs/uploads/") {
-        return false;
-    }
-    let length = headers
+/// The `Content-Length` of a request, when it has one.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match *method {
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// True for requests that may stream a blob for long, and so go in parts: a `PATCH` without
+/// `Content-Range` (a stream appended to the upload) and a `PUT` with more than
+/// [`PUT_SPLIT_THRESHOLD_BYTES`] (or an unknown length) to an upload location; in `auto` mode a
+/// body whose length fits in the first part stays whole. OCI chunked `PATCH`es (`Content-Range`)
+/// are already short and are left alone.
+pub fn is_splittable(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body_ends: bool,
+    mode: UploadSplit,
+    chunk_max: Option<u64>,
+) -> bool {
+    if mode == UploadSplit::Never || body_ends || !path.contains("/blobs/uploads/") {
+        return false;
+    }
+    let length = content_length(headers);
+    let candidate = match *method {
         Method::PATCH => !headers.contains_key(header::CONTENT_RANGE),
         Method::PUT => length.map_or(true, |n| n > PUT_SPLIT_THRESHOLD_BYTES),
         _ => false,
+    };
+    let fits_whole =
+        mode == UploadSplit::Auto && length.is_some_and(|n| n <= first_part(chunk_max));
+    candidate && !fits_whole
+}
+
+fn first_part(chunk_max: Option<u64>) -> u64 {
+    chunk_max.map_or(FIRST_PART_BYTES, |m| m.min(FIRST_PART_BYTES))
+}
+
+/// The length of the next exact-length part: the first is [`FIRST_PART_BYTES`]; later ones
+/// carry what the measured rate moves in half the token's fresh life, at least
+/// [`MIN_PART_BYTES`], at most `chunk_max` and what is left.
+pub fn next_part_len(
+    left: u64,
+    rate: Option<f64>,
+    budget: Duration,
+    chunk_max: Option<u64>,
+) -> u64 {
+    let want = match rate {
+        None => FIRST_PART_BYTES,
+        Some(r) => ((r * budget.as_secs_f64() / 2.0) as u64).max(MIN_PART_BYTES),
+    };
+    want.min(chunk_max.unwrap_or(u64::MAX)).min(left).max(1)
+}
+
+/// How one part of an upload ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// After `budget`, or `max` bytes, whichever first (sent chunked).
+    Time {
+        /// Time the part may take.
+        budget: Duration,
+        /// Bytes it may carry.
+        max: Option<u64>,
+    },
+    /// After exactly this many bytes (sent with that `Content-Length`).
+    Exact(u64),
+}
+
+/// Forwards one client upload of a sealed session in parts, each with a fresh token.
+pub struct Uploader<'a> {
+    /// The registry.
+    pub upstream: &'a Upstream,
+    /// Sessions and their tokens.
+    pub access: &'a Access,
+    /// The request's forwarding facts.
+    pub fwd: &'a Forward<'a>,
+    /// `--upload-chunk-max`.
+    pub chunk_max: Option<u64>,
+    /// `--upload-split`.
+    pub mode: UploadSplit,
+}
+
+impl Uploader<'_> {
+    /// A long upload in parts: each `PATCH` ends when its cut says (see [`Cut`]) and the next one
+    /// continues the same upload session with a fresh token; a `PUT` with a body ends with a
+    /// bodiless `PUT ?digest=`. The client gets the registry's last answer.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        session: &Session,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        let digest = digest_param(parts.uri.query()).map(str::to_owned);
+        let first = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut target = (self.upstream.origin().clone(), with_digest(first, None));
+        let exact = match self.mode {
+            UploadSplit::Always => None,
+            _ => content_length(&parts.headers),
+        };
+        let headers = part_headers(&parts.headers);
+        let hard_cap = session.iat + MAX_SESSION_LIFETIME.as_secs();
+        let mut source = Source::new(body, self.fwd.idle);
+        let (mut count, mut rate) = (0u32, None::<f64>);
+        loop {
+            if unix_now() > hard_cap {
+                return Err(Error::Unauthorized {
+                    reason: "the upload outlived the session's hard cap".into(),
+                    challenge: self
+                        .access
+                        .challenge_for(&Method::PATCH, &path, self.fwd.public),
+                });
+            }
+            let token = self
+                .access
+                .upstream_token(
+                    session,
+                    &self.fwd.forwarded_for,
+                    &Method::PATCH,
+                    &path,
+                    self.fwd.public,
+                )
+                .await?;
+            let budget = token
+                .remaining(Instant::now())
+                .saturating_sub(refresh_margin(token.lifetime))
+                .max(MIN_PART);
+            let cut = match exact {
+                Some(total) => Cut::Exact(next_part_len(
+                    total - source.sent,
+                    rate,
+                    budget,
+                    self.chunk_max,
+                )),
+                None => Cut::Time {
+                    budget,
+                    max: self.chunk_max,
+                },
+            };
+            let before = source.sent;
+            let (segment, back) = Segment::new(source, cut);
+            let mut req = part_request(Method::PATCH, &target.1, headers.clone(), segment)?;
+            if let Cut::Exact(n) = cut {
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.header.clone());
+            let started = Instant::now();
+            let resp = proxy::forward_to(self.upstream, &target.0, req, self.fwd).await;
+            source = back.await.map_err(|_| Error::UploadInterrupted {
+                reason: "the client's stream was lost between parts",
+            })?;
+            let resp = resp.map_err(|e| part_failed(e, count))?;
+            count += 1;
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            rate = Some((source.sent - before) as f64 / secs);
+            if resp.status() != StatusCode::ACCEPTED {
+                tracing::warn!(path = %path, part = count, status = resp.status().as_u16(), "registry refused an upload part");
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    self.access.invalidate(session, &token);
+                }
+                return Ok(resp);
+            }
+            let next = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| next_target(l, self.upstream.origin(), self.fwd.public))
+                .ok_or(Error::UpstreamProtocol {
+                    reason: "the registry accepted an upload part (202) without a Location",
+                })?;
+            if !source.is_done() {
+                target = next;
+                continue;
+            }
+            if count > 1 {
+                tracing::info!(path = %path, parts = count, bytes = source.sent, "upload sent in parts");
+            }
+            if parts.method != Method::PUT {
+                return Ok(resp);
+            }
+            drop(resp);
+            return self
+                .finish(next, digest.as_deref(), &headers, session, &path)
+                .await;
+        }
+    }
+
+    /// The bodiless `PUT ?digest=` that ends a `PUT` sent as parts.
+    async fn finish(
+        &self,
+        (origin, pq): (Origin, String),
+        digest: Option<&str>,
+        headers: &HeaderMap,
+        session: &Session,
+        path: &str,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let token = self
+            .access
+            .upstream_token(
+                session,
+                &self.fwd.forwarded_for,
+                &Method::PUT,
+                path,
+                self.fwd.public,
+            )
+            .await?;
+        let mut put = part_request(
+            Method::PUT,
+            &with_digest(&pq, digest),
+            headers.clone(),
+            body::empty(),
+        )?;
+        put.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        put.headers_mut()
+            .insert(header::AUTHORIZATION, token.header.clone());
+        proxy::forward_to(self.upstream, &origin, put, self.fwd).await
     }
 }
 
-/// The client's body between parts, with what has been read of it.
+/// A part that failed on the way: the client must restart the blob (regrelay keeps no copy of
+/// what it already sent, and the registry's upload state cannot be re-read safely).
+fn part_failed(err: Error, parts_done: u32) -> Error {
+    if parts_done == 0 || err.blame() != crate::error::Blame::Upstream {
+        return err;
+    }
+    tracing::warn!(error = %err.chain(), part = parts_done + 1, "an upload part failed");
+    Error::UploadInterrupted {
+        reason: "the registry connection failed during a part; regrelay keeps no copy of the \
+                 bytes already sent, so retry the push (the registry stored nothing corrupt)",
+    }
+}
+
+/// The client's body between parts, with what has been read of it and when data last came.
 pub struct Source {
     body: Incoming,
     pending: Option<Bytes>,
     done: bool,
+    idle: Duration,
+    last_data: Instant,
     /// Data bytes handed to upstream parts so far.
     pub sent: u64,
 }
 
 impl Source {
-    /// Wraps the client's request body.
-    pub fn new(body: Incoming) -> Source {
+    /// Wraps the client's request body; silence longer than `idle`, across parts, fails it.
+    pub fn new(body: Incoming, idle: Duration) -> Source {
         Source {
             body,
             pending: None,
             done: false,
+            idle,
+            last_data: Instant::now(),
             sent: 0,
         }
     }
 
-    /// True once the client's body has ended.
+    /// True once the client's body has ended (or, with a known length, is fully read).
     pub fn is_done(&self) -> bool {
-        self.done && self.pending.is_none()
+        self.pending.is_none() && (self.done || self.body.is_end_stream())
     }
 }
 
@@ -86,23 +334,26 @@ impl Source {
 /// (also when the upstream request is dropped early, e.g. answered before its body was read).
 pub struct Segment {
     source: Option<Source>,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Pin<Box<Sleep>>,
     left: Option<u64>,
     back: Option<oneshot::Sender<Source>>,
 }
 
 impl Segment {
-    /// A part that ends after `budget` or `max` bytes. The receiver yields the source afterwards.
-    pub fn new(
-        source: Source,
-        budget: Duration,
-        max: Option<u64>,
-    ) -> (Segment, oneshot::Receiver<Source>) {
+    /// A part that ends as `cut` says. The receiver yields the source afterwards.
+    pub fn new(source: Source, cut: Cut) -> (Segment, oneshot::Receiver<Source>) {
         let (tx, rx) = oneshot::channel();
+        let (deadline, left) = match cut {
+            Cut::Time { budget, max } => (Some(Box::pin(tokio::time::sleep(budget))), max),
+            Cut::Exact(n) => (None, Some(n)),
+        };
+        let idle = Box::pin(tokio::time::sleep_until(source.last_data + source.idle));
         let seg = Segment {
             source: Some(source),
-            deadline: Box::pin(tokio::time::sleep(budget)),
-            left: max,
+            deadline,
+            idle,
+            left,
             back: Some(tx),
         };
         (seg, rx)
@@ -134,13 +385,27 @@ impl Body for Segment {
         let Some(src) = this.source.as_mut() else {
             return Poll::Ready(None);
         };
-        if src.is_done() || this.left == Some(0) || this.deadline.as_mut().poll(cx).is_ready() {
+        let timed_out = this
+            .deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+        if src.is_done() || this.left == Some(0) || timed_out {
             return this.finish();
         }
         let mut data = match src.pending.take() {
             Some(d) => d,
             None => match Pin::new(&mut src.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Silence is counted from the last data, whichever part it fell in.
+                    let at = src.last_data + src.idle;
+                    if this.idle.deadline() != at {
+                        this.idle.as_mut().reset(at);
+                    }
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(IdleTimeout(src.idle)))));
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(None) => {
                     src.done = true;
                     return this.finish();
@@ -163,6 +428,7 @@ impl Body for Segment {
             *left -= data.len() as u64;
         }
         src.sent += data.len() as u64;
+        src.last_data = Instant::now();
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
@@ -171,10 +437,18 @@ impl Body for Segment {
     }
 }
 
-/// The path and query of an upload `Location` (absolute or not), as the next part's target.
-pub fn next_target(location: &str) -> Option<String> {
+/// Where the next part goes, from an upload `Location`: relative, or on the public origin (the
+/// registry's own, already rewritten), it is the upstream; any other origin (object storage) is
+/// its own target.
+pub fn next_target(location: &str, upstream: &Origin, public: &Origin) -> Option<(Origin, String)> {
     let uri: Uri = location.parse().ok()?;
-    uri.path_and_query().map(|pq| pq.as_str().to_owned())
+    let pq = uri.path_and_query()?.as_str().to_owned();
+    let origin = match Origin::of(&uri) {
+        None => upstream.clone(),
+        Some(o) if o.same_as(public) || o.same_as(upstream) => upstream.clone(),
+        Some(o) => o,
+    };
+    Some((origin, pq))
 }
 
 /// `target` without its `digest=` parameter, plus `digest` when given.
@@ -201,8 +475,8 @@ pub fn digest_param(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|p| p.strip_prefix("digest="))
 }
 
-/// Headers for a continued part: the client's, without framing and range headers (a part is
-/// sent chunked; its length is not known in advance).
+/// Headers for a part: the client's, without framing, range and credential headers (each part
+/// sets its own length, or goes chunked, and its own token).
 pub fn part_headers(client: &HeaderMap) -> HeaderMap {
     let mut h = client.clone();
     h.remove(header::CONTENT_LENGTH);
@@ -223,17 +497,6 @@ pub fn part_request<B>(
     Ok(req)
 }
 
-/// Bytes an upload holds, from the `Range: 0-<last>` of the registry's upload status (`0-0` is
-/// ambiguous between 0 and 1 byte: both are returned).
-pub fn stored_bytes(range: &str) -> Option<(u64, u64)> {
-    let last: u64 = range.trim().strip_prefix("0-")?.parse().ok()?;
-    Some(if last == 0 {
-        (0, 1)
-    } else {
-        (last + 1, last + 1)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,21 +514,74 @@ mod tests {
             m
         };
         let up = "/v2/g/p/blobs/uploads/abc";
+        let (auto, always, never) = (UploadSplit::Auto, UploadSplit::Always, UploadSplit::Never);
+        let big = "20971520";
         let cases = [
-            (Method::PATCH, up, h(&[]), false, true),
+            (Method::PATCH, up, h(&[]), false, auto, None, true),
+            (Method::PATCH, up, h(&[]), false, never, None, false),
             (
                 Method::PATCH,
                 up,
                 h(&[("content-range", "0-99"), ("content-length", "100")]),
                 false,
+                auto,
+                None,
                 false,
             ),
-            (Method::PATCH, up, h(&[]), true, false),
+            (Method::PATCH, up, h(&[]), true, auto, None, false),
+            // A length that fits in the first part keeps it, and goes whole.
+            (
+                Method::PATCH,
+                up,
+                h(&[("content-length", "2097152")]),
+                false,
+                auto,
+                None,
+                false,
+            ),
+            (
+                Method::PATCH,
+                up,
+                h(&[("content-length", "2097152")]),
+                false,
+                always,
+                None,
+                true,
+            ),
+            (
+                Method::PATCH,
+                up,
+                h(&[("content-length", "2097152")]),
+                false,
+                auto,
+                Some(1 << 20),
+                true,
+            ),
+            (
+                Method::PATCH,
+                up,
+                h(&[("content-length", big)]),
+                false,
+                auto,
+                None,
+                true,
+            ),
+            (
+                Method::PUT,
+                up,
+                h(&[("content-length", big)]),
+                false,
+                auto,
+                None,
+                true,
+            ),
             (
                 Method::PUT,
                 up,
                 h(&[("content-length", "2097152")]),
                 false,
+                always,
+                None,
                 true,
             ),
             (
@@ -273,31 +589,94 @@ mod tests {
                 up,
                 h(&[("content-length", "1024")]),
                 false,
+                always,
+                None,
                 false,
             ),
-            (Method::PUT, up, h(&[]), false, true),
-            (Method::PUT, "/v2/g/p/manifests/v1", h(&[]), false, false),
-            (Method::POST, "/v2/g/p/blobs/uploads/", h(&[]), false, false),
+            (Method::PUT, up, h(&[]), false, auto, None, true),
+            (
+                Method::PUT,
+                "/v2/g/p/manifests/v1",
+                h(&[]),
+                false,
+                auto,
+                None,
+                false,
+            ),
+            (
+                Method::POST,
+                "/v2/g/p/blobs/uploads/",
+                h(&[]),
+                false,
+                auto,
+                None,
+                false,
+            ),
         ];
-        for (m, p, headers, ends, want) in cases {
+        for (m, p, headers, ends, mode, max, want) in cases {
             assert_eq!(
-                is_splittable(&m, p, &headers, ends),
+                is_splittable(&m, p, &headers, ends, mode, max),
                 want,
-                "{m} {p} {headers:?}"
+                "{m} {p} {headers:?} {mode:?} {max:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn exact_parts_fit_the_rate_and_the_bounds() {
+        let b = Duration::from_secs(240);
+        let cases = [
+            (100 << 20, None, b, None, FIRST_PART_BYTES),
+            (100 << 20, None, b, Some(1 << 20), 1 << 20),
+            (3, None, b, None, 3),
+            // 288 KiB/s with 3 s of fresh life: below the floor, so 1 MiB.
+            (
+                100 << 20,
+                Some(288.0 * 1024.0),
+                Duration::from_secs(3),
+                None,
+                MIN_PART_BYTES,
+            ),
+            // 100 MB/s with 240 s: 12 GB wanted, capped by what is left.
+            (1 << 30, Some(100e6), b, None, 1 << 30),
+            (1 << 30, Some(100e6), b, Some(50 << 20), 50 << 20),
+        ];
+        for (left, rate, budget, max, want) in cases {
+            assert_eq!(
+                next_part_len(left, rate, budget, max),
+                want,
+                "{left} {rate:?} {max:?}"
             );
         }
     }
 
     #[test]
     fn targets_and_digests() {
-        assert_eq!(
-            next_target("http://r:5000/v2/g/p/blobs/uploads/u?_state=abc").as_deref(),
-            Some("/v2/g/p/blobs/uploads/u?_state=abc")
-        );
-        assert_eq!(
-            next_target("/v2/g/p/blobs/uploads/u").as_deref(),
-            Some("/v2/g/p/blobs/uploads/u")
-        );
+        let up = Origin::parse("registry", "http://r:5000").unwrap();
+        let public = Origin::parse("public_url", "https://px.example.com").unwrap();
+        let store = Origin::parse("registry", "https://bucket.s3.example.com").unwrap();
+        let cases = [
+            (
+                "https://px.example.com/v2/g/p/blobs/uploads/u?_state=abc",
+                &up,
+                "/v2/g/p/blobs/uploads/u?_state=abc",
+            ),
+            (
+                "http://r:5000/v2/g/p/blobs/uploads/u?_state=abc",
+                &up,
+                "/v2/g/p/blobs/uploads/u?_state=abc",
+            ),
+            ("/v2/g/p/blobs/uploads/u", &up, "/v2/g/p/blobs/uploads/u"),
+            (
+                "https://bucket.s3.example.com/up/u?sig=1",
+                &store,
+                "/up/u?sig=1",
+            ),
+        ];
+        for (loc, origin, pq) in cases {
+            let (o, p) = next_target(loc, &up, &public).unwrap();
+            assert!(o.same_as(origin) && p == pq, "{loc}: {o} {p}");
+        }
         let t = "/v2/g/p/blobs/uploads/u?_state=s&digest=sha256%3Aab";
         assert_eq!(
             digest_param(Some("_state=s&digest=sha256%3Aab")),
@@ -309,19 +688,5 @@ mod tests {
             "/u?_state=t&digest=sha256:cd"
         );
         assert_eq!(with_digest("/u?digest=x", None), "/u");
-    }
-
-    #[test]
-    fn stored_bytes_table() {
-        for (range, want) in [
-            ("0-0", Some((0, 1))),
-            ("0-99", Some((100, 100))),
-            (" 0-4095", Some((4096, 4096))),
-            ("bytes=0-9", None),
-            ("5-9", None),
-            ("0-x", None),
-        ] {
-            assert_eq!(stored_bytes(range), want, "{range}");
-        }
     }
 }

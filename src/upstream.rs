@@ -1,51 +1,205 @@
-//! The only place that dials sockets: a pooled hyper-util client to the configured upstream
-//! registry, over http or https (rustls). It never follows redirects, so a `Location` to object
-//! storage goes back to the client untouched and regrelay's `Authorization` handling stays in
-//! [`crate::proxy`]. Connect has a deadline; nothing else does (uploads may stream for hours).
+//! The only place that dials sockets: a pooled hyper-util client to one configured origin (the
+//! upstream registry, or the token service), over http or https (rustls). It never follows
+//! redirects, so a `Location` to object storage goes back to the client untouched and
+//! `Authorization` handling stays in [`crate::proxy`].
+//!
+//! Connections are bounded per client (one per origin, plus object-storage targets of uploads):
+//! every open socket, in use or idle in the pool, holds one of `--max-upstream-connections`
+//! permits ([`Bounded`]) until it closes, and a request holds one request slot from the moment
+//! it is sent until its response body ends. A request that finds no slot within
+//! [`UPSTREAM_QUEUE_MILLIS`] is answered 503 with `Retry-After`, so thousands of HTTP/2 streams
+//! cannot open thousands of upstream sockets.
+//! Connect has a deadline; nothing else does here (uploads may stream for hours; body silence is
+//! watched by [`crate::body::Watched`]).
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Origin};
 use crate::error::Error;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// How long `/-/ready` waits for the upstream.
 pub const READY_TIMEOUT_SECS: u64 = 5;
+/// How long a request may wait for an upstream connection slot before it gets 503.
+pub const UPSTREAM_QUEUE_MILLIS: u64 = 2000;
+/// Idle pooled connections kept per origin, at most.
+pub const MAX_IDLE_PER_ORIGIN: usize = 32;
+/// Seconds an idle pooled connection is kept.
+pub const POOL_IDLE_SECS: u64 = 90;
 
-/// Pooled client bound to one upstream origin.
+/// Pooled, bounded client bound to one origin.
 #[derive(Clone)]
 pub struct Upstream {
     origin: Origin,
     body_idle: Duration,
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    client: Client<HttpsConnector<Bounded>, ProxyBody>,
+    slots: Arc<Semaphore>,
+}
+
+/// A TCP connector whose sockets each hold a permit until they close.
+#[derive(Clone)]
+pub struct Bounded {
+    inner: HttpConnector,
+    permits: Arc<Semaphore>,
+}
+
+pin_project_lite::pin_project! {
+    /// A socket holding its connection permit.
+    pub struct Permitted<T> {
+        #[pin]
+        io: T,
+        _permit: OwnedSemaphorePermit,
+    }
+}
+
+impl tower_service::Service<http::Uri> for Bounded {
+    type Response = Permitted<<HttpConnector as tower_service::Service<http::Uri>>::Response>;
+    type Error = crate::error::BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (mut inner, permits) = (self.inner.clone(), self.permits.clone());
+        Box::pin(async move {
+            let wait = Duration::from_millis(UPSTREAM_QUEUE_MILLIS);
+            let permit = tokio::time::timeout(wait, permits.acquire_owned())
+                .await
+                .map_err(|_| "every upstream connection is in use (--max-upstream-connections)")?
+                .map_err(|_| "connector closed")?;
+            let io = inner.call(uri).await?;
+            Ok(Permitted {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+impl<T: Connection> Connection for Permitted<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl<T: hyper::rt::Read> hyper::rt::Read for Permitted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write> hyper::rt::Write for Permitted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body; holds the connection slot until it ends or is dropped.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // The connection is back in the pool (or gone): free the slot now.
+            this.permit.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Upstream {
-    /// Builds the client from the validated config.
-    pub fn new(cfg: &Config) -> Upstream {
+    /// A client for `origin` with the config's TLS roots, timeouts and bounds.
+    pub fn new(cfg: &Config, tls: rustls::ClientConfig, origin: Origin) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
+        let max = cfg.limits.max_upstream_connections;
+        let bounded = Bounded {
+            inner: http,
+            permits: Arc::new(Semaphore::new(max)),
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(cfg.upstream_tls.clone())
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(bounded);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(POOL_IDLE_SECS))
+            .pool_max_idle_per_host(max.min(MAX_IDLE_PER_ORIGIN))
             .build(https);
         Upstream {
-            origin: cfg.registry.clone(),
+            origin,
             body_idle: cfg.timeouts.body_idle,
             client,
+            slots: Arc::new(Semaphore::new(max)),
         }
     }
 
@@ -54,16 +208,28 @@ impl Upstream {
         &self.origin
     }
 
-    /// Sends a request whose URI is already absolute on the upstream origin.
-    /// Errors name the origin the request went to (the registry, or the token service).
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, Error> {
+    /// Sends a request whose URI is already absolute. Errors name the origin the request went
+    /// to (for the log; clients are told less, see [`Error::public_message`]). A failure of the
+    /// client's own request body is the client's error (400/408), not the upstream's.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<UpstreamBody>, Error> {
+        let queue = Duration::from_millis(UPSTREAM_QUEUE_MILLIS);
+        let permit = match tokio::time::timeout(queue, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(Error::Overloaded {
+                    what: "upstream connections",
+                })
+            }
+        };
         let target = Origin::of(req.uri()).unwrap_or_else(|| self.origin.clone());
-        self.client.request(req).await.map_err(|e| {
+        let resp = self.client.request(req).await.map_err(|e| {
             let upstream = target.to_string();
-            if crate::body::is_idle_timeout(&e) {
+            if body::is_idle_timeout(&e) {
                 Error::ClientIdle {
                     secs: self.body_idle.as_secs(),
                 }
+            } else if let Some(source) = body::client_error(&e) {
+                Error::ClientBody { source }
             } else if e.is_connect() {
                 Error::UpstreamUnreachable {
                     upstream,
@@ -75,7 +241,11 @@ impl Upstream {
                     source: Box::new(e),
                 }
             }
-        })
+        })?;
+        Ok(resp.map(|inner| UpstreamBody {
+            inner,
+            permit: Some(permit),
+        }))
     }
 
     /// Readiness: the upstream answers `GET /v2/` with any HTTP status (401 is the normal answer of
@@ -84,8 +254,9 @@ impl Upstream {
         self.probe_response().await.map(|r| r.status())
     }
 
-    /// `GET /v2/` on the upstream, with the readiness deadline (its challenge names the realm).
-    pub async fn probe_response(&self) -> Result<Response<Incoming>, Error> {
+    /// `GET /v2/` on the upstream, sent by regrelay itself (no client header goes with it), with
+    /// the readiness deadline. Its challenge is the only place an upstream realm is learnt from.
+    pub async fn probe_response(&self) -> Result<Response<UpstreamBody>, Error> {
         let req = Request::get(self.origin.join("/v2/")?).body(body::empty())?;
         let timeout = Duration::from_secs(READY_TIMEOUT_SECS);
         match tokio::time::timeout(timeout, self.send(req)).await {

@@ -253,7 +253,10 @@ async fn upload_chunk_max_bounds_every_part_and_short_uploads_stay_whole() {
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_pushes_through_regrelay_before_a_buffering_front() {
     if !docker_available() {
-        eprintln!("SKIP docker_pushes_through_regrelay_before_a_buffering_front: no Docker daemon (`docker info` failed)");
+        support::skip(
+            "docker_pushes_through_regrelay_before_a_buffering_front",
+            "no Docker daemon (`docker info` failed)",
+        );
         return;
     }
     let s = buffering_front(false).await;

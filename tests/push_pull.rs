@@ -96,7 +96,10 @@ async fn skopeo_pushes_and_pulls_through_regrelay_over_https() {
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_logs_in_pushes_and_pulls_through_regrelay() {
     if !docker_available() {
-        eprintln!("SKIP docker_logs_in_pushes_and_pulls_through_regrelay: no Docker daemon (`docker info` failed)");
+        support::skip(
+            "docker_logs_in_pushes_and_pulls_through_regrelay",
+            "no Docker daemon (`docker info` failed)",
+        );
         return;
     }
     let (gl, _reg, px) = stack(&[]).await;

@@ -3,6 +3,9 @@
 //! space-separated `scope`s, `{"token":…}` and nothing else, RS256 JWTs with a libtrust `kid` that
 //! Debian's registry trusts through `rootcertbundle`, silent dropping of actions the credential may
 //! not have, PAT / deploy token / CI job token / password rules, and a configurable lifetime.
+//! Faults can be injected while it runs: every answer a given error status ([`GitLab::fail_with`],
+//! as GitLab's rate limiter or a maintenance window answers before any routing), a delay before
+//! every answer ([`GitLab::delay`]), or no service at all ([`GitLab::stop`]).
 //! Test and demo support only: it is not part of the regrelay binary.
 
 use std::collections::HashMap;
@@ -122,6 +125,18 @@ struct State {
     mints: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     issued: Mutex<Vec<String>>,
+    attempts: AtomicUsize,
+    fault: Mutex<Option<Fault>>,
+    delay: Mutex<Duration>,
+    connections: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// An injected failure: every answer becomes this.
+#[derive(Debug, Clone)]
+struct Fault {
+    status: StatusCode,
+    retry_after: Option<u64>,
+    message: String,
 }
 
 /// Builder for the service.
@@ -210,6 +225,10 @@ impl GitLabBuilder {
             mints: AtomicUsize::new(0),
             seen: Mutex::new(vec![]),
             issued: Mutex::new(vec![]),
+            attempts: AtomicUsize::new(0),
+            fault: Mutex::new(None),
+            delay: Mutex::new(Duration::ZERO),
+            connections: Mutex::new(vec![]),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -220,15 +239,19 @@ impl GitLabBuilder {
                     continue;
                 };
                 let st = st.clone();
-                tokio::spawn(async move {
+                let conns = st.clone();
+                let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(&st, req)) }
+                        async move { Ok::<_, Infallible>(handle(&st, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
+                let mut open = conns.connections.lock().unwrap();
+                open.retain(|c| !c.is_finished());
+                open.push(conn.abort_handle());
             }
         });
         GitLab { addr, state, task }
@@ -243,6 +266,38 @@ impl GitLab {
     /// Tokens minted so far.
     pub fn mints(&self) -> usize {
         self.state.mints.load(Ordering::SeqCst)
+    }
+    /// Requests received so far, whatever their answer (failed and faulted ones included);
+    /// counted on arrival, before any [`GitLab::delay`].
+    pub fn attempts(&self) -> usize {
+        self.state.attempts.load(Ordering::SeqCst)
+    }
+    /// From now on every request is answered `status` with a registry-format body
+    /// ([`error_body`]) holding `message`, and `Retry-After: retry_after` when given — as GitLab's
+    /// rate limiter (429, "Retry later") or a maintenance window (503) answers, before any
+    /// routing or authentication. Nothing is minted meanwhile.
+    pub fn fail_with(&self, status: u16, retry_after: Option<u64>, message: &str) {
+        *self.state.fault.lock().unwrap() = Some(Fault {
+            status: StatusCode::from_u16(status).expect("an HTTP status"),
+            retry_after,
+            message: message.into(),
+        });
+    }
+    /// Ends [`GitLab::fail_with`]: requests are answered normally again.
+    pub fn heal(&self) {
+        *self.state.fault.lock().unwrap() = None;
+    }
+    /// Every request from now on waits `d` before it is answered (`Duration::ZERO`: no delay).
+    pub fn delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+    /// Stops listening and closes every open connection (kept-alive ones included): the address
+    /// then refuses connections, as a GitLab that is down does.
+    pub fn stop(&self) {
+        self.task.abort();
+        for conn in self.state.connections.lock().unwrap().drain(..) {
+            conn.abort();
+        }
     }
     /// Every token issued so far (for secret greps).
     pub fn issued(&self) -> Vec<String> {
@@ -401,20 +456,56 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json(
-        status,
-        serde_json::json!({"errors":[{"code":code,"message":message}]}).to_string(),
-    )
+    json(status, error_body(code, message))
 }
 
-fn handle(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// A registry-format error body, as GitLab writes it: `{"errors":[{"code":…,"message":…}]}`.
+pub fn error_body(code: &str, message: &str) -> String {
+    serde_json::json!({"errors":[{"code":code,"message":message}]}).to_string()
+}
+
+/// The registry error code GitLab uses for `status`.
+pub fn error_code(status: u16) -> &'static str {
+    match status {
+        401 => "UNAUTHORIZED",
+        403 => "DENIED",
+        404 => "NOT_FOUND",
+        429 => "TOOMANYREQUESTS",
+        503 => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+fn fault_response(fault: &Fault) -> Response<Full<Bytes>> {
+    let mut r = error(
+        fault.status,
+        error_code(fault.status.as_u16()),
+        &fault.message,
+    );
+    if let Some(secs) = fault.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
+    }
+    r
+}
+
+async fn handle(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    st.attempts.fetch_add(1, Ordering::SeqCst);
+    let delay = *st.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let basic = auth.as_deref().and_then(decode_basic);
-    let resp = respond(st, &req, basic.as_ref());
+    let fault = st.fault.lock().unwrap().clone();
+    let resp = match fault {
+        Some(f) => fault_response(&f),
+        None => respond(st, &req, basic.as_ref()),
+    };
     st.seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         auth_scheme: auth

@@ -59,6 +59,23 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Reports a test (or part of one) that could not run here: prints `SKIP name: why` and, when
+/// `REGRELAY_SKIP_LOG` names a file (scripts/test sets it), appends the line there so the
+/// summary counts it (test output is captured, so a printed line alone would go unseen).
+pub fn skip(name: &str, why: &str) {
+    let line = format!("SKIP {name}: {why}");
+    eprintln!("{line}");
+    if let Ok(path) = std::env::var("REGRELAY_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// Fails the test clearly when a required program is missing.
 pub fn require(program: &str) {
     let found = Command::new("sh")
@@ -188,7 +205,23 @@ pub fn cert(name: &str) -> String {
 impl Regrelay {
     /// Starts `regrelay serve --listen 127.0.0.1:0 ARGS…` and waits for its listening line.
     pub fn start(args: &[&str]) -> Regrelay {
-        let mut child = Command::new(regrelay_bin())
+        Regrelay::start_with_prefix(&[], args)
+    }
+
+    /// Like [`Regrelay::start`], run as `PREFIX… regrelay serve …` (e.g. `env VAR=… ` to preload
+    /// a library). The prefix must `exec` regrelay rather than fork it, so that the child process
+    /// is regrelay itself (its pid, signals, kill on drop).
+    pub fn start_with_prefix(prefix: &[&str], args: &[&str]) -> Regrelay {
+        let bin = regrelay_bin();
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("REGRELAY_LOG", "regrelay=debug,info")

@@ -1,0 +1,214 @@
+//! Session handling on registry requests: which credentials a request carries, the GitLab token
+//! that goes upstream in their place, and the challenges clients see.
+//!
+//! - A `Bearer rr1.…` token is a regrelay session: it is opened (refused with a fresh challenge
+//!   when tampered with, expired, or sealed with an unknown key) and never forwarded; the
+//!   upstream request carries a GitLab token for exactly its scopes ([`TokenStore`], minted by
+//!   [`Minter`]). Anything else passes untouched.
+//! - Every `WWW-Authenticate: Bearer` challenge from the registry gets `realm=<public>/jwt/auth`,
+//!   so clients ask regrelay for tokens on the registry's own host and keep `Authorization`.
+//!   The `service` is learnt from those challenges; the realm never is (see [`crate::mint`]).
+
+use std::sync::{Arc, RwLock};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::Method;
+
+use crate::auth::TOKEN_PATH;
+use crate::challenge::{self, Challenge};
+use crate::config::Origin;
+use crate::error::{Error, MintFailure};
+use crate::mint::{Caller, Minter};
+use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
+use crate::token::{MintFuture, TokenStore, UpstreamToken};
+
+/// Service named in challenges regrelay makes itself, until the registry told us its own.
+const DEFAULT_SERVICE: &str = "container_registry";
+
+/// A registry request's credentials, as regrelay sees them.
+pub enum Credentials {
+    /// No regrelay session: forwarded untouched (anonymous, or a token regrelay did not issue).
+    Untouched,
+    /// A valid regrelay session.
+    Session(Box<Session>),
+}
+
+/// Sessions and their upstream tokens.
+pub struct Access {
+    keys: Arc<KeyRing>,
+    service: RwLock<String>,
+    tokens: TokenStore,
+    minter: Arc<Minter>,
+}
+
+impl Access {
+    /// Builds the session state.
+    pub fn new(keys: Arc<KeyRing>, minter: Arc<Minter>, cache_max_entries: usize) -> Access {
+        Access {
+            keys,
+            service: RwLock::new(DEFAULT_SERVICE.to_owned()),
+            tokens: TokenStore::new(cache_max_entries),
+            minter,
+        }
+    }
+
+    /// The key ring.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// The upstream token cache (and its counters).
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// The realm clients are sent to: regrelay's own `/jwt/auth`.
+    pub fn public_realm(public: &Origin) -> String {
+        format!("{public}{TOKEN_PATH}")
+    }
+
+    /// Points the registry's challenges at regrelay and learns the service. Returns the `error`
+    /// of the last challenge, if any.
+    pub fn rewrite_challenges(&self, headers: &mut HeaderMap, public: &Origin) -> Option<String> {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .cloned()
+            .collect();
+        if values.is_empty() {
+            return None;
+        }
+        headers.remove(header::WWW_AUTHENTICATE);
+        let mut error = None;
+        for value in values {
+            let parsed = value.to_str().ok().and_then(Challenge::parse);
+            let Some(mut c) = parsed else {
+                headers.append(header::WWW_AUTHENTICATE, value);
+                continue;
+            };
+            if let Some(service) = c.get("service") {
+                if *self.service.read().expect("lock") != service {
+                    *self.service.write().expect("lock") = service.to_owned();
+                }
+            }
+            error = c.error().map(str::to_owned);
+            c.set("realm", &Self::public_realm(public));
+            match HeaderValue::from_str(&c.to_string()) {
+                Ok(v) => headers.append(header::WWW_AUTHENTICATE, v),
+                Err(_) => headers.append(header::WWW_AUTHENTICATE, value),
+            };
+        }
+        error
+    }
+
+    /// A fresh challenge for a request regrelay refuses itself.
+    pub fn challenge_for(&self, method: &Method, path: &str, public: &Origin) -> String {
+        let mut c = Challenge { params: vec![] };
+        c.set("realm", &Self::public_realm(public));
+        c.set("service", &self.service.read().expect("lock"));
+        if let Some(scope) = challenge::required_scope(method, path) {
+            c.set("scope", &scope);
+        }
+        c.set("error", "invalid_token");
+        c.to_string()
+    }
+
+    /// Classifies a registry request's `Authorization`.
+    pub fn credentials(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        public: &Origin,
+    ) -> Result<Credentials, Error> {
+        let Some(token) = bearer_token(headers) else {
+            return Ok(Credentials::Untouched);
+        };
+        if !token.starts_with(TOKEN_PREFIX) {
+            return Ok(Credentials::Untouched);
+        }
+        let refuse = |reason: OpenError| Error::Unauthorized {
+            reason: reason.to_string(),
+            challenge: self.challenge_for(method, path, public),
+        };
+        let session = self
+            .keys
+            .open(token, &public.to_string(), unix_now())
+            .map_err(refuse)?;
+        if session.kind != Kind::Access {
+            return Err(refuse(OpenError::Malformed));
+        }
+        Ok(Credentials::Session(Box::new(session)))
+    }
+
+    /// A GitLab token for `session`, fresh now (cached, or minted once for all waiters). GitLab
+    /// refusing the credentials (revoked, lost permission) is the client's 401 with a fresh
+    /// challenge and GitLab's message, so it logs in again; a busy or unreachable token service
+    /// stays what it is (429/503/502/504).
+    pub async fn upstream_token(
+        &self,
+        session: &Session,
+        forwarded_for: &str,
+        method: &Method,
+        path: &str,
+        public: &Origin,
+    ) -> Result<UpstreamToken, Error> {
+        let (minter, xff) = (self.minter.clone(), forwarded_for.to_owned());
+        let mint = || -> MintFuture {
+            let (minter, session, xff) = (minter.clone(), session.clone(), xff.clone());
+            Box::pin(async move {
+                let caller = Caller {
+                    forwarded_for: &xff,
+                    user_agent: None,
+                };
+                minter.mint(&session, &caller).await
+            })
+        };
+        match self.tokens.get(session.id, session.exp, mint).await {
+            Ok(token) => Ok(token),
+            Err(MintFailure::Refused { message, .. }) => Err(Error::Unauthorized {
+                reason: format!("the token service refused this session's credentials: {message}"),
+                challenge: self.challenge_for(method, path, public),
+            }),
+            Err(other) => Err(Error::Mint(other)),
+        }
+    }
+
+    /// Caches the token a session was opened with.
+    pub fn seed(&self, session: &Session, token: UpstreamToken) {
+        self.tokens.seed(session.id, session.exp, token);
+    }
+
+    /// Forgets a token the registry refused (`invalid_token` or `insufficient_scope`).
+    pub fn invalidate(&self, session: &Session, token: &UpstreamToken) {
+        self.tokens.invalidate(session.id, token);
+    }
+}
+
+/// The token of a `Bearer` `Authorization`, if any.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_found_case_insensitively() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer rr1.x.y"),
+        );
+        assert_eq!(bearer_token(&h), Some("rr1.x.y"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic YTpi"),
+        );
+        assert_eq!(bearer_token(&h), None);
+    }
+}

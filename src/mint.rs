@@ -1,0 +1,412 @@
+//! Minting: asking the token service (GitLab's `/jwt/auth`) for tokens, on a client's behalf
+//! (the `/jwt/auth` endpoint, [`crate::auth`]) or on a sealed session's (mid-push re-minting,
+//! [`crate::access`]).
+//!
+//! - The upstream realm is pinned: the configured `--token-realm`, or the realm the configured
+//!   registry announces when regrelay itself asks it (`GET /v2/` with no client header). It is
+//!   never learnt from an answer to a proxied request, whose `Host`/`X-Forwarded-Host` a client
+//!   chose; a realm that names regrelay itself is refused.
+//! - Redirects are followed, keeping `Authorization`, only to the realm's own origin, its https
+//!   upgrade, and `--auth-redirect-allow` origins (scheme included); an https realm never
+//!   redirects credentials to http.
+//! - Answers are mapped faithfully ([`MintFailure`]): 401/403/404 stay refusals with GitLab's
+//!   own message, 429/503 stay "busy" with `Retry-After`, a deadline is a timeout.
+
+use std::net::SocketAddr;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+
+use crate::body;
+use crate::challenge::{self, Challenge};
+use crate::config::{self, AllowedOrigin, Config, Origin};
+use crate::error::{Error, MintFailure};
+use crate::session::Session;
+use crate::token::UpstreamToken;
+use crate::upstream::{Upstream, UpstreamBody};
+
+/// Redirects followed for one token request.
+pub const MAX_TOKEN_REDIRECTS: usize = 5;
+/// Largest token answer or OAuth2 form accepted (they are a few KiB).
+pub const MAX_SMALL_BODY_BYTES: usize = 256 * 1024;
+
+/// Who asks: what goes to the token service about the client.
+pub struct Caller<'a> {
+    /// `X-Forwarded-For` (the client's address as regrelay trusts it).
+    pub forwarded_for: &'a str,
+    /// The client's `User-Agent`, if any.
+    pub user_agent: Option<&'a HeaderValue>,
+}
+
+/// Talks to the token service.
+pub struct Minter {
+    registry: Upstream,
+    client: Upstream,
+    realm: RwLock<Option<Uri>>,
+    allow: Vec<AllowedOrigin>,
+    timeout: Duration,
+    listen: SocketAddr,
+    public: Option<Origin>,
+}
+
+impl Minter {
+    /// `registry` is asked for its realm; `client` carries token requests.
+    pub fn new(cfg: &Config, registry: Upstream, client: Upstream) -> Minter {
+        Minter {
+            registry,
+            client,
+            realm: RwLock::new(cfg.token_realm.clone()),
+            allow: cfg.auth_redirect_allow.clone(),
+            timeout: cfg.timeouts.token_request,
+            listen: cfg.listen,
+            public: cfg.public_url.clone(),
+        }
+    }
+
+    /// The upstream realm: configured, or asked of the registry by regrelay itself, once.
+    pub async fn realm(&self) -> Result<Uri, Error> {
+        if let Some(r) = self.realm.read().expect("realm lock").clone() {
+            return Ok(r);
+        }
+        let unknown = || Error::RealmUnknown {
+            upstream: self.registry.origin().to_string(),
+        };
+        let resp = self.registry.probe_response().await?;
+        let announced = resp
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok().and_then(Challenge::parse))
+            .find_map(|c| c.get("realm").and_then(|r| r.parse::<Uri>().ok()));
+        let realm = announced.ok_or_else(unknown)?;
+        let origin = Origin::of(&realm).ok_or_else(unknown)?;
+        if let Err(err) = config::refuse_self_realm(&origin, self.listen, self.public.as_ref()) {
+            tracing::error!(error = %err, "the registry announces a realm on regrelay itself");
+            return Err(unknown());
+        }
+        tracing::info!(realm = %realm, "upstream token realm (announced by the registry)");
+        *self.realm.write().expect("realm lock") = Some(realm.clone());
+        Ok(realm)
+    }
+
+    /// Sends a GET for the upstream realm with `query`, following allowed redirects, within the
+    /// token request deadline.
+    pub async fn fetch(
+        &self,
+        query: &str,
+        authorization: Option<&HeaderValue>,
+        caller: &Caller<'_>,
+    ) -> Result<Response<UpstreamBody>, Error> {
+        let realm = self.realm().await?;
+        let realm_origin = Origin::of(&realm).ok_or(Error::RealmUnknown {
+            upstream: self.registry.origin().to_string(),
+        })?;
+        let mut url = with_query(&realm, query)?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        for _ in 0..=MAX_TOKEN_REDIRECTS {
+            let mut req = Request::get(url.clone()).body(body::empty())?;
+            let headers = req.headers_mut();
+            if let Some(auth) = authorization {
+                headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            headers.insert(
+                &crate::proxy::X_FORWARDED_FOR,
+                crate::proxy::header_value(caller.forwarded_for)?,
+            );
+            if let Some(ua) = caller.user_agent {
+                headers.insert(header::USER_AGENT, ua.clone());
+            }
+            let resp = tokio::time::timeout_at(deadline, self.client.send(req))
+                .await
+                .map_err(|_| {
+                    Error::Mint(MintFailure::Timeout {
+                        secs: self.timeout.as_secs(),
+                    })
+                })??;
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok());
+            let next = match location {
+                Some(loc) if resp.status().is_redirection() => resolve(&url, loc)?,
+                _ => return Ok(resp),
+            };
+            let target = Origin::of(&next).ok_or(Error::AuthRedirectRefused {
+                target: "a non-http(s) Location".into(),
+            })?;
+            if !self.redirect_allowed(&realm_origin, &target) {
+                return Err(Error::AuthRedirectRefused {
+                    target: target.to_string(),
+                });
+            }
+            tracing::debug!(to = %target, "following token service redirect");
+            url = next;
+        }
+        Err(Error::TooManyRedirects {
+            limit: MAX_TOKEN_REDIRECTS,
+        })
+    }
+
+    fn redirect_allowed(&self, realm: &Origin, to: &Origin) -> bool {
+        let https = &http::uri::Scheme::HTTPS;
+        if realm.scheme() == https && to.scheme() != https {
+            return false;
+        }
+        let https_upgrade = to.scheme() == https
+            && to
+                .authority()
+                .host()
+                .eq_ignore_ascii_case(realm.authority().host())
+            && (to.effective_port() == 443 || to.effective_port() == realm.effective_port());
+        to.same_as(realm) || https_upgrade || self.allow.iter().any(|a| a.matches(to))
+    }
+
+    /// A fresh upstream token for `session`'s credentials and scopes.
+    pub async fn mint(
+        &self,
+        session: &Session,
+        caller: &Caller<'_>,
+    ) -> Result<UpstreamToken, MintFailure> {
+        let query = challenge::token_query(&session.service, &session.scopes);
+        let authorization = session
+            .authorization
+            .as_deref()
+            .map(sensitive_header)
+            .transpose()
+            .map_err(|e| failed(&e))?;
+        let resp = self
+            .fetch(&query, authorization.as_ref(), caller)
+            .await
+            .map_err(|e| failed(&e))?;
+        let status = resp.status();
+        if status == StatusCode::OK {
+            let jwt = token_from_answer(resp.into_body())
+                .await
+                .map_err(|e| failed(&e))?;
+            return upstream_token(&jwt).map_err(|e| failed(&e));
+        }
+        let failure = refusal(resp).await;
+        tracing::warn!(status = status.as_u16(), error = %failure, "token service gave no token for a session");
+        Err(failure)
+    }
+}
+
+/// A [`MintFailure`] for an error on the way (logged in full here, once).
+fn failed(err: &Error) -> MintFailure {
+    if let Error::Mint(f) = err {
+        return f.clone();
+    }
+    tracing::warn!(error = %err.chain(), "token request failed");
+    MintFailure::Failed {
+        reason: err.public_message(),
+    }
+}
+
+/// Maps a non-200 answer of the token service.
+pub async fn refusal(resp: Response<UpstreamBody>) -> MintFailure {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let message = read_small(resp.into_body())
+        .await
+        .ok()
+        .and_then(|b| registry_error_message(&b))
+        .unwrap_or_else(|| status.to_string());
+    match status.as_u16() {
+        s @ (429 | 503) => MintFailure::Busy {
+            status: s,
+            retry_after,
+            message,
+        },
+        s @ 400..=499 => MintFailure::Refused { status: s, message },
+        s => MintFailure::Failed {
+            reason: format!("token service answered {s}: {message}"),
+        },
+    }
+}
+
+/// Wraps a JWT the token service issued.
+pub fn upstream_token(jwt: &str) -> Result<UpstreamToken, Error> {
+    UpstreamToken::new(jwt).map_err(|_| Error::BadTokenAnswer {
+        reason: "the token is not a valid header value",
+    })
+}
+
+/// A header value for credentials, marked sensitive.
+pub fn sensitive_header(bytes: &[u8]) -> Result<HeaderValue, Error> {
+    let mut v = HeaderValue::from_bytes(bytes).map_err(|_| Error::BadTokenRequest {
+        reason: "credentials are not a valid header value".into(),
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Reads a small body (token answers, OAuth2 forms) with a size bound.
+pub async fn read_small<B>(body: B) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::error::BoxError>,
+{
+    Limited::new(body, MAX_SMALL_BODY_BYTES)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| Error::BadTokenAnswer {
+            reason: "unreadable or oversized answer",
+        })
+}
+
+/// The JWT in GitLab's `{"token":…}` (or an OAuth2 `access_token`).
+pub async fn token_from_answer(body: UpstreamBody) -> Result<String, Error> {
+    let bytes = zeroize::Zeroizing::new(read_small(body).await?.to_vec());
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| Error::BadTokenAnswer {
+            reason: "the answer is not JSON",
+        })?;
+    v.get("token")
+        .or_else(|| v.get("access_token"))
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .ok_or(Error::BadTokenAnswer {
+            reason: "the answer has no token",
+        })
+}
+
+/// The first `message` of a registry-format error body.
+fn registry_error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(v["errors"][0]["message"].as_str()?.to_owned())
+}
+
+fn with_query(realm: &Uri, query: &str) -> Result<Uri, Error> {
+    let path = realm.path();
+    let pq = match (realm.query(), query.is_empty()) {
+        (Some(q), false) => format!("{path}?{q}&{query}"),
+        (Some(q), true) => format!("{path}?{q}"),
+        (None, false) => format!("{path}?{query}"),
+        (None, true) => path.to_owned(),
+    };
+    let origin = Origin::of(realm).ok_or(Error::BadTokenRequest {
+        reason: "token realm is not http(s)".into(),
+    })?;
+    Ok(origin.join(&pq)?)
+}
+
+/// Resolves a `Location` against the URL that answered it.
+fn resolve(base: &Uri, location: &str) -> Result<Uri, Error> {
+    let refused = || Error::AuthRedirectRefused {
+        target: "an unparsable Location".into(),
+    };
+    let loc: Uri = location.parse().map_err(|_| refused())?;
+    if loc.scheme().is_some() {
+        return Ok(loc);
+    }
+    let origin = Origin::of(base).ok_or_else(refused)?;
+    let pq = if location.starts_with('/') {
+        location.to_owned()
+    } else {
+        let dir = base.path().rsplit_once('/').map_or("", |(d, _)| d);
+        format!("{dir}/{location}")
+    };
+    Ok(origin.join(&pq)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_resolution_and_realm_query() {
+        let base: Uri = "http://gl:8080/jwt/auth?service=s".parse().unwrap();
+        let cases = [
+            (
+                "https://other:9/jwt/auth?x=1",
+                "https://other:9/jwt/auth?x=1",
+            ),
+            ("/elsewhere?service=s", "http://gl:8080/elsewhere?service=s"),
+            ("auth2", "http://gl:8080/jwt/auth2"),
+        ];
+        for (loc, want) in cases {
+            assert_eq!(resolve(&base, loc).unwrap().to_string(), want, "{loc}");
+        }
+        let realm: Uri = "http://gl/jwt/auth".parse().unwrap();
+        assert_eq!(
+            with_query(&realm, "service=a&scope=b").unwrap().to_string(),
+            "http://gl/jwt/auth?service=a&scope=b"
+        );
+    }
+
+    #[test]
+    fn redirects_keep_credentials_only_on_allowed_origins_never_down_to_http() {
+        let cfg = Config::try_from(crate::config::ConfigFile {
+            registry: Some("http://r:5000".into()),
+            auth_redirect_allow: Some(vec![
+                "https://sso.example.com".into(),
+                "http://plain.example.com".into(),
+            ]),
+            ..Default::default()
+        })
+        .unwrap();
+        let tls = crate::tls::client_config(None).unwrap();
+        let up = Upstream::new(&cfg, tls, cfg.registry.clone());
+        let m = Minter::new(&cfg, up.clone(), up);
+        let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
+        let cases = [
+            (
+                "https://gl.example.com/jwt/auth",
+                "https://gl.example.com/x",
+                true,
+            ),
+            (
+                "http://gl.example.com/jwt/auth",
+                "https://gl.example.com/x",
+                true,
+            ),
+            (
+                "https://gl.example.com/jwt/auth",
+                "http://gl.example.com/x",
+                false,
+            ),
+            (
+                "https://gl.example.com/jwt/auth",
+                "https://sso.example.com/x",
+                true,
+            ),
+            (
+                "https://gl.example.com/jwt/auth",
+                "http://sso.example.com/x",
+                false,
+            ),
+            (
+                "https://gl.example.com/jwt/auth",
+                "http://plain.example.com/x",
+                false,
+            ),
+            (
+                "http://gl.example.com/jwt/auth",
+                "http://plain.example.com/x",
+                true,
+            ),
+            (
+                "https://gl.example.com/jwt/auth",
+                "https://evil.example.com/x",
+                false,
+            ),
+        ];
+        for (realm, to, want) in cases {
+            assert_eq!(
+                m.redirect_allowed(&o(realm), &o(to)),
+                want,
+                "{realm} -> {to}"
+            );
+        }
+    }
+}
