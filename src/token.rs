@@ -38,6 +38,9 @@ use crate::session::unix_now;
 pub const FALLBACK_TOKEN_LIFETIME_SECS: u64 = 60;
 const MIN_MARGIN: Duration = Duration::from_secs(1);
 const MAX_MARGIN: Duration = Duration::from_secs(60);
+/// Longest lifetime believed for an upstream token (GitLab's longest setting is far below it):
+/// a token service that claims more is treated as if it said this, and no deadline overflows.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// First backoff after a failed mint; it doubles with each failure in a row.
 pub const MINT_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff after failed mints (also the cap on a honoured `Retry-After`).
@@ -77,7 +80,8 @@ impl std::fmt::Debug for UpstreamToken {
 
 impl UpstreamToken {
     /// Wraps a JWT received now. Its lifetime is `exp - iat` from its claims; without `iat`,
-    /// `exp` against the local clock; without either, [`FALLBACK_TOKEN_LIFETIME_SECS`].
+    /// `exp` against the local clock; without either, [`FALLBACK_TOKEN_LIFETIME_SECS`]; never
+    /// more than [`MAX_TOKEN_LIFETIME`].
     pub fn new(jwt: &str) -> Result<UpstreamToken, http::header::InvalidHeaderValue> {
         let lifetime = match crate::challenge::jwt_times(jwt) {
             (Some(iat), Some(exp)) => exp.saturating_sub(iat),
@@ -88,7 +92,7 @@ impl UpstreamToken {
         header.set_sensitive(true);
         Ok(UpstreamToken {
             header,
-            lifetime: Duration::from_secs(lifetime),
+            lifetime: Duration::from_secs(lifetime).min(MAX_TOKEN_LIFETIME),
             received: Instant::now(),
         })
     }

@@ -69,6 +69,11 @@ async fn freshness_counts_from_receipt_not_from_the_local_clock() {
     assert!(UpstreamToken::new(&behind)
         .unwrap()
         .fresh_at(Instant::now()));
+    // An absurd lifetime is capped, and no deadline overflows (found by fuzzing:
+    // fuzz/regressions/jwt-huge-lifetime).
+    let huge = UpstreamToken::new(&jwt(r#"{"iat":0,"exp":18446744073709551615}"#)).unwrap();
+    assert_eq!(huge.lifetime, MAX_TOKEN_LIFETIME);
+    assert!(huge.fresh_at(Instant::now()) && !huge.due_at(Instant::now()));
     // No claims at all: the fallback lifetime.
     assert_eq!(
         token(FALLBACK_TOKEN_LIFETIME_SECS).lifetime,
