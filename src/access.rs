@@ -19,6 +19,7 @@ use crate::challenge::{self, Challenge};
 use crate::config::Origin;
 use crate::error::{Error, MintFailure};
 use crate::mint::{Caller, Minter};
+use crate::mirror::Routed;
 use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
 use crate::token::{MintFuture, TokenStore, UpstreamToken};
 
@@ -36,20 +37,34 @@ pub enum Credentials {
 /// Sessions and their upstream tokens.
 pub struct Access {
     keys: Arc<KeyRing>,
+    /// For a non-default upstream, its name: realms given to clients carry `?ns=<name>`, so
+    /// their token requests come back to this upstream.
+    realm_ns: Option<String>,
     service: RwLock<String>,
     tokens: TokenStore,
     minter: Arc<Minter>,
 }
 
 impl Access {
-    /// Builds the session state.
-    pub fn new(keys: Arc<KeyRing>, minter: Arc<Minter>, cache_max_entries: usize) -> Access {
+    /// Builds the session state; `realm_ns` names a non-default upstream.
+    pub fn new(
+        keys: Arc<KeyRing>,
+        minter: Arc<Minter>,
+        cache_max_entries: usize,
+        realm_ns: Option<String>,
+    ) -> Access {
         Access {
             keys,
+            realm_ns,
             service: RwLock::new(DEFAULT_SERVICE.to_owned()),
             tokens: TokenStore::new(cache_max_entries),
             minter,
         }
+    }
+
+    /// The token service.
+    pub fn minter(&self) -> &Minter {
+        &self.minter
     }
 
     /// The key ring.
@@ -62,14 +77,24 @@ impl Access {
         &self.tokens
     }
 
-    /// The realm clients are sent to: regrelay's own `/jwt/auth`.
-    pub fn public_realm(public: &Origin) -> String {
-        format!("{public}{TOKEN_PATH}")
+    /// The realm clients are sent to: regrelay's own `/jwt/auth` (with `?ns=` for a
+    /// non-default upstream).
+    pub fn public_realm(&self, public: &Origin) -> String {
+        match &self.realm_ns {
+            Some(ns) => format!("{public}{TOKEN_PATH}?ns={}", challenge::percent_encode(ns)),
+            None => format!("{public}{TOKEN_PATH}"),
+        }
     }
 
-    /// Points the registry's challenges at regrelay and learns the service. Returns the `error`
-    /// of the last challenge, if any.
-    pub fn rewrite_challenges(&self, headers: &mut HeaderMap, public: &Origin) -> Option<String> {
+    /// Points the registry's challenges at regrelay (their scopes in the client's names, when
+    /// `routed` translates them) and learns the service. Returns the `error` of the last
+    /// challenge, if any.
+    pub fn rewrite_challenges(
+        &self,
+        headers: &mut HeaderMap,
+        public: &Origin,
+        routed: &Routed,
+    ) -> Option<String> {
         let values: Vec<HeaderValue> = headers
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
@@ -92,7 +117,17 @@ impl Access {
                 }
             }
             error = c.error().map(str::to_owned);
-            c.set("realm", &Self::public_realm(public));
+            c.set("realm", &self.public_realm(public));
+            if routed.translates() {
+                if let Some(scope) = c.get("scope").map(|s| {
+                    s.split(' ')
+                        .map(|one| routed.client_scope(one))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }) {
+                    c.set("scope", &scope);
+                }
+            }
             match HeaderValue::from_str(&c.to_string()) {
                 Ok(v) => headers.append(header::WWW_AUTHENTICATE, v),
                 Err(_) => headers.append(header::WWW_AUTHENTICATE, value),
@@ -104,7 +139,7 @@ impl Access {
     /// A fresh challenge for a request regrelay refuses itself.
     pub fn challenge_for(&self, method: &Method, path: &str, public: &Origin) -> String {
         let mut c = Challenge { params: vec![] };
-        c.set("realm", &Self::public_realm(public));
+        c.set("realm", &self.public_realm(public));
         c.set("service", &self.service.read().expect("lock"));
         if let Some(scope) = challenge::required_scope(method, path) {
             c.set("scope", &scope);
@@ -113,13 +148,15 @@ impl Access {
         c.to_string()
     }
 
-    /// Classifies a registry request's `Authorization`.
+    /// Classifies a registry request's `Authorization`; a session must be bound to `upstream`
+    /// (the name sealed into sessions: empty for the default upstream).
     pub fn credentials(
         &self,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
         public: &Origin,
+        upstream: &str,
     ) -> Result<Credentials, Error> {
         let Some(token) = bearer_token(headers) else {
             return Ok(Credentials::Untouched);
@@ -137,6 +174,12 @@ impl Access {
             .map_err(refuse)?;
         if session.kind != Kind::Access {
             return Err(refuse(OpenError::Malformed));
+        }
+        if session.upstream != upstream {
+            return Err(Error::Unauthorized {
+                reason: "this session was issued for another upstream".into(),
+                challenge: self.challenge_for(method, path, public),
+            });
         }
         Ok(Credentials::Session(Box::new(session)))
     }

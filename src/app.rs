@@ -10,19 +10,23 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Scheme;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Incoming};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
 
 use crate::access::{Access, Credentials};
-use crate::auth::Auth;
+use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
-use crate::challenge::Challenge;
-use crate::config::{Config, ConfigError, Origin};
+use crate::challenge::{self, Challenge};
+use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
+use crate::injected::InjectedCredentials;
 use crate::mint::Minter;
+use crate::mirror::{self, Refusal, Routed};
 use crate::proxy::{self, Forward, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::router::{self, Route};
-use crate::session::{KeyRing, Session};
+use crate::session::{KeyRing, Kind, Session};
 use crate::telemetry::{AccessLog, Logged};
 use crate::tls;
 use crate::upload::{self, Uploader};
@@ -37,14 +41,27 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// One upstream and everything regrelay keeps for it.
+pub struct Lane {
+    /// Its configuration.
+    pub config: UpstreamConfig,
+    /// The name sealed into its sessions: empty for the default upstream.
+    session_name: String,
+    upstream: Upstream,
+    access: Access,
+    injected: Option<InjectedCredentials>,
+}
+
 /// Shared state of the server: one per process, behind an `Arc`.
 pub struct App {
     config: Config,
     server_tls: Option<Arc<rustls::ServerConfig>>,
-    upstream: Upstream,
-    access: Access,
+    lanes: Vec<Lane>,
     auth: Auth,
 }
+
+/// Sessions sealed for regrelay's injected credentials live this long (they never leave it).
+const INJECTED_SESSION_SECS: u64 = 3600;
 
 impl App {
     /// Builds the state from a validated config: loads the TLS files and the session key ring.
@@ -54,33 +71,67 @@ impl App {
             .as_ref()
             .map(|t| tls::server_config(&t.cert, &t.key))
             .transpose()?;
-        let upstream_tls = tls::client_config(config.upstream_ca.as_deref())?;
         let keys = Arc::new(match &config.session_key_file {
             Some(path) => KeyRing::load(path)?,
             None => KeyRing::ephemeral(),
         });
-        let upstream = Upstream::new(&config, upstream_tls.clone(), config.registry.clone());
-        let token_origin = config
-            .token_realm
-            .as_ref()
-            .and_then(Origin::of)
-            .unwrap_or_else(|| config.registry.clone());
-        let token_client = Upstream::new(&config, upstream_tls, token_origin);
-        let minter = Arc::new(Minter::new(&config, upstream.clone(), token_client));
-        let access = Access::new(keys, minter.clone(), config.token_cache_max_entries);
-        let auth = Auth::new(minter, config.session_lifetime);
+        let mut lanes = Vec::with_capacity(config.upstreams.len());
+        for (i, u) in config.upstreams.iter().enumerate() {
+            let tls = tls::client_config(u.ca.as_deref())?;
+            let upstream = Upstream::new(&config, tls.clone(), u.origin.clone());
+            let token_origin = u
+                .token_realm
+                .as_ref()
+                .and_then(Origin::of)
+                .unwrap_or_else(|| u.origin.clone());
+            let client = Upstream::new(&config, tls, token_origin);
+            let minter = Arc::new(Minter::new(
+                &config,
+                u.token_realm.clone(),
+                upstream.clone(),
+                client,
+            ));
+            let session_name = if i == 0 {
+                String::new()
+            } else {
+                u.name.clone()
+            };
+            let realm_ns = (i != 0).then(|| u.name.clone());
+            let access = Access::new(
+                keys.clone(),
+                minter,
+                config.token_cache_max_entries,
+                realm_ns,
+            );
+            let injected = u
+                .credentials_file
+                .as_deref()
+                .map(InjectedCredentials::load)
+                .transpose()?;
+            lanes.push(Lane {
+                config: u.clone(),
+                session_name,
+                upstream,
+                access,
+                injected,
+            });
+        }
         Ok(App {
+            auth: Auth::new(config.session_lifetime),
             config,
             server_tls,
-            upstream,
-            access,
-            auth,
+            lanes,
         })
     }
 
-    /// Session state (token cache counters, key ring).
+    /// The default upstream's session state (token cache counters, key ring).
     pub fn access(&self) -> &Access {
-        &self.access
+        &self.lanes[0].access
+    }
+
+    /// Every upstream.
+    pub fn lanes(&self) -> &[Lane] {
+        &self.lanes
     }
 
     /// The configuration.
@@ -134,7 +185,7 @@ impl App {
 
     async fn handle_inner(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: ConnInfo,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, Error> {
@@ -147,15 +198,14 @@ impl App {
             Route::Token => {
                 let public = self.public_origin(&req, conn, trusted)?;
                 let xff = proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted);
-                let resp = self
-                    .auth
-                    .token_endpoint(req, &self.access, &public, &xff)
-                    .await?;
+                let resp = self.auth.token_endpoint(req, self, &public, &xff).await?;
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }
             Route::Registry => {
                 let public = self.public_origin(&req, conn, trusted)?;
+                let routed = self.route(&req)?;
+                let lane = &self.lanes[routed.upstream];
                 let fwd = Forward {
                     peer: conn.peer.ip(),
                     trusted,
@@ -164,23 +214,116 @@ impl App {
                     idle: self.config.timeouts.body_idle,
                     bytes_in: log.bytes_in.clone(),
                 };
-                let creds = self.access.credentials(
+                let creds = lane.access.credentials(
                     req.method(),
                     req.uri().path(),
                     req.headers(),
                     &public,
+                    &lane.session_name,
                 )?;
-                let mut resp = match creds {
-                    Credentials::Untouched => proxy::forward(&self.upstream, req, &fwd).await?,
-                    Credentials::Session(session) => {
-                        self.forward_with_session(req, &session, &fwd).await?
+                let anonymous = match &creds {
+                    Credentials::Untouched => !req.headers().contains_key(header::AUTHORIZATION),
+                    Credentials::Session(s) => s.authorization.is_none(),
+                };
+                retarget(&mut req, &routed.path)?;
+                let injected = match anonymous {
+                    true => self.injected_session(lane, &req, conn).await,
+                    false => None,
+                };
+                let mut resp = match (injected, creds) {
+                    (Some(session), _) => {
+                        tracing::debug!(upstream = %lane.config.name, "pull with injected credentials");
+                        self.forward_with_session(lane, req, &session, &fwd).await?
+                    }
+                    (None, Credentials::Untouched) => {
+                        proxy::forward(&lane.upstream, req, &fwd).await?
+                    }
+                    (None, Credentials::Session(session)) => {
+                        self.forward_with_session(lane, req, &session, &fwd).await?
                     }
                 };
                 log.upstream_status = Some(resp.status().as_u16());
-                self.access.rewrite_challenges(resp.headers_mut(), &public);
+                lane.access
+                    .rewrite_challenges(resp.headers_mut(), &public, &routed);
+                if routed.translates() {
+                    translate_location(resp.headers_mut(), &routed);
+                }
                 Ok(resp)
             }
         }
+    }
+
+    /// Which upstream a registry request is for ([`mirror::route`]); pushes go to the default
+    /// upstream only.
+    fn route(&self, req: &Request<Incoming>) -> Result<Routed, Error> {
+        let path = req.uri().path();
+        let rest = path
+            .strip_prefix("/v2/")
+            .or_else(|| path.strip_prefix("/v2"))
+            .unwrap_or("");
+        let ns = mirror::ns_param(req.uri().query());
+        let cfg = &self.config;
+        let routed = mirror::route(rest, ns.as_deref(), &cfg.upstreams, cfg.root_upstream)
+            .map_err(|refusal| match refusal {
+                Refusal::Unknown(ns) => Error::NameUnknown { ns },
+                Refusal::Conflict { .. } => Error::Refused {
+                    reason: "the path and ?ns= name two different upstreams",
+                },
+            })?;
+        if routed.upstream != 0 && !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return Err(Error::Unsupported {
+                reason:
+                    "this upstream is a pull-only mirror: push to the default (GitLab) upstream",
+            });
+        }
+        Ok(routed)
+    }
+
+    /// A session for regrelay's own pull credentials of `lane`, when the request may use them:
+    /// a pull (GET/HEAD) of a repository, without credentials of its own, from an
+    /// `--inject-credentials-for` address. Its id is derived from the upstream, the scope and
+    /// the credential, so its GitLab token is cached across requests and a rotated credential
+    /// starts afresh.
+    async fn injected_session(
+        &self,
+        lane: &Lane,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Option<Session> {
+        let injected = lane.injected.as_ref()?;
+        let allowed = self
+            .config
+            .inject_credentials_for
+            .iter()
+            .any(|c| c.contains(conn.peer.ip()));
+        if !allowed || !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return None;
+        }
+        let scope = challenge::required_scope(req.method(), req.uri().path())?;
+        let credential = injected.current();
+        let service = lane
+            .access
+            .minter()
+            .service()
+            .await
+            .unwrap_or_else(|| "container_registry".to_owned());
+        let mut session = Session::new(
+            Kind::Access,
+            Some(credential.authorization.to_vec()),
+            service,
+            vec![scope.clone()],
+            Duration::from_secs(INJECTED_SESSION_SECS),
+        );
+        let digest = Sha256::digest(
+            format!(
+                "inject|{}|{scope}|{}",
+                lane.config.name, credential.fingerprint
+            )
+            .as_bytes(),
+        );
+        session.id = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
+        session.upstream = lane.session_name.clone();
+        Some(session)
     }
 
     /// Forwards a request of a sealed session with a GitLab token valid on arrival. A registry
@@ -189,6 +332,7 @@ impl App {
     /// ([`Uploader`]).
     async fn forward_with_session(
         &self,
+        lane: &Lane,
         mut req: Request<Incoming>,
         session: &Session,
         fwd: &Forward<'_>,
@@ -205,42 +349,42 @@ impl App {
             cfg.upload_chunk_max,
         ) {
             let uploader = Uploader {
-                upstream: &self.upstream,
-                access: &self.access,
+                upstream: &lane.upstream,
+                access: &lane.access,
                 fwd,
                 chunk_max: cfg.upload_chunk_max,
                 mode: cfg.upload_split,
             };
             return uploader.forward(req, session).await;
         }
-        let token = self
+        let token = lane
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
             .await?;
         let retry = ends.then(|| bodiless_copy(&req));
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
-        let resp = proxy::forward(&self.upstream, req, fwd).await?;
+        let resp = proxy::forward(&lane.upstream, req, fwd).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
         let Some(error) = token_error(resp.headers()) else {
             return Ok(resp);
         };
-        self.access.invalidate(session, &token);
+        lane.access.invalidate(session, &token);
         let Some(mut retry) = retry else {
             return Ok(resp);
         };
         drop(resp);
         tracing::info!(path = %path, error, "registry refused the session's token; minting again");
-        let token = self
+        let token = lane
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
             .await?;
         retry
             .headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
-        proxy::forward(&self.upstream, retry, fwd).await
+        proxy::forward(&lane.upstream, retry, fwd).await
     }
 
     /// The origin clients use: the configured public URL; else, from a trusted proxy, its
@@ -278,7 +422,7 @@ impl App {
     /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]). It names
     /// no upstream address.
     async fn ready(&self) -> Response<ProxyBody> {
-        match self.upstream.probe().await {
+        match self.lanes[0].upstream.probe().await {
             Ok(status) => {
                 let body = serde_json::json!({
                     "status": "ready",
@@ -291,6 +435,90 @@ impl App {
                 json(StatusCode::SERVICE_UNAVAILABLE, err.registry_body())
             }
         }
+    }
+}
+
+impl Lanes for App {
+    fn pick(&self, scopes: &[String], ns: Option<&str>) -> Result<Picked<'_>, Error> {
+        let cfg = &self.config;
+        let fallback = match ns {
+            Some(ns) => mirror::find(&cfg.upstreams, ns)
+                .ok_or_else(|| Error::NameUnknown { ns: ns.to_owned() })?,
+            None => cfg.root_upstream,
+        };
+        let mut lane = None;
+        let mut upstream_scopes = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            let (i, up) =
+                mirror::route_scope(scope, ns, &cfg.upstreams, fallback).map_err(|r| match r {
+                    Refusal::Unknown(ns) => Error::NameUnknown { ns },
+                    Refusal::Conflict { .. } => Error::BadTokenRequest {
+                        reason: "a scope and ?ns= name two different upstreams".into(),
+                    },
+                })?;
+            if lane.is_some_and(|l| l != i) {
+                return Err(Error::BadTokenRequest {
+                    reason: "the scopes name repositories of two different upstreams".into(),
+                });
+            }
+            lane = Some(i);
+            upstream_scopes.push(up);
+        }
+        let i = lane.unwrap_or(fallback);
+        let lane = &self.lanes[i];
+        Ok(Picked {
+            access: &lane.access,
+            upstream: lane.session_name.clone(),
+            translated: i != 0 || upstream_scopes.as_slice() != scopes,
+            scopes: upstream_scopes,
+        })
+    }
+}
+
+/// Points a request at its upstream path, keeping its query without `ns` (it was for regrelay).
+fn retarget(req: &mut Request<Incoming>, path: &str) -> Result<(), Error> {
+    let query: Vec<&str> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("ns="))
+        .collect();
+    let pq = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    if pq != req.uri().path_and_query().map_or("", |p| p.as_str()) {
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(pq.parse().map_err(|_| Error::Refused {
+            reason: "unusable request target",
+        })?);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Error::Refused {
+            reason: "unusable request target",
+        })?;
+    }
+    Ok(())
+}
+
+/// Puts a `Location` back in the client's names (`/v2/<prefix>/<name>` → `/v2/<segment>/<name>`).
+fn translate_location(headers: &mut HeaderMap, routed: &Routed) {
+    let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let Ok(uri) = loc.parse::<Uri>() else {
+        return;
+    };
+    let Some(path) = routed.client_path(uri.path()) else {
+        return;
+    };
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let new = match Origin::of(&uri) {
+        Some(origin) => format!("{origin}{path}{query}"),
+        None => format!("{path}{query}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&new) {
+        headers.insert(header::LOCATION, v);
     }
 }
 

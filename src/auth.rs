@@ -11,7 +11,6 @@
 //! Secrets never reach a log line, an error or `Debug`: only whether `Authorization` arrived, its
 //! scheme and the Basic username are logged.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -28,9 +27,7 @@ use crate::body::{self, ProxyBody};
 use crate::challenge;
 use crate::config::Origin;
 use crate::error::Error;
-use crate::mint::{
-    read_small, sensitive_header, token_from_answer, upstream_token, Caller, Minter,
-};
+use crate::mint::{read_small, sensitive_header, token_from_answer, upstream_token, Caller};
 use crate::proxy;
 use crate::session::{unix_now, Kind, Session, TOKEN_PREFIX};
 use crate::upstream::UpstreamBody;
@@ -38,33 +35,61 @@ use crate::upstream::UpstreamBody;
 /// The token realm path regrelay serves.
 pub const TOKEN_PATH: &str = "/jwt/auth";
 
+/// The upstream a token request is for, as [`Lanes::pick`] decides it.
+pub struct Picked<'a> {
+    /// Its sessions, tokens and token service.
+    pub access: &'a Access,
+    /// Its name, as sealed into sessions (empty for the default upstream).
+    pub upstream: String,
+    /// The scopes in the upstream's own names (a mirror segment removed, a prefix added).
+    pub scopes: Vec<String>,
+    /// True when the request's scopes or upstream differ from what the client asked: the
+    /// token service then gets a query built from `scopes` and the upstream's own service.
+    pub translated: bool,
+}
+
+/// Picks the upstream of a token request from its scopes and `ns` (see [`crate::mirror`]).
+pub trait Lanes {
+    /// The upstream for `scopes` (client form) and the realm's `ns`, if any.
+    fn pick(&self, scopes: &[String], ns: Option<&str>) -> Result<Picked<'_>, Error>;
+}
+
 /// The `/jwt/auth` endpoint.
 pub struct Auth {
-    minter: Arc<Minter>,
     session_lifetime: Duration,
 }
 
 impl Auth {
-    /// The endpoint, minting through `minter`; sessions live `session_lifetime`.
-    pub fn new(minter: Arc<Minter>, session_lifetime: Duration) -> Auth {
-        Auth {
-            minter,
-            session_lifetime,
-        }
+    /// The endpoint; sessions live `session_lifetime`.
+    pub fn new(session_lifetime: Duration) -> Auth {
+        Auth { session_lifetime }
     }
 
     /// Serves `GET|POST /jwt/auth`.
     pub async fn token_endpoint(
         &self,
         req: Request<Incoming>,
-        access: &Access,
+        lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
     ) -> Result<Response<ProxyBody>, Error> {
         if req.method() == Method::POST {
-            return self.oauth(req, access, public, forwarded_for).await;
+            return self.oauth(req, lanes, public, forwarded_for).await;
         }
-        let query = req.uri().query().unwrap_or("").to_owned();
+        let client_query = req.uri().query().unwrap_or("").to_owned();
+        let ns = crate::mirror::ns_param(Some(&client_query));
+        let picked = lanes.pick(&challenge::scopes_from_query(&client_query), ns.as_deref())?;
+        let access = picked.access;
+        let client_service = challenge::query_values(&client_query, "service")
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let (query, service) = if picked.translated {
+            let service = access.minter().service().await.unwrap_or(client_service);
+            (challenge::token_query(&service, &picked.scopes), service)
+        } else {
+            (client_query, client_service)
+        };
         let mut authorization = req.headers().get(header::AUTHORIZATION).cloned();
         if bearer_token(req.headers()).is_some_and(|t| t.starts_with(TOKEN_PREFIX)) {
             // A regrelay session is not a GitLab credential: it never leaves regrelay.
@@ -76,25 +101,22 @@ impl Auth {
             forwarded_for,
             user_agent: req.headers().get(header::USER_AGENT),
         };
-        let resp = self
-            .minter
+        let resp = access
+            .minter()
             .fetch(&query, authorization.as_ref(), &caller)
             .await?;
         if resp.status() != StatusCode::OK {
             return Ok(pass_through(resp));
         }
         let jwt = token_from_answer(resp.into_body()).await?;
-        let service = challenge::query_values(&query, "service")
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let session = Session::new(
+        let mut session = Session::new(
             Kind::Access,
             authorization.map(|a| a.as_bytes().to_vec()),
             service,
-            challenge::scopes_from_query(&query),
+            picked.scopes,
             self.session_lifetime,
         );
+        session.upstream = picked.upstream;
         answer(access, session, &jwt, public, None)
     }
 
@@ -102,10 +124,11 @@ impl Auth {
     async fn oauth(
         &self,
         req: Request<Incoming>,
-        access: &Access,
+        lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
     ) -> Result<Response<ProxyBody>, Error> {
+        let ns = crate::mirror::ns_param(req.uri().query());
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let form = read_small(req.into_body())
             .await
@@ -114,8 +137,13 @@ impl Auth {
             })?;
         let form = Zeroizing::new(String::from_utf8_lossy(&form).into_owned());
         let field = |k: &str| challenge::query_values(&form, k).into_iter().next();
-        let scopes = challenge::scopes_from_query(&form);
-        let service = field("service").unwrap_or_default();
+        let picked = lanes.pick(&challenge::scopes_from_query(&form), ns.as_deref())?;
+        let access = picked.access;
+        let scopes = picked.scopes;
+        let mut service = field("service").unwrap_or_default();
+        if picked.translated {
+            service = access.minter().service().await.unwrap_or(service);
+        }
         let grant = field("grant_type").unwrap_or_default();
         let (authorization, refresh_token) = match grant.as_str() {
             "password" => {
@@ -162,21 +190,22 @@ impl Auth {
             forwarded_for,
             user_agent: user_agent.as_ref(),
         };
-        let resp = self
-            .minter
+        let resp = access
+            .minter()
             .fetch(&query, auth_header.as_ref(), &caller)
             .await?;
         if resp.status() != StatusCode::OK {
             return Ok(pass_through(resp));
         }
         let jwt = token_from_answer(resp.into_body()).await?;
-        let session = Session::new(
+        let mut session = Session::new(
             Kind::Access,
             authorization,
             service,
             scopes,
             self.session_lifetime,
         );
+        session.upstream = picked.upstream;
         answer(access, session, &jwt, public, Some(refresh_token))
     }
 }

@@ -235,6 +235,53 @@ pub struct ConfigFile {
     /// Upload splitting: auto, always or never [default: auto].
     #[arg(long, env = "REGRELAY_UPLOAD_SPLIT")]
     pub upload_split: Option<UploadSplit>,
+    /// More upstreams for the mirror endpoint: NAME=URL, NAME being the registry host clients
+    /// use (`docker.io`, `ghcr.io`) or a short alias; the URL may end in `/v2/<prefix>` (a
+    /// repository prefix, e.g. a GitLab group's dependency proxy). Repeatable; env:
+    /// comma-separated. TOML: `[[upstream]]` tables.
+    #[arg(long = "upstream", env = "REGRELAY_UPSTREAM", value_delimiter = ',')]
+    #[serde(skip)]
+    pub upstream: Option<Vec<String>>,
+    /// `[[upstream]]` tables of the TOML file (name, url, token_realm, credentials_file, ca).
+    #[arg(skip)]
+    #[serde(rename = "upstream")]
+    pub upstream_tables: Option<Vec<UpstreamTable>>,
+    /// NAME=FILE: pull credentials (`username:token`, mode 0600) regrelay uses for that
+    /// upstream when a client sends none. Repeatable; env: comma-separated.
+    #[arg(
+        long = "upstream-credentials",
+        env = "REGRELAY_UPSTREAM_CREDENTIALS",
+        value_delimiter = ','
+    )]
+    pub upstream_credentials: Option<Vec<String>>,
+    /// CIDRs of clients that get injected credentials [default: 127.0.0.0/8,::1/128].
+    /// Repeatable; env: comma-separated.
+    #[arg(
+        long = "inject-credentials-for",
+        env = "REGRELAY_INJECT_CREDENTIALS_FOR",
+        value_delimiter = ','
+    )]
+    pub inject_credentials_for: Option<Vec<String>>,
+    /// The upstream that serves requests naming none (dockerd's Docker Hub `registry-mirrors`
+    /// form) [default: the --registry upstream].
+    #[arg(long, env = "REGRELAY_ROOT_UPSTREAM")]
+    pub root_upstream: Option<String>,
+}
+
+/// An `[[upstream]]` table of the TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTable {
+    /// The registry host clients use, or an alias.
+    pub name: String,
+    /// Base URL, optionally ending in `/v2/<repository prefix>`.
+    pub url: String,
+    /// Its token realm, when it should not be asked of the registry.
+    pub token_realm: Option<String>,
+    /// Pull credentials file (`username:token`).
+    pub credentials_file: Option<PathBuf>,
+    /// Extra CA bundle for this upstream.
+    pub ca: Option<PathBuf>,
 }
 
 /// Picks each field from `$a` when set, else from `$b`.
@@ -290,6 +337,11 @@ impl ConfigFile {
             token_cache_max_entries,
             upload_chunk_max,
             upload_split,
+            upstream,
+            upstream_tables,
+            upstream_credentials,
+            inject_credentials_for,
+            root_upstream,
         )
     }
 }
@@ -305,6 +357,26 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<String, String> {
         return Err(format!("larger than {max} bytes"));
     }
     Ok(text)
+}
+
+/// Reads a secret file (session keys, credentials): refused when group or others may read or
+/// write it, and read with a size bound.
+pub fn read_private(path: &Path, max: u64) -> Result<String, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {:04o} lets group or others read it; `chmod 600` it (Kubernetes: defaultMode: 0400)",
+                mode & 0o7777
+            ));
+        }
+    }
+    read_bounded(path, max)
 }
 
 /// A scheme + authority (no path): the upstream registry, or the public URL of this proxy.
@@ -515,10 +587,12 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// File descriptors the process needs at most: clients, upstream connections (plus token
-    /// service connections, bounded alike), and a margin for listeners, files and logs.
-    pub fn fds_needed(&self) -> u64 {
-        (self.max_connections + 2 * self.max_upstream_connections + 64) as u64
+    /// File descriptors the process needs at most with `upstreams` upstreams: clients, each
+    /// upstream's connections (plus its token service's, bounded alike), and a margin for
+    /// listeners, files and logs.
+    pub fn fds_needed(&self, upstreams: usize) -> u64 {
+        let per_upstream = 2 * self.max_upstream_connections as u64;
+        self.max_connections as u64 + per_upstream * upstreams.max(1) as u64 + 64
     }
 }
 
@@ -566,6 +640,38 @@ pub struct Config {
     pub upload_chunk_max: Option<u64>,
     /// Upload splitting mode.
     pub upload_split: UploadSplit,
+    /// Every upstream; the first is the `--registry` one (the default).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Index of the upstream serving requests that name none.
+    pub root_upstream: usize,
+    /// Clients that get injected pull credentials.
+    pub inject_credentials_for: Vec<Cidr>,
+}
+
+/// One upstream registry of the mirror endpoint.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Its name (lowercase): the registry host clients use, or an alias.
+    pub name: String,
+    /// More names that route to it (the default upstream also answers to the public URL's host).
+    pub aliases: Vec<String>,
+    /// Its origin.
+    pub origin: Origin,
+    /// Repository prefix prepended to names on the way up (no leading or trailing `/`).
+    pub prefix: String,
+    /// Its token realm, when configured.
+    pub token_realm: Option<Uri>,
+    /// Pull credentials file, when regrelay holds one for it.
+    pub credentials_file: Option<PathBuf>,
+    /// Extra CA bundle for it.
+    pub ca: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    /// True when `name` (lowercase) is this upstream's name or an alias.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name || self.aliases.iter().any(|a| a == name)
+    }
 }
 
 impl Config {
@@ -764,6 +870,15 @@ impl TryFrom<ConfigFile> for Config {
             DEFAULT_TOKEN_CACHE_MAX_ENTRIES,
             (1, 100_000_000),
         )?;
+        let (upstreams, root_upstream) =
+            upstreams(&raw, &registry, public_url.as_ref(), &token_realm)?;
+        let inject_credentials_for = match &raw.inject_credentials_for {
+            Some(_) => list(&raw.inject_credentials_for, Cidr::parse)?,
+            None => vec![
+                Cidr::parse("127.0.0.0/8").expect("a valid CIDR"),
+                Cidr::parse("::1/128").expect("a valid CIDR"),
+            ],
+        };
         let upload_chunk_max = raw
             .upload_chunk_max
             .map(|n| bounded("upload_chunk_max", Some(n), n, (1, u64::MAX)))
@@ -785,8 +900,152 @@ impl TryFrom<ConfigFile> for Config {
             token_cache_max_entries,
             upload_chunk_max,
             upload_split: raw.upload_split.unwrap_or_default(),
+            upstreams,
+            root_upstream,
+            inject_credentials_for,
         })
     }
+}
+
+/// An upstream name: a registry host[:port] or an alias, lowercase, no `/`.
+fn upstream_name(s: &str) -> Result<String, ConfigError> {
+    let name = s.trim().to_ascii_lowercase();
+    let ok = !name.is_empty()
+        && name != "v2"
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    if !ok {
+        return Err(invalid(
+            "upstream",
+            format!("{s:?}: a name is a registry host[:port] or an alias ([a-z0-9.-_:])"),
+        ));
+    }
+    Ok(name)
+}
+
+/// Splits `https://host/v2/<prefix>` into the origin and the repository prefix.
+fn upstream_url(key: &'static str, s: &str) -> Result<(Origin, String), ConfigError> {
+    let uri: Uri = s.parse().map_err(|e| invalid(key, format!("{s:?}: {e}")))?;
+    let path = uri.path().trim_end_matches('/');
+    let prefix = match path {
+        "" | "/v2" => String::new(),
+        p => p.strip_prefix("/v2/").map(str::to_owned).ok_or_else(|| {
+            invalid(
+                key,
+                format!("{s:?}: a path must be /v2/<repository prefix>"),
+            )
+        })?,
+    };
+    let canonical = prefix.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    });
+    if (!prefix.is_empty() && !canonical) || uri.query().is_some() {
+        return Err(invalid(
+            key,
+            format!("{s:?}: not a canonical repository prefix"),
+        ));
+    }
+    let base = format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.authority().map(|a| a.as_str()).unwrap_or("")
+    );
+    Ok((Origin::parse(key, &base)?, prefix))
+}
+
+/// The upstream table: the default (`--registry`) first, then `--upstream` flags and
+/// `[[upstream]]` tables; names unique; credentials attached; the root picked.
+fn upstreams(
+    raw: &ConfigFile,
+    registry: &Origin,
+    public: Option<&Origin>,
+    token_realm: &Option<Uri>,
+) -> Result<(Vec<UpstreamConfig>, usize), ConfigError> {
+    let mut all = vec![UpstreamConfig {
+        name: registry.authority().as_str().to_ascii_lowercase(),
+        aliases: public
+            .map(|p| p.authority().as_str().to_ascii_lowercase())
+            .into_iter()
+            .collect(),
+        origin: registry.clone(),
+        prefix: String::new(),
+        token_realm: token_realm.clone(),
+        credentials_file: None,
+        ca: raw.upstream_ca.clone(),
+    }];
+    for spec in raw
+        .upstream
+        .iter()
+        .flatten()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let (name, url) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid("upstream", format!("{spec:?}: want NAME=URL")))?;
+        let (origin, prefix) = upstream_url("upstream", url.trim())?;
+        all.push(UpstreamConfig {
+            name: upstream_name(name)?,
+            aliases: vec![],
+            origin,
+            prefix,
+            token_realm: None,
+            credentials_file: None,
+            ca: None,
+        });
+    }
+    for t in raw.upstream_tables.iter().flatten() {
+        let (origin, prefix) = upstream_url("upstream", &t.url)?;
+        all.push(UpstreamConfig {
+            name: upstream_name(&t.name)?,
+            aliases: vec![],
+            origin,
+            prefix,
+            token_realm: t.token_realm.as_deref().map(parse_realm).transpose()?,
+            credentials_file: t.credentials_file.clone(),
+            ca: t.ca.clone(),
+        });
+    }
+    let find = |all: &[UpstreamConfig], name: &str| all.iter().position(|u| u.answers_to(name));
+    for (i, u) in all.iter().enumerate() {
+        if let Some(j) = find(&all[..i], &u.name) {
+            return Err(invalid(
+                "upstream",
+                format!(
+                    "{:?} names two upstreams ({} and {})",
+                    u.name, all[j].origin, u.origin
+                ),
+            ));
+        }
+    }
+    for spec in raw
+        .upstream_credentials
+        .iter()
+        .flatten()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let (name, file) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid("upstream_credentials", format!("{spec:?}: want NAME=FILE")))?;
+        let i = find(&all, &name.trim().to_ascii_lowercase()).ok_or_else(|| {
+            invalid(
+                "upstream_credentials",
+                format!("{name:?} names no upstream"),
+            )
+        })?;
+        all[i].credentials_file = Some(PathBuf::from(file.trim()));
+    }
+    let root = match &raw.root_upstream {
+        Some(name) => find(&all, &name.trim().to_ascii_lowercase())
+            .ok_or_else(|| invalid("root_upstream", format!("{name:?} names no upstream")))?,
+        None => 0,
+    };
+    Ok((all, root))
 }
 
 fn parse_realm(s: &str) -> Result<Uri, ConfigError> {

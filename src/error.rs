@@ -111,6 +111,19 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A mirror request names a registry no upstream serves (`ns`): 404 `NAME_UNKNOWN` with no
+    /// challenge, so containerd tries its next host without sending credentials.
+    #[error("no upstream serves {ns}")]
+    NameUnknown {
+        /// The registry host asked for.
+        ns: String,
+    },
+    /// A request regrelay does not serve in this form (a push through a mirror form).
+    #[error("{reason}")]
+    Unsupported {
+        /// What and why.
+        reason: &'static str,
+    },
     /// A bound on concurrent work is reached; the client should retry shortly (503 +
     /// `Retry-After`).
     #[error("regrelay is at its limit of {what}; retry shortly")]
@@ -207,6 +220,8 @@ impl Error {
     pub fn blame(&self) -> Blame {
         match self {
             Error::NotFound { .. }
+            | Error::NameUnknown { .. }
+            | Error::Unsupported { .. }
             | Error::MethodNotAllowed { .. }
             | Error::Refused { .. }
             | Error::ClientIdle { .. }
@@ -231,7 +246,10 @@ impl Error {
     /// does not answer in time is 504, and a bound reached is 503.
     pub fn status(&self) -> StatusCode {
         match (self.blame(), self) {
-            (Blame::Client, Error::NotFound { .. }) => StatusCode::NOT_FOUND,
+            (Blame::Client, Error::NotFound { .. } | Error::NameUnknown { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            (Blame::Client, Error::Unsupported { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             (Blame::Client, Error::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
             (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
@@ -262,7 +280,11 @@ impl Error {
         match (self.blame(), self) {
             (_, Error::Mint(MintFailure::Busy { status: 429, .. })) => "TOOMANYREQUESTS",
             (Blame::Upstream, _) | (_, Error::Overloaded { .. }) => "UNAVAILABLE",
-            (_, Error::NotFound { .. } | Error::MethodNotAllowed { .. }) => "UNSUPPORTED",
+            (_, Error::NameUnknown { .. }) => "NAME_UNKNOWN",
+            (
+                _,
+                Error::NotFound { .. } | Error::MethodNotAllowed { .. } | Error::Unsupported { .. },
+            ) => "UNSUPPORTED",
             (_, Error::Refused { .. }) => "DENIED",
             (_, Error::Unauthorized { .. }) => "UNAUTHORIZED",
             _ => "UNKNOWN",

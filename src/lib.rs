@@ -6,7 +6,8 @@
 //! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
 //! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
-//! Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
+//! Several upstreams (the mirror endpoint): [`mirror`] (pure: which upstream a request is for)
+//! and [`injected`] (pull credentials regrelay holds). Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
 //! [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
@@ -23,7 +24,9 @@ pub mod body;
 pub mod challenge;
 pub mod config;
 pub mod error;
+pub mod injected;
 pub mod mint;
+pub mod mirror;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(config.log_format);
-    match server::raise_fd_limit(&config.limits) {
+    match server::raise_fd_limit(&config.limits, config.upstreams.len()) {
         Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
         Err(err) => {
             tracing::error!(error = %err, "refusing to start");

@@ -47,6 +47,7 @@ pub struct Minter {
     registry: Upstream,
     client: Upstream,
     realm: RwLock<Option<Uri>>,
+    service: RwLock<Option<String>>,
     allow: Vec<AllowedOrigin>,
     timeout: Duration,
     listen: SocketAddr,
@@ -54,12 +55,14 @@ pub struct Minter {
 }
 
 impl Minter {
-    /// `registry` is asked for its realm; `client` carries token requests.
-    pub fn new(cfg: &Config, registry: Upstream, client: Upstream) -> Minter {
+    /// For an upstream whose realm is `realm` (configured) or asked of `registry`; `client`
+    /// carries token requests.
+    pub fn new(cfg: &Config, realm: Option<Uri>, registry: Upstream, client: Upstream) -> Minter {
         Minter {
             registry,
             client,
-            realm: RwLock::new(cfg.token_realm.clone()),
+            realm: RwLock::new(realm),
+            service: RwLock::new(None),
             allow: cfg.auth_redirect_allow.clone(),
             timeout: cfg.timeouts.token_request,
             listen: cfg.listen,
@@ -72,16 +75,38 @@ impl Minter {
         if let Some(r) = self.realm.read().expect("realm lock").clone() {
             return Ok(r);
         }
+        self.probe().await
+    }
+
+    /// The `service` the registry announces (asked once), if it names one.
+    pub async fn service(&self) -> Option<String> {
+        if let Some(s) = self.service.read().expect("service lock").clone() {
+            return Some(s);
+        }
+        let _ = self.probe().await;
+        self.service.read().expect("service lock").clone()
+    }
+
+    /// Asks the registry's `GET /v2/` for its challenge: learns its service, and its realm when
+    /// none is configured.
+    async fn probe(&self) -> Result<Uri, Error> {
         let unknown = || Error::RealmUnknown {
             upstream: self.registry.origin().to_string(),
         };
         let resp = self.registry.probe_response().await?;
-        let announced = resp
+        let challenge = resp
             .headers()
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
-            .filter_map(|v| v.to_str().ok().and_then(Challenge::parse))
-            .find_map(|c| c.get("realm").and_then(|r| r.parse::<Uri>().ok()));
+            .find_map(|v| v.to_str().ok().and_then(Challenge::parse))
+            .ok_or_else(unknown)?;
+        if let Some(service) = challenge.get("service") {
+            *self.service.write().expect("service lock") = Some(service.to_owned());
+        }
+        if let Some(r) = self.realm.read().expect("realm lock").clone() {
+            return Ok(r);
+        }
+        let announced = challenge.get("realm").and_then(|r| r.parse::<Uri>().ok());
         let realm = announced.ok_or_else(unknown)?;
         let origin = Origin::of(&realm).ok_or_else(unknown)?;
         if let Err(err) = config::refuse_self_realm(&origin, self.listen, self.public.as_ref()) {
@@ -357,7 +382,7 @@ mod tests {
         .unwrap();
         let tls = crate::tls::client_config(None).unwrap();
         let up = Upstream::new(&cfg, tls, cfg.registry.clone());
-        let m = Minter::new(&cfg, up.clone(), up);
+        let m = Minter::new(&cfg, None, up.clone(), up);
         let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
         let cases = [
             (

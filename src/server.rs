@@ -625,15 +625,16 @@ impl<I: Socket> AsyncWrite for Deadlined<I> {
 
 /// Raises the soft open-file limit to the hard one and checks that the configured bounds fit
 /// in it; returns the limit in force.
-pub fn raise_fd_limit(limits: &Limits) -> Result<u64, String> {
+pub fn raise_fd_limit(limits: &Limits, upstreams: usize) -> Result<u64, String> {
     let got = rlimit::increase_nofile_limit(u64::MAX)
         .map_err(|e| format!("cannot read or raise RLIMIT_NOFILE: {e}"))?;
-    let needed = limits.fds_needed();
+    let needed = limits.fds_needed(upstreams);
     if needed > got {
         return Err(format!(
             "the open-file limit is {got}, but --max-connections {} and \
              --max-upstream-connections {} need {needed} (connections, upstream and token \
-             service sockets, plus 64); raise LimitNOFILE / ulimit -n or lower the bounds",
+             service sockets of every upstream, plus 64); raise LimitNOFILE / ulimit -n or \
+             lower the bounds",
             limits.max_connections, limits.max_upstream_connections
         ));
     }

@@ -67,6 +67,10 @@ pub struct Session {
     /// Expires at, Unix seconds.
     #[zeroize(skip)]
     pub exp: u64,
+    /// The upstream it is bound to (its name; empty for the default upstream, as sealed before
+    /// there were several).
+    #[serde(default)]
+    pub upstream: String,
 }
 
 impl std::fmt::Debug for Session {
@@ -81,6 +85,7 @@ impl std::fmt::Debug for Session {
             .field("service", &self.service)
             .field("scopes", &self.scopes)
             .field("exp", &self.exp)
+            .field("upstream", &self.upstream)
             .finish()
     }
 }
@@ -105,6 +110,7 @@ impl Session {
             scopes,
             iat,
             exp: iat + lifetime.as_secs(),
+            upstream: String::new(),
         }
     }
 }
@@ -234,9 +240,8 @@ impl KeyRing {
             key: "session_key_file",
             reason: format!("{}: {reason}", path.display()),
         };
-        check_private(path).map_err(invalid)?;
         let text =
-            Zeroizing::new(crate::config::read_bounded(path, MAX_KEY_FILE_BYTES).map_err(invalid)?);
+            Zeroizing::new(crate::config::read_private(path, MAX_KEY_FILE_BYTES).map_err(invalid)?);
         let mut keys = Zeroizing::new(Vec::new());
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -338,28 +343,6 @@ impl KeyRing {
         }
         Ok(session)
     }
-}
-
-/// Refuses a key file that group or others may read (or write).
-#[cfg(unix)]
-fn check_private(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| e.to_string())?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "mode {:04o} lets group or others read it; `chmod 600` it (Kubernetes: defaultMode: 0400)",
-            mode & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(_path: &Path) -> Result<(), String> {
-    Ok(())
 }
 
 fn aad(kid: &str, public_url: &str) -> Vec<u8> {

@@ -54,7 +54,7 @@ fuzz_target!(|text: &str| {
     let l = c.limits;
     assert!(l.max_connections >= 1 && l.max_requests >= 1 && l.max_upstream_connections >= 1);
     assert!(l.h2_max_concurrent_streams >= 1 && l.max_header_bytes >= 8192);
-    assert!(l.fds_needed() < u64::MAX);
+    assert!(l.fds_needed(c.upstreams.len()) < u64::MAX);
     assert!(
         c.session_lifetime >= Duration::from_secs(1) && c.session_lifetime <= MAX_SESSION_LIFETIME
     );
