@@ -1,6 +1,6 @@
 //! The request handler: routes a request, runs the matching handler, and turns any error into
 //! the registry's JSON error format. Following the outer/inner split, [`App::handle`] logs and
-//! builds synthetic responses; [`App::handle_inner`] returns `Result` and uses `?`.
+//! builds synthetic responses; `App::handle_inner` returns `Result` and uses `?`.
 //!
 //! [`App::new`] builds everything the config only names (TLS configs, the session key ring, the
 //! upstream clients) and fails with a [`ConfigError`] before any port is bound.

@@ -1,7 +1,7 @@
 //! The token realm regrelay serves on the public URL: `GET|POST /jwt/auth`.
 //!
 //! - `GET /jwt/auth` goes to the upstream realm with the client's `Authorization` byte-for-byte
-//!   and the query unchanged (redirects are followed by [`Minter::fetch`], only to allowed
+//!   and the query unchanged (redirects are followed by [`crate::mint::Minter::fetch`], only to allowed
 //!   origins). GitLab's refusals, rate limits and outages pass through unchanged (status,
 //!   `Retry-After` and message). A regrelay session token presented here is never forwarded.
 //! - `POST /jwt/auth` (OAuth2 password / refresh_token grants, tried first by containerd) becomes

@@ -135,7 +135,7 @@ pub struct ConfigFile {
     /// Address to listen on [default: 0.0.0.0:5000]. Port 0 binds an ephemeral port (logged).
     #[arg(long, env = "REGRELAY_LISTEN")]
     pub listen: Option<String>,
-    /// Upstream registry base URL, http or https (e.g. https://registry.gitlab.example.com).
+    /// Upstream registry base URL, http or https (e.g. `https://registry.gitlab.example.com`).
     #[arg(long, env = "REGRELAY_REGISTRY")]
     pub registry: Option<String>,
     /// URL clients use to reach regrelay; rewrites `Location`. Default: the request's Host and scheme.
@@ -201,7 +201,7 @@ pub struct ConfigFile {
     /// realm the registry announces when regrelay itself asks it (never a proxied answer).
     #[arg(long, env = "REGRELAY_TOKEN_REALM")]
     pub token_realm: Option<String>,
-    /// SCHEME://HOST[:PORT] the token service may redirect to with the client's credentials,
+    /// `SCHEME://HOST[:PORT]`: the token service may redirect to with the client's credentials,
     /// besides the realm's own origin and its https upgrade. Repeatable; env: comma-separated.
     #[arg(
         long = "auth-redirect-allow",

@@ -10,7 +10,7 @@
 //!   `--idle-timeout-secs`, then the connection is closed gracefully;
 //! - HTTP/2 peers that stop answering pings: `--h2-keepalive-secs`;
 //! - a client that stops reading a response: a write that cannot progress for
-//!   `--body-idle-timeout-secs` fails the connection ([`Deadlined`]), which frees the upstream
+//!   `--body-idle-timeout-secs` fails the connection (`Deadlined`), which frees the upstream
 //!   connection it pinned.
 //!
 //! At `--max-connections`, connections that hold a slot without using it are asked to leave: no

@@ -398,3 +398,101 @@ async fn injected_credentials_serve_anonymous_pulls_from_allowed_addresses_only(
         assert_eq!(status, want, "after writing {token}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_pulls_by_ns_and_override_path_and_falls_back_on_unknown_ns() {
+    use support::containerd::{hosts_dir, Containerd};
+    let w = world().await;
+    let px = w.relay(&[]);
+    // A third registry, open, that only containerd's fallback `server` reaches.
+    let quay = Registry::start_open();
+    let other = OciImage::random(104, &[512 << 10]);
+    let (src, dest) = (
+        other.reference(),
+        format!("docker://{}/org/tool:2", quay.addr),
+    );
+    let seeded = tokio::task::spawn_blocking(move || {
+        skopeo(&["copy", "--dest-tls-verify=false", &src, &dest])
+    })
+    .await
+    .unwrap();
+    assert!(seeded.status.success(), "{}", text(&seeded));
+    let quay_hosts = format!(
+        "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        quay.addr, px.addr
+    );
+    let dir = hosts_dir(&[
+        (
+            "ghcr.io",
+            &snippet("mirror/containerd/ghcr.io/hosts.toml", px.addr),
+        ),
+        (
+            "docker.io",
+            &snippet("mirror/containerd/docker.io/hosts.toml", px.addr),
+        ),
+        ("quay.io", &quay_hosts),
+    ]);
+    let ctr = tokio::task::spawn_blocking(Containerd::start)
+        .await
+        .unwrap();
+    let hosts = dir.path().to_owned();
+    let ctr = tokio::task::spawn_blocking(move || {
+        for (reference, user) in [
+            ("ghcr.io/library/alpine:3", None),
+            (
+                "docker.io/library/busybox:1",
+                Some(format!("{HUB_USER}:{HUB_PAT}")),
+            ),
+            ("quay.io/org/tool:2", None),
+        ] {
+            let out = ctr.pull(reference, &hosts, user.as_deref());
+            assert!(
+                out.status.success(),
+                "{reference}: {}\n{}",
+                text(&out),
+                ctr.log()
+            );
+        }
+        ctr
+    })
+    .await
+    .unwrap();
+    let content = ctr.content();
+    for image in [&w.alpine, &w.busybox, &other] {
+        for (digest, _) in &image.layers {
+            assert!(
+                content.contains(digest),
+                "{digest} missing from {content:?}"
+            );
+        }
+    }
+    let log = px.output.text();
+    // ns form and override_path form both came through regrelay.
+    assert!(log.contains("path=/v2/library/alpine/manifests/3"), "{log}");
+    assert!(
+        log.contains("path=/v2/docker.io/library/busybox/manifests/1"),
+        "{log}"
+    );
+    // The unknown namespace was a 404 with no challenge, and no token was ever asked for it.
+    let quay_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/v2/org/tool/"))
+        .collect();
+    assert!(
+        !quay_lines.is_empty(),
+        "containerd asked regrelay first: {log}"
+    );
+    assert!(
+        quay_lines.iter().all(|l| l.contains("status=404")),
+        "{quay_lines:?}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("token request") && l.contains("quay")),
+        "a credential was asked for an unknown namespace"
+    );
+    assert!(
+        quay.log.text().contains("/v2/org/tool/manifests/2"),
+        "the fallback served it"
+    );
+}

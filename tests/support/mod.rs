@@ -5,6 +5,7 @@
 //! - [`OciImage`], [`skopeo`], [`docker`]: real clients and images they can push.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod gitlab;
 pub mod nginx;
 pub mod relay;
