@@ -6,6 +6,15 @@
 //! Faults can be injected while it runs: every answer a given error status ([`GitLab::fail_with`],
 //! as GitLab's rate limiter or a maintenance window answers before any routing), a delay before
 //! every answer ([`GitLab::delay`]), or no service at all ([`GitLab::stop`]).
+//!
+//! Optionally ([`GitLabBuilder::dependency_proxy`]) it is also a group's **Dependency Proxy**, on
+//! its own address as GitLab serves it: `/v2/<group>/dependency_proxy/containers/<image>/…`
+//! (manifests and blobs, GET and HEAD), proxied from a real backing registry (playing Docker Hub)
+//! that the stand-in pulls from as itself, with registry tokens it mints for itself. Its
+//! challenge names `/jwt/auth` with `service="dependency_proxy"`; `/jwt/auth` then mints DP
+//! tokens (never for anonymous callers: 403), which only the stand-in verifies (`exp` with 1 s
+//! leeway, signature, audience) and honours for group members only (403 otherwise). See
+//! [`GitLabBuilder::dependency_proxy`] for the rules and [`CiJob`] for CI credentials.
 //! Test and demo support only: it is not part of the regrelay binary.
 
 use std::collections::HashMap;
@@ -18,19 +27,35 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ring::rand::SystemRandom;
-use ring::signature::{KeyPair, RsaKeyPair, RSA_PKCS1_SHA256};
+use ring::signature::{
+    KeyPair, RsaKeyPair, UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256,
+};
 use sha2::{Digest, Sha256};
 
 /// The issuer the test registry is configured to trust.
 pub const ISSUER: &str = "gitlab-issuer";
 /// GitLab's registry service name.
 pub const SERVICE: &str = "container_registry";
+/// GitLab's Dependency Proxy service name (the `service` of its challenge and token requests,
+/// and the `aud` of its tokens).
+pub const DP_SERVICE: &str = "dependency_proxy";
+/// Leeway the Dependency Proxy allows on a token's `exp` and `nbf` (GitLab's JWT check has none;
+/// one second absorbs the whole-second claims).
+pub const DP_LEEWAY_SECS: u64 = 1;
+/// Lifetime of the registry tokens the Dependency Proxy mints for itself (backing pulls).
+const BACKING_TOKEN_SECS: u64 = 60;
+
+/// A response body of the stand-in: small answers in full, Dependency Proxy content streamed.
+type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A project member's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,7 +122,9 @@ pub struct Project {
     pub members: HashMap<String, Role>,
 }
 
-/// What the service saw of one token request (for assertions).
+/// What the service saw of one token request (for assertions). Dependency Proxy token requests
+/// (`service=dependency_proxy`) are recorded here too; Dependency Proxy registry requests
+/// (`/v2/…`) are in [`GitLab::dp_requests`].
 #[derive(Debug, Clone)]
 pub struct Seen {
     /// Method.
@@ -116,6 +143,34 @@ pub struct Seen {
     pub query: String,
 }
 
+/// A group's Dependency Proxy, as configured.
+#[derive(Debug, Clone)]
+struct DpGroup {
+    /// e.g. `my-group`.
+    path: String,
+    /// user → role (the group is private: only members, and the group's deploy tokens and CI
+    /// jobs, may use its Dependency Proxy).
+    members: HashMap<String, Role>,
+    /// The registry it pulls from (plays Docker Hub).
+    backing: SocketAddr,
+}
+
+/// What the Dependency Proxy saw of one registry request (`/v2/…`), for assertions.
+#[derive(Debug, Clone)]
+pub struct DpRequest {
+    /// Method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// Who the request's DP token names (`user:<name>`, `deploy:<username>`,
+    /// `job:<project>:<user>`), when it carried a valid one.
+    pub identity: Option<String>,
+    /// Answered status.
+    pub status: u16,
+    /// The raw `Authorization` header (test memory only).
+    pub authorization: Option<Vec<u8>>,
+}
+
 struct State {
     key: RsaKeyPair,
     kid: String,
@@ -123,6 +178,11 @@ struct State {
     credentials: Mutex<Vec<Credential>>,
     projects: Vec<Project>,
     mints: AtomicUsize,
+    addr: SocketAddr,
+    dp: Vec<DpGroup>,
+    dp_mints: AtomicUsize,
+    dp_requests: Mutex<Vec<DpRequest>>,
+    backing_client: Client<HttpConnector, Empty<Bytes>>,
     seen: Mutex<Vec<Seen>>,
     issued: Mutex<Vec<String>>,
     attempts: AtomicUsize,
@@ -144,6 +204,7 @@ pub struct GitLabBuilder {
     lifetime: Duration,
     credentials: Vec<Credential>,
     projects: Vec<Project>,
+    dp: Vec<DpGroup>,
 }
 
 /// A running token service on 127.0.0.1:0; stops when dropped.
@@ -166,6 +227,7 @@ pub fn gitlab() -> GitLabBuilder {
         lifetime: Duration::from_secs(300),
         credentials: vec![],
         projects: vec![],
+        dp: vec![],
     }
 }
 
@@ -210,12 +272,48 @@ impl GitLabBuilder {
         self
     }
 
-    /// Binds 127.0.0.1:0 and serves `/jwt/auth`.
+    /// Makes the private group `group` a Dependency Proxy on the stand-in's own address, backed
+    /// by the registry at `backing` (a real `docker-registry` trusting the stand-in's signing
+    /// certificate, e.g. `Registry::start(&gl.realm())`, playing Docker Hub). GitLab's behaviour:
+    /// - `GET /v2/`: 401 `Bearer realm="http://<stand-in>/jwt/auth",service="dependency_proxy"`
+    ///   without a valid DP token, `200 {}` with one.
+    /// - `GET|HEAD /v2/<group>/dependency_proxy/containers/<image>/manifests/<ref>` and
+    ///   `…/blobs/<digest>`: no token (or not a Bearer one) → 401 with that challenge plus
+    ///   `scope="repository:<group>/dependency_proxy/containers/<image>:pull"`; an expired
+    ///   (past `exp` + [`DP_LEEWAY_SECS`]), forged, or other-service token → the same 401 with
+    ///   `error="invalid_token"`; an unknown group → 404; a valid token whose holder may not use
+    ///   the group → 403 `DENIED` "access forbidden". Otherwise the stand-in GETs (or HEADs)
+    ///   `<image>` from `backing` with a registry token it mints itself for
+    ///   `repository:<image>:pull`, forwarding `Accept`, and streams the answer back with its
+    ///   status, `Content-Type`, `Docker-Content-Digest` and `Content-Length` (a 404 keeps the
+    ///   registry's JSON error).
+    /// - Who may use the group: a user (PAT, password) in `members` (any role); a group deploy
+    ///   token, i.e. a [`Credential::Deploy`] whose `project` is `group`; a CI job
+    ///   ([`Credential::Job`], [`CiJob`]) whose project lies in the group (`group/…`) or whose
+    ///   user is in `members`.
+    /// - Tokens: `/jwt/auth?service=dependency_proxy` (see [`GitLab::dp_mints`]).
+    pub fn dependency_proxy(
+        mut self,
+        group: &str,
+        members: &[(&str, Role)],
+        backing: SocketAddr,
+    ) -> Self {
+        self.dp.push(DpGroup {
+            path: group.into(),
+            members: members.iter().map(|(u, r)| (u.to_string(), *r)).collect(),
+            backing,
+        });
+        self
+    }
+
+    /// Binds 127.0.0.1:0 and serves `/jwt/auth` (and the Dependency Proxy, when configured).
     pub async fn start(self) -> GitLab {
         let pem = std::fs::read_to_string(signing_key_path()).expect("read token signing key");
         let der = pem_body(&pem);
         let key = RsaKeyPair::from_pkcs8(&der).expect("PKCS#8 RSA key");
         let kid = libtrust_kid(&spki_from_pkcs1(key.public_key().as_ref()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             key,
             kid,
@@ -223,6 +321,11 @@ impl GitLabBuilder {
             credentials: Mutex::new(self.credentials),
             projects: self.projects,
             mints: AtomicUsize::new(0),
+            addr,
+            dp: self.dp,
+            dp_mints: AtomicUsize::new(0),
+            dp_requests: Mutex::new(vec![]),
+            backing_client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             seen: Mutex::new(vec![]),
             issued: Mutex::new(vec![]),
             attempts: AtomicUsize::new(0),
@@ -230,8 +333,6 @@ impl GitLabBuilder {
             delay: Mutex::new(Duration::ZERO),
             connections: Mutex::new(vec![]),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -315,6 +416,77 @@ impl GitLab {
     /// Token requests seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+    /// Dependency Proxy tokens minted so far (`/jwt/auth?service=dependency_proxy`); not counted
+    /// in [`GitLab::mints`]. The registry tokens the proxy mints itself for its backing pulls are
+    /// counted nowhere and never leave it.
+    pub fn dp_mints(&self) -> usize {
+        self.state.dp_mints.load(Ordering::SeqCst)
+    }
+    /// Dependency Proxy registry requests (`/v2/…`) seen so far.
+    pub fn dp_requests(&self) -> Vec<DpRequest> {
+        self.state.dp_requests.lock().unwrap().clone()
+    }
+    /// `<stand-in>/<group>/dependency_proxy/containers`: GitLab's
+    /// `CI_DEPENDENCY_PROXY_DIRECT_GROUP_IMAGE_PREFIX` (image references start with it).
+    pub fn dp_image_prefix(&self, group: &str) -> String {
+        format!("{}/{group}/dependency_proxy/containers", self.addr)
+    }
+    /// Signs `claims` with the stand-in's key, as its tokens are signed (for negative tests:
+    /// expired, other-audience or otherwise crafted tokens). Not recorded anywhere.
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        sign(&self.state, claims)
+    }
+}
+
+/// A CI job as GitLab runs it: its `CI_JOB_TOKEN` is a [`Credential::Job`] (add
+/// [`CiJob::credential`] to the builder), and GitLab sets `CI_DEPENDENCY_PROXY_USER` to
+/// `gitlab-ci-token` and `CI_DEPENDENCY_PROXY_PASSWORD` to the job token. The Dependency Proxy
+/// accepts them for the groups the job's project belongs to (see
+/// [`GitLabBuilder::dependency_proxy`]).
+#[derive(Debug, Clone)]
+pub struct CiJob {
+    /// `CI_JOB_TOKEN`.
+    pub token: String,
+    /// The job's project, e.g. `my-group/app`.
+    pub project: String,
+    /// The user who runs the job.
+    pub user: String,
+}
+
+impl CiJob {
+    /// A job of `project` run by `user`, with job token `token`.
+    pub fn new(token: &str, project: &str, user: &str) -> CiJob {
+        CiJob {
+            token: token.into(),
+            project: project.into(),
+            user: user.into(),
+        }
+    }
+    /// The job token as GitLab knows it.
+    pub fn credential(&self) -> Credential {
+        Credential::Job {
+            token: self.token.clone(),
+            project: self.project.clone(),
+            user: self.user.clone(),
+        }
+    }
+    /// `CI_DEPENDENCY_PROXY_USER`.
+    pub fn dependency_proxy_user(&self) -> &'static str {
+        "gitlab-ci-token"
+    }
+    /// `CI_DEPENDENCY_PROXY_PASSWORD`.
+    pub fn dependency_proxy_password(&self) -> &str {
+        &self.token
+    }
+    /// `CI_DEPENDENCY_PROXY_USER:CI_DEPENDENCY_PROXY_PASSWORD`, as `skopeo --creds` and
+    /// `docker login -u … --password-stdin` take them.
+    pub fn dependency_proxy_creds(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dependency_proxy_user(),
+            self.dependency_proxy_password()
+        )
     }
 }
 
@@ -489,12 +661,25 @@ fn fault_response(fault: &Fault) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// A small answer as a [`Body`].
+fn boxed(resp: Response<Full<Bytes>>) -> Response<Body> {
+    resp.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+async fn handle(st: &State, req: Request<Incoming>) -> Response<Body> {
     st.attempts.fetch_add(1, Ordering::SeqCst);
     let delay = *st.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let path = req.uri().path();
+    if !st.dp.is_empty() && (path == "/v2" || path.starts_with("/v2/")) {
+        return dp_handle(st, req).await;
+    }
+    boxed(handle_token(st, req))
+}
+
+fn handle_token(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -546,6 +731,13 @@ fn respond(
         return empty(StatusCode::NOT_FOUND);
     }
     let params = parse_query(req.uri().query().unwrap_or(""));
+    if !st.dp.is_empty()
+        && params
+            .iter()
+            .any(|(k, v)| k == "service" && v == DP_SERVICE)
+    {
+        return dp_token(st, basic);
+    }
     if !params.iter().any(|(k, v)| k == "service" && v == SERVICE) {
         return empty(StatusCode::NOT_FOUND);
     }
@@ -744,4 +936,297 @@ fn sign(st: &State, claims: &serde_json::Value) -> String {
         )
         .expect("RSA signing");
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
+}
+
+const BASIC_DENIED: &str = "HTTP Basic: Access denied. The provided password or token is incorrect or your account has 2FA enabled and you must use a personal access token instead of a password.";
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `/jwt/auth?service=dependency_proxy`: GitLab's `DependencyProxyAuthenticationService`.
+/// Anonymous → 403; bad credentials → 401 as for the registry; a PAT or deploy token without
+/// `read_registry` (or `api`) → 403; otherwise a token (scopes are not looked at: GitLab's DP
+/// tokens name who holds them, and group access is checked on each request).
+///
+/// Real GitLab signs DP tokens HS256 with an instance secret; the stand-in signs them RS256 with
+/// its registry key (same `kid`), which changes nothing for clients or regrelay: only the
+/// stand-in verifies them, and the registry refuses them for their `aud`.
+fn dp_token(st: &State, basic: Option<&(String, String)>) -> Response<Full<Bytes>> {
+    let Some((user, secret)) = basic else {
+        return error(StatusCode::FORBIDDEN, "DENIED", "access forbidden");
+    };
+    let Some(identity) = authenticate(st, user, secret) else {
+        return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", BASIC_DENIED);
+    };
+    let holder = match &identity {
+        Identity::User { read: false, .. } | Identity::Deploy { read: false, .. } => {
+            return error(StatusCode::FORBIDDEN, "DENIED", "access forbidden");
+        }
+        Identity::User { name, .. } => serde_json::json!({ "user_id": name }),
+        // GitLab puts the deploy token itself in the claim; the stand-in names its username
+        // (and looks the token up again on each request).
+        Identity::Deploy { .. } => serde_json::json!({ "deploy_token": user }),
+        Identity::Job { project, user } => {
+            serde_json::json!({ "user_id": user, "job_project": project })
+        }
+        Identity::Anonymous => unreachable!("Basic credentials authenticate someone"),
+    };
+    let now = unix_now();
+    let n = st.dp_mints.fetch_add(1, Ordering::SeqCst);
+    let mut claims = serde_json::json!({
+        "iss": ISSUER, "aud": DP_SERVICE, "iat": now, "nbf": now - 5,
+        "exp": now + st.lifetime.as_secs(), "jti": format!("dp-jti-{now}-{n}"),
+    });
+    for (k, v) in holder.as_object().expect("an object") {
+        claims[k] = v.clone();
+    }
+    let token = sign(st, &claims);
+    st.issued.lock().unwrap().push(token.clone());
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "token": token }).to_string(),
+    )
+}
+
+/// Why a Dependency Proxy request's token is not accepted.
+enum DpAuth {
+    /// No Bearer token: a plain challenge.
+    Missing,
+    /// Expired, forged, or for another service: `error="invalid_token"`.
+    Invalid,
+}
+
+/// The claims of a DP token the stand-in issued and that is valid now.
+fn dp_verify(st: &State, headers: &http::HeaderMap) -> Result<serde_json::Value, DpAuth> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(DpAuth::Missing)?;
+    let (scheme, jwt) = value.split_once(' ').ok_or(DpAuth::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(DpAuth::Missing);
+    }
+    let parts: Vec<&str> = jwt.trim().split('.').collect();
+    let [head, payload, sig] = parts[..] else {
+        return Err(DpAuth::Invalid);
+    };
+    let decode = |p: &str| URL_SAFE_NO_PAD.decode(p).map_err(|_| DpAuth::Invalid);
+    let header: serde_json::Value =
+        serde_json::from_slice(&decode(head)?).map_err(|_| DpAuth::Invalid)?;
+    if header["alg"] != "RS256" || header["kid"] != st.kid.as_str() {
+        return Err(DpAuth::Invalid);
+    }
+    UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, st.key.public_key().as_ref())
+        .verify(format!("{head}.{payload}").as_bytes(), &decode(sig)?)
+        .map_err(|_| DpAuth::Invalid)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(payload)?).map_err(|_| DpAuth::Invalid)?;
+    let now = unix_now();
+    let exp = claims["exp"].as_u64().ok_or(DpAuth::Invalid)?;
+    let nbf = claims["nbf"].as_u64().unwrap_or(0);
+    let fresh = now <= exp + DP_LEEWAY_SECS && now + DP_LEEWAY_SECS >= nbf;
+    if claims["aud"] != DP_SERVICE || claims["iss"] != ISSUER || !fresh {
+        return Err(DpAuth::Invalid);
+    }
+    Ok(claims)
+}
+
+/// Who a DP token names, for [`DpRequest::identity`].
+fn dp_identity(claims: &serde_json::Value) -> String {
+    match (
+        claims["deploy_token"].as_str(),
+        claims["job_project"].as_str(),
+        claims["user_id"].as_str(),
+    ) {
+        (Some(deploy), _, _) => format!("deploy:{deploy}"),
+        (None, Some(project), user) => format!("job:{project}:{}", user.unwrap_or("")),
+        (None, None, user) => format!("user:{}", user.unwrap_or("")),
+    }
+}
+
+/// May the holder of `claims` use `group`'s Dependency Proxy?
+fn dp_allowed(st: &State, group: &DpGroup, claims: &serde_json::Value) -> bool {
+    let user = claims["user_id"].as_str();
+    let member = user.is_some_and(|u| group.members.contains_key(u));
+    if let Some(username) = claims["deploy_token"].as_str() {
+        return st.credentials.lock().unwrap().iter().any(|c| {
+            matches!(c, Credential::Deploy { username: u, project, .. }
+                if u == username && *project == group.path)
+        });
+    }
+    if let Some(project) = claims["job_project"].as_str() {
+        return member || project.starts_with(&format!("{}/", group.path));
+    }
+    member
+}
+
+/// The DP's 401: its challenge (with `scope` for a repository, `error` for a refused token).
+fn dp_challenge(st: &State, scope: Option<&str>, invalid: bool) -> Response<Full<Bytes>> {
+    let mut challenge = format!(
+        "Bearer realm=\"http://{}/jwt/auth\",service=\"{DP_SERVICE}\"",
+        st.addr
+    );
+    if let Some(scope) = scope {
+        challenge.push_str(&format!(",scope=\"{scope}\""));
+    }
+    if invalid {
+        challenge.push_str(",error=\"invalid_token\"");
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authentication required",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, challenge.parse().unwrap());
+    r
+}
+
+/// Serves a Dependency Proxy request (`/v2/…`) and records it in [`GitLab::dp_requests`].
+async fn dp_handle(st: &State, req: Request<Incoming>) -> Response<Body> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    let fault = st.fault.lock().unwrap().clone();
+    let verified = dp_verify(st, req.headers());
+    let identity = verified.as_ref().ok().map(dp_identity);
+    let resp = match fault {
+        Some(f) => boxed(fault_response(&f)),
+        None => dp_respond(st, req, verified).await,
+    };
+    st.dp_requests.lock().unwrap().push(DpRequest {
+        method: method.to_string(),
+        path,
+        identity,
+        status: resp.status().as_u16(),
+        authorization,
+    });
+    resp
+}
+
+async fn dp_respond(
+    st: &State,
+    req: Request<Incoming>,
+    verified: Result<serde_json::Value, DpAuth>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/v2" || path == "/v2/" {
+        return boxed(match verified {
+            Ok(_) => json(StatusCode::OK, "{}".into()),
+            Err(DpAuth::Missing) => dp_challenge(st, None, false),
+            Err(DpAuth::Invalid) => dp_challenge(st, None, true),
+        });
+    }
+    let not_found = || boxed(error(StatusCode::NOT_FOUND, "NOT_FOUND", "404 Not Found"));
+    // /v2/<group>/dependency_proxy/containers/<image>/(manifests|blobs)/<reference>
+    let Some((group_path, rest)) = path
+        .strip_prefix("/v2/")
+        .and_then(|p| p.split_once("/dependency_proxy/containers/"))
+    else {
+        return not_found();
+    };
+    let Some((image, kind, reference)) = ["manifests", "blobs"].iter().find_map(|k| {
+        let (image, reference) = rest.rsplit_once(&format!("/{k}/"))?;
+        Some((image, *k, reference))
+    }) else {
+        return not_found();
+    };
+    if image.is_empty() || reference.is_empty() || reference.contains('/') {
+        return not_found();
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return boxed(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "the dependency proxy serves pulls only",
+        ));
+    }
+    let scope = format!("repository:{group_path}/dependency_proxy/containers/{image}:pull");
+    let claims = match verified {
+        Ok(c) => c,
+        Err(DpAuth::Missing) => return boxed(dp_challenge(st, Some(&scope), false)),
+        Err(DpAuth::Invalid) => return boxed(dp_challenge(st, Some(&scope), true)),
+    };
+    let Some(group) = st.dp.iter().find(|g| g.path == group_path) else {
+        return not_found();
+    };
+    if !dp_allowed(st, group, &claims) {
+        return boxed(error(StatusCode::FORBIDDEN, "DENIED", "access forbidden"));
+    }
+    dp_fetch(st, group, &req, image, kind, reference).await
+}
+
+/// Pulls `image`'s manifest or blob from the group's backing registry, as the stand-in itself
+/// (a registry token for `repository:<image>:pull` it mints for itself), and streams it back.
+async fn dp_fetch(
+    st: &State,
+    group: &DpGroup,
+    req: &Request<Incoming>,
+    image: &str,
+    kind: &str,
+    reference: &str,
+) -> Response<Body> {
+    let now = unix_now();
+    let claims = serde_json::json!({
+        "iss": ISSUER, "aud": SERVICE, "sub": "dependency-proxy", "iat": now, "nbf": now - 5,
+        "exp": now + BACKING_TOKEN_SECS, "jti": format!("dp-backing-{now}"),
+        "access": [{"type": "repository", "name": image, "actions": ["pull"]}],
+    });
+    let token = sign(st, &claims);
+    let mut up = Request::builder()
+        .method(req.method().clone())
+        .uri(format!(
+            "http://{}/v2/{image}/{kind}/{reference}",
+            group.backing
+        ))
+        .header(header::AUTHORIZATION, format!("Bearer {token}"));
+    for accept in req.headers().get_all(header::ACCEPT) {
+        up = up.header(header::ACCEPT, accept.clone());
+    }
+    let resp = match st
+        .backing_client
+        .request(up.body(Empty::new()).unwrap())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return boxed(error(
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                &format!("backing registry unreachable: {e}"),
+            ))
+        }
+    };
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // The backing registry refused the stand-in's own token: a rig problem, said plainly.
+        return boxed(error(
+            StatusCode::BAD_GATEWAY,
+            "UNKNOWN",
+            &format!("backing registry refused the dependency proxy: {status}"),
+        ));
+    }
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::new(body.map_err(Into::into).boxed_unsync());
+    *out.status_mut() = status;
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::HeaderName::from_static("docker-content-digest"),
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    out
 }
