@@ -1289,6 +1289,95 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_from_flags_and_toml_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+registry = "https://registry.gitlab.example.com"
+public_url = "https://relay.example.com:5000"
+root_upstream = "docker.io"
+inject_credentials_for = ["10.0.0.0/8"]
+
+[[upstream]]
+name = "docker.io"
+url = "https://gitlab.example.com/v2/my-group/dependency_proxy/containers/"
+token_realm = "https://gitlab.example.com/jwt/auth"
+credentials_file = "/etc/regrelay/hub.creds"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(ConfigFile {
+            config: Some(path.clone()),
+            upstream: Some(vec!["GHCR.io=https://ghcr.io".into()]),
+            upstream_credentials: Some(vec![
+                "registry.gitlab.example.com=/etc/regrelay/gl.creds".into()
+            ]),
+            ..ConfigFile::default()
+        })
+        .unwrap();
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["registry.gitlab.example.com", "ghcr.io", "docker.io"]
+        );
+        assert!(c.upstreams[0].answers_to("relay.example.com:5000"));
+        assert_eq!(
+            c.upstreams[2].prefix,
+            "my-group/dependency_proxy/containers"
+        );
+        assert_eq!(
+            c.upstreams[2].origin.to_string(),
+            "https://gitlab.example.com"
+        );
+        assert!(c.upstreams[2].token_realm.is_some());
+        assert_eq!(c.root_upstream, 2);
+        assert_eq!(
+            c.upstreams[0].credentials_file.as_deref(),
+            Some(Path::new("/etc/regrelay/gl.creds"))
+        );
+        assert!(c.inject_credentials_for[0].contains("10.1.2.3".parse().unwrap()));
+        let bad = |f: fn(&mut ConfigFile)| {
+            let mut raw = raw("http://r:5000");
+            f(&mut raw);
+            err_of(raw)
+        };
+        for (msg, key) in [
+            (
+                bad(|c| c.upstream = Some(vec!["noequals".into()])),
+                "`upstream`",
+            ),
+            (
+                bad(|c| c.upstream = Some(vec!["a/b=http://x".into()])),
+                "`upstream`",
+            ),
+            (
+                bad(|c| c.upstream = Some(vec!["x=http://h/other/path".into()])),
+                "`upstream`",
+            ),
+            (
+                bad(|c| c.upstream = Some(vec!["x=http://h/v2/../up".into()])),
+                "`upstream`",
+            ),
+            (
+                bad(|c| c.upstream = Some(vec!["r:5000=http://other".into()])),
+                "`upstream`",
+            ),
+            (
+                bad(|c| c.upstream_credentials = Some(vec!["nobody=/f".into()])),
+                "`upstream_credentials`",
+            ),
+            (
+                bad(|c| c.root_upstream = Some("nobody".into())),
+                "`root_upstream`",
+            ),
+        ] {
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+
+    #[test]
     fn origins_compare_by_effective_port() {
         let a = Origin::parse("registry", "https://Registry.example.com").unwrap();
         let b = Origin::of(&"https://registry.example.com:443/v2/x".parse().unwrap()).unwrap();
