@@ -96,21 +96,24 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
 }
 
 #[tokio::test]
-async fn connection_limit_queues_the_next_connection() {
+async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
     let origin = sink().await;
     let px = Regrelay::start(&["--registry", &origin.url(), "--max-connections", "1"]);
-    let req = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut first = tokio::net::TcpStream::connect(px.addr).await.unwrap();
-    first.write_all(req).await.unwrap();
+    let get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 512];
-    let n = first.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
+    // The only slot is busy: an upload whose body is still coming.
+    let mut first = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    first
+        .write_all(b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut second = tokio::net::TcpStream::connect(px.addr).await.unwrap();
-    second.write_all(req).await.unwrap();
-    let waited = tokio::time::timeout(Duration::from_millis(800), second.read(&mut buf)).await;
+    second.write_all(get).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(1500), second.read(&mut buf)).await;
     assert!(
         waited.is_err(),
-        "second connection served while the first held the only slot"
+        "second connection served while a busy one held the only slot"
     );
     drop(first);
     let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
@@ -118,4 +121,17 @@ async fn connection_limit_queues_the_next_connection() {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
+    // Now the second connection is idle (keep-alive): at the limit it is shed for a newcomer.
+    let mut third = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    third.write_all(get).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf))
+        .await
+        .expect("an idle connection was shed for a waiting one")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
+    let eof = tokio::time::timeout(Duration::from_secs(1), second.read(&mut buf)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was closed"
+    );
 }
