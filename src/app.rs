@@ -198,7 +198,10 @@ impl App {
             Route::Token => {
                 let public = self.public_origin(&req, conn, trusted)?;
                 let xff = proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted);
-                let resp = self.auth.token_endpoint(req, self, &public, &xff).await?;
+                let resp = self
+                    .auth
+                    .token_endpoint(req, self, &public, &xff, conn.peer.ip())
+                    .await?;
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }
@@ -439,7 +442,12 @@ impl App {
 }
 
 impl Lanes for App {
-    fn pick(&self, scopes: &[String], ns: Option<&str>) -> Result<Picked<'_>, Error> {
+    fn pick(
+        &self,
+        scopes: &[String],
+        ns: Option<&str>,
+        peer: std::net::IpAddr,
+    ) -> Result<Picked<'_>, Error> {
         let cfg = &self.config;
         let fallback = match ns {
             Some(ns) => mirror::find(&cfg.upstreams, ns)
@@ -466,8 +474,11 @@ impl Lanes for App {
         }
         let i = lane.unwrap_or(fallback);
         let lane = &self.lanes[i];
+        let injectable =
+            lane.injected.is_some() && cfg.inject_credentials_for.iter().any(|c| c.contains(peer));
         Ok(Picked {
             access: &lane.access,
+            injectable,
             upstream: lane.session_name.clone(),
             translated: i != 0 || upstream_scopes.as_slice() != scopes,
             scopes: upstream_scopes,

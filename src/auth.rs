@@ -11,6 +11,7 @@
 //! Secrets never reach a log line, an error or `Debug`: only whether `Authorization` arrived, its
 //! scheme and the Basic username are logged.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -46,12 +47,17 @@ pub struct Picked<'a> {
     /// True when the request's scopes or upstream differ from what the client asked: the
     /// token service then gets a query built from `scopes` and the upstream's own service.
     pub translated: bool,
+    /// True when regrelay holds pull credentials for this upstream and the caller may use
+    /// them: an anonymous token request then gets an anonymous session from regrelay itself
+    /// (its pulls use the injected credentials), without asking the token service (GitLab's
+    /// Dependency Proxy refuses anonymous token requests).
+    pub injectable: bool,
 }
 
 /// Picks the upstream of a token request from its scopes and `ns` (see [`crate::mirror`]).
 pub trait Lanes {
-    /// The upstream for `scopes` (client form) and the realm's `ns`, if any.
-    fn pick(&self, scopes: &[String], ns: Option<&str>) -> Result<Picked<'_>, Error>;
+    /// The upstream for `scopes` (client form) and the realm's `ns`, if any, asked by `peer`.
+    fn pick(&self, scopes: &[String], ns: Option<&str>, peer: IpAddr) -> Result<Picked<'_>, Error>;
 }
 
 /// The `/jwt/auth` endpoint.
@@ -72,13 +78,15 @@ impl Auth {
         lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
+        peer: IpAddr,
     ) -> Result<Response<ProxyBody>, Error> {
         if req.method() == Method::POST {
-            return self.oauth(req, lanes, public, forwarded_for).await;
+            return self.oauth(req, lanes, public, forwarded_for, peer).await;
         }
         let client_query = req.uri().query().unwrap_or("").to_owned();
         let ns = crate::mirror::ns_param(Some(&client_query));
-        let picked = lanes.pick(&challenge::scopes_from_query(&client_query), ns.as_deref())?;
+        let scopes = challenge::scopes_from_query(&client_query);
+        let picked = lanes.pick(&scopes, ns.as_deref(), peer)?;
         let access = picked.access;
         let client_service = challenge::query_values(&client_query, "service")
             .into_iter()
@@ -97,6 +105,20 @@ impl Auth {
             authorization = None;
         }
         log_token_request("GET", authorization.as_ref());
+        if authorization.is_none() && picked.injectable {
+            let mut session = Session::new(
+                Kind::Access,
+                None,
+                service,
+                picked.scopes,
+                self.session_lifetime,
+            );
+            session.upstream = picked.upstream;
+            tracing::debug!(
+                "anonymous session issued by regrelay (injected credentials serve its pulls)"
+            );
+            return Ok(sealed_answer(access, &session, public, None));
+        }
         let caller = Caller {
             forwarded_for,
             user_agent: req.headers().get(header::USER_AGENT),
@@ -127,6 +149,7 @@ impl Auth {
         lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
+        peer: IpAddr,
     ) -> Result<Response<ProxyBody>, Error> {
         let ns = crate::mirror::ns_param(req.uri().query());
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
@@ -137,7 +160,7 @@ impl Auth {
             })?;
         let form = Zeroizing::new(String::from_utf8_lossy(&form).into_owned());
         let field = |k: &str| challenge::query_values(&form, k).into_iter().next();
-        let picked = lanes.pick(&challenge::scopes_from_query(&form), ns.as_deref())?;
+        let picked = lanes.pick(&challenge::scopes_from_query(&form), ns.as_deref(), peer)?;
         let access = picked.access;
         let scopes = picked.scopes;
         let mut service = field("service").unwrap_or_default();
@@ -219,7 +242,17 @@ fn answer(
     refresh_token: Option<String>,
 ) -> Result<Response<ProxyBody>, Error> {
     access.seed(&session, upstream_token(jwt)?);
-    let sealed = Zeroizing::new(access.keys().seal(&session, &public.to_string()));
+    Ok(sealed_answer(access, &session, public, refresh_token))
+}
+
+/// The token answer for a sealed session.
+fn sealed_answer(
+    access: &Access,
+    session: &Session,
+    public: &Origin,
+    refresh_token: Option<String>,
+) -> Response<ProxyBody> {
+    let sealed = Zeroizing::new(access.keys().seal(session, &public.to_string()));
     let mut answer = serde_json::json!({
         "token": sealed.as_str(),
         "access_token": sealed.as_str(),
@@ -237,7 +270,7 @@ fn answer(
     );
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    resp
 }
 
 /// Logs one token request: whether `Authorization` arrived, its scheme and Basic username.

@@ -48,8 +48,9 @@ pub const SERVICE: &str = "container_registry";
 /// GitLab's Dependency Proxy service name (the `service` of its challenge and token requests,
 /// and the `aud` of its tokens).
 pub const DP_SERVICE: &str = "dependency_proxy";
-/// Leeway the Dependency Proxy allows on a token's `exp` and `nbf` (GitLab's JWT check has none;
-/// one second absorbs the whole-second claims).
+/// Leeway the Dependency Proxy allows on a token's `exp` and `nbf`: deliberately strict (GitLab's
+/// own JWT check may allow more), so a client that uses a token past its life is caught; one
+/// second absorbs the whole-second claims.
 pub const DP_LEEWAY_SECS: u64 = 1;
 /// Lifetime of the registry tokens the Dependency Proxy mints for itself (backing pulls).
 const BACKING_TOKEN_SECS: u64 = 60;
@@ -273,8 +274,10 @@ impl GitLabBuilder {
     }
 
     /// Makes the private group `group` a Dependency Proxy on the stand-in's own address, backed
-    /// by the registry at `backing` (a real `docker-registry` trusting the stand-in's signing
-    /// certificate, e.g. `Registry::start(&gl.realm())`, playing Docker Hub). GitLab's behaviour:
+    /// by the registry at `backing`: a real `docker-registry` playing Docker Hub, started before
+    /// this stand-in, so with another token service's realm (Docker Hub's own stand-in, which
+    /// also seeds it: `Registry::start(&hub_gl.realm())`). Every stand-in signs with the same
+    /// key, which that registry trusts, so the DP's own backing tokens work. GitLab's behaviour:
     /// - `GET /v2/`: 401 `Bearer realm="http://<stand-in>/jwt/auth",service="dependency_proxy"`
     ///   without a valid DP token, `200 {}` with one.
     /// - `GET|HEAD /v2/<group>/dependency_proxy/containers/<image>/manifests/<ref>` and
