@@ -85,12 +85,7 @@ impl App {
                 .and_then(Origin::of)
                 .unwrap_or_else(|| u.origin.clone());
             let client = Upstream::new(&config, tls, token_origin);
-            let minter = Arc::new(Minter::new(
-                &config,
-                u.token_realm.clone(),
-                upstream.clone(),
-                client,
-            ));
+            let minter = Arc::new(Minter::new(&config, u, upstream.clone(), client));
             let session_name = if i == 0 {
                 String::new()
             } else {

@@ -282,6 +282,8 @@ pub struct UpstreamTable {
     pub credentials_file: Option<PathBuf>,
     /// Extra CA bundle for this upstream.
     pub ca: Option<PathBuf>,
+    /// `SCHEME://HOST[:PORT]`s its token service may redirect credentials to.
+    pub auth_redirect_allow: Option<Vec<String>>,
 }
 
 /// Picks each field from `$a` when set, else from `$b`.
@@ -626,8 +628,6 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Upstream token realm, when configured (else asked of the registry).
     pub token_realm: Option<Uri>,
-    /// Extra origins the token service may redirect credentials to.
-    pub auth_redirect_allow: Vec<AllowedOrigin>,
     /// Proxies whose forwarding headers are kept.
     pub trusted_proxies: Vec<Cidr>,
     /// Session key file (None: a random key per process).
@@ -665,6 +665,9 @@ pub struct UpstreamConfig {
     pub credentials_file: Option<PathBuf>,
     /// Extra CA bundle for it.
     pub ca: Option<PathBuf>,
+    /// Origins its token service may redirect credentials to (`--auth-redirect-allow` for the
+    /// default upstream, `auth_redirect_allow` in an `[[upstream]]` table).
+    pub auth_redirect_allow: Vec<AllowedOrigin>,
 }
 
 impl UpstreamConfig {
@@ -893,7 +896,6 @@ impl TryFrom<ConfigFile> for Config {
             limits: limits(&raw)?,
             timeouts: timeouts(&raw)?,
             token_realm,
-            auth_redirect_allow: list(&raw.auth_redirect_allow, AllowedOrigin::parse)?,
             trusted_proxies: list(&raw.trusted_proxies, Cidr::parse)?,
             session_key_file: raw.session_key_file.clone(),
             session_lifetime,
@@ -978,6 +980,7 @@ fn upstreams(
         token_realm: token_realm.clone(),
         credentials_file: None,
         ca: raw.upstream_ca.clone(),
+        auth_redirect_allow: list(&raw.auth_redirect_allow, AllowedOrigin::parse)?,
     }];
     for spec in raw
         .upstream
@@ -997,6 +1000,7 @@ fn upstreams(
             token_realm: None,
             credentials_file: None,
             ca: None,
+            auth_redirect_allow: vec![],
         });
     }
     for t in raw.upstream_tables.iter().flatten() {
@@ -1009,6 +1013,7 @@ fn upstreams(
             token_realm: t.token_realm.as_deref().map(parse_realm).transpose()?,
             credentials_file: t.credentials_file.clone(),
             ca: t.ca.clone(),
+            auth_redirect_allow: list(&t.auth_redirect_allow, AllowedOrigin::parse)?,
         });
     }
     let find = |all: &[UpstreamConfig], name: &str| all.iter().position(|u| u.answers_to(name));
@@ -1305,6 +1310,7 @@ name = "docker.io"
 url = "https://gitlab.example.com/v2/my-group/dependency_proxy/containers/"
 token_realm = "https://gitlab.example.com/jwt/auth"
 credentials_file = "/etc/regrelay/hub.creds"
+auth_redirect_allow = ["https://sso.gitlab.example.com"]
 "#,
         )
         .unwrap();
@@ -1332,6 +1338,8 @@ credentials_file = "/etc/regrelay/hub.creds"
             "https://gitlab.example.com"
         );
         assert!(c.upstreams[2].token_realm.is_some());
+        assert_eq!(c.upstreams[2].auth_redirect_allow.len(), 1);
+        assert!(c.upstreams[1].auth_redirect_allow.is_empty());
         assert_eq!(c.root_upstream, 2);
         assert_eq!(
             c.upstreams[0].credentials_file.as_deref(),

@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::body;
 use crate::challenge::{self, Challenge};
-use crate::config::{self, AllowedOrigin, Config, Origin};
+use crate::config::{self, AllowedOrigin, Config, Origin, UpstreamConfig};
 use crate::error::{Error, MintFailure};
 use crate::session::Session;
 use crate::token::UpstreamToken;
@@ -55,15 +55,20 @@ pub struct Minter {
 }
 
 impl Minter {
-    /// For an upstream whose realm is `realm` (configured) or asked of `registry`; `client`
-    /// carries token requests.
-    pub fn new(cfg: &Config, realm: Option<Uri>, registry: Upstream, client: Upstream) -> Minter {
+    /// For `upstream`, whose realm is configured or asked of `registry`; `client` carries token
+    /// requests.
+    pub fn new(
+        cfg: &Config,
+        upstream: &UpstreamConfig,
+        registry: Upstream,
+        client: Upstream,
+    ) -> Minter {
         Minter {
             registry,
             client,
-            realm: RwLock::new(realm),
+            realm: RwLock::new(upstream.token_realm.clone()),
             service: RwLock::new(None),
-            allow: cfg.auth_redirect_allow.clone(),
+            allow: upstream.auth_redirect_allow.clone(),
             timeout: cfg.timeouts.token_request,
             listen: cfg.listen,
             public: cfg.public_url.clone(),
@@ -382,7 +387,7 @@ mod tests {
         .unwrap();
         let tls = crate::tls::client_config(None).unwrap();
         let up = Upstream::new(&cfg, tls, cfg.registry.clone());
-        let m = Minter::new(&cfg, None, up.clone(), up);
+        let m = Minter::new(&cfg, &cfg.upstreams[0], up.clone(), up);
         let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
         let cases = [
             (

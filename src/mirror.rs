@@ -178,6 +178,7 @@ mod tests {
             token_realm: None,
             credentials_file: None,
             ca: None,
+            auth_redirect_allow: vec![],
         }
     }
 

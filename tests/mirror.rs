@@ -291,9 +291,20 @@ async fn ns_and_root_routing_unknown_namespaces_and_pushes() {
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("another upstream"), "{body}");
-    // dockerd's registry-mirrors form: the root path goes to the root upstream (docker.io here),
-    // with its repository prefix added.
-    let (status, _, _) = get(&format!("{base}/v2/library/busybox/manifests/1"), &[accept]).await;
+    // dockerd's registry-mirrors form (the daemon.json snippet's mirror URL): the root path goes
+    // to the root upstream (docker.io here), with its repository prefix added.
+    let daemon: serde_json::Value =
+        serde_json::from_str(&snippet("mirror/daemon.json", px.addr)).unwrap();
+    let mirror = daemon["registry-mirrors"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/');
+    assert_eq!(mirror, base);
+    let (status, _, _) = get(
+        &format!("{mirror}/v2/library/busybox/manifests/1"),
+        &[accept],
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let token = session_token(
         &base,
