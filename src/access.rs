@@ -40,6 +40,9 @@ pub struct Access {
     /// For a non-default upstream, its name: realms given to clients carry `?ns=<name>`, so
     /// their token requests come back to this upstream.
     realm_ns: Option<String>,
+    /// The canonical public URL, when configured: sessions are sealed for it whatever name a
+    /// client used, so they open through every alias and on every replica with the same one.
+    canonical: Option<String>,
     service: RwLock<String>,
     tokens: TokenStore,
     minter: Arc<Minter>,
@@ -52,10 +55,12 @@ impl Access {
         minter: Arc<Minter>,
         cache_max_entries: usize,
         realm_ns: Option<String>,
+        canonical: Option<String>,
     ) -> Access {
         Access {
             keys,
             realm_ns,
+            canonical,
             service: RwLock::new(DEFAULT_SERVICE.to_owned()),
             tokens: TokenStore::new(cache_max_entries),
             minter,
@@ -70,6 +75,21 @@ impl Access {
     /// The key ring.
     pub fn keys(&self) -> &KeyRing {
         &self.keys
+    }
+
+    /// The name sessions are sealed for: the canonical public URL, else the one in use.
+    fn seal_name(&self, public: &Origin) -> String {
+        self.canonical.clone().unwrap_or_else(|| public.to_string())
+    }
+
+    /// Seals `session` for this deployment's public name.
+    pub fn seal(&self, session: &Session, public: &Origin) -> String {
+        self.keys.seal(session, &self.seal_name(public))
+    }
+
+    /// Opens a sealed token of this deployment's public name.
+    pub fn open(&self, token: &str, public: &Origin) -> Result<Session, OpenError> {
+        self.keys.open(token, &self.seal_name(public), unix_now())
     }
 
     /// The upstream token cache (and its counters).
@@ -168,10 +188,7 @@ impl Access {
             reason: reason.to_string(),
             challenge: self.challenge_for(method, path, public),
         };
-        let session = self
-            .keys
-            .open(token, &public.to_string(), unix_now())
-            .map_err(refuse)?;
+        let session = self.open(token, public).map_err(refuse)?;
         if session.kind != Kind::Access {
             return Err(refuse(OpenError::Malformed));
         }

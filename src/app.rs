@@ -58,7 +58,16 @@ pub struct App {
     server_tls: Option<Arc<rustls::ServerConfig>>,
     lanes: Vec<Lane>,
     auth: Auth,
+    /// Set when shutdown starts: readiness answers 503 from then on.
+    draining: std::sync::atomic::AtomicBool,
+    /// The configured public names, canonical first.
+    publics: Vec<Origin>,
+    /// `Host`s seen that match no configured public name (each warned about once).
+    unknown_hosts: dashmap::DashSet<String>,
 }
+
+/// Distinct unknown `Host`s remembered for the once-per-host warning.
+const MAX_UNKNOWN_HOSTS: usize = 1024;
 
 /// Sessions sealed for regrelay's injected credentials live this long (they never leave it).
 const INJECTED_SESSION_SECS: u64 = 3600;
@@ -97,6 +106,7 @@ impl App {
                 minter,
                 config.token_cache_max_entries,
                 realm_ns,
+                config.public_url.as_ref().map(ToString::to_string),
             );
             let injected = u
                 .credentials_file
@@ -111,12 +121,28 @@ impl App {
                 injected,
             });
         }
+        let publics = config
+            .public_url
+            .iter()
+            .chain(&config.public_aliases)
+            .cloned()
+            .collect();
         Ok(App {
             auth: Auth::new(config.session_lifetime),
             config,
             server_tls,
             lanes,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            publics,
+            unknown_hosts: dashmap::DashSet::new(),
         })
+    }
+
+    /// Shutdown started: `/-/ready` answers 503 from now on (liveness stays 200), so balancers
+    /// and Kubernetes take this replica out while it still serves.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The default upstream's session state (token cache counters, key ring).
@@ -184,8 +210,7 @@ impl App {
         conn: ConnInfo,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, Error> {
-        let public_url = self.config.public_url.as_ref();
-        let route = router::route(req.method(), req.uri(), req.version(), public_url)?;
+        let route = router::route(req.method(), req.uri(), req.version(), &self.publics)?;
         let trusted = self.config.is_trusted_proxy(conn.peer.ip());
         match route {
             Route::Healthy => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())),
@@ -393,9 +418,6 @@ impl App {
         conn: ConnInfo,
         trusted: bool,
     ) -> Result<Origin, Error> {
-        if let Some(public) = &self.config.public_url {
-            return Ok(public.clone());
-        }
         let headers = req.headers();
         let first = |name| first_value(headers, name);
         let scheme = match (trusted, first(&X_FORWARDED_PROTO)) {
@@ -410,16 +432,41 @@ impl App {
             .or_else(|| first(&header::HOST))
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        host.and_then(|h| Origin::from_parts(scheme, &h))
-            .ok_or(Error::Refused {
+        let asked = host.and_then(|h| Origin::from_parts(scheme, &h));
+        let Some(canonical) = self.publics.first() else {
+            return asked.ok_or(Error::Refused {
                 reason: "missing or invalid Host header",
-            })
+            });
+        };
+        // The configured name the client used, so it authenticates with the host it is
+        // already talking to; else the canonical name, and a warning (once per host).
+        if let Some(asked) = &asked {
+            if let Some(p) = self.publics.iter().find(|p| p.same_as(asked)) {
+                return Ok(p.clone());
+            }
+            let key = asked.to_string();
+            if self.unknown_hosts.len() < MAX_UNKNOWN_HOSTS && self.unknown_hosts.insert(key) {
+                let configured: Vec<String> =
+                    self.publics.iter().map(ToString::to_string).collect();
+                tracing::warn!(
+                    host = %asked,
+                    configured = %configured.join(","),
+                    "a client reached regrelay under a name that is not a configured --public-url; \
+                     it is sent to the canonical name (add this name to --public-url if clients use it)"
+                );
+            }
+        }
+        Ok(canonical.clone())
     }
 
     /// `/-/ready`: 200 when the upstream answers HTTP at all, else 503 ("not ready" is not a
     /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]). It names
     /// no upstream address.
     async fn ready(&self) -> Response<ProxyBody> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            let body = serde_json::json!({ "status": "draining" });
+            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        }
         match self.lanes[0].upstream.probe().await {
             Ok(status) => {
                 let body = serde_json::json!({

@@ -30,7 +30,7 @@ use crate::config::Origin;
 use crate::error::Error;
 use crate::mint::{read_small, sensitive_header, token_from_answer, upstream_token, Caller};
 use crate::proxy;
-use crate::session::{unix_now, Kind, Session, TOKEN_PREFIX};
+use crate::session::{Kind, Session, TOKEN_PREFIX};
 use crate::upstream::UpstreamBody;
 
 /// The token realm path regrelay serves.
@@ -184,14 +184,13 @@ impl Auth {
                 );
                 (
                     Some(value.as_bytes().to_vec()),
-                    access.keys().seal(&refresh, &public.to_string()),
+                    access.seal(&refresh, public),
                 )
             }
             "refresh_token" => {
                 let presented = Zeroizing::new(field("refresh_token").unwrap_or_default());
                 let refresh = access
-                    .keys()
-                    .open(&presented, &public.to_string(), unix_now())
+                    .open(&presented, public)
                     .ok()
                     .filter(|s| s.kind == Kind::Refresh)
                     .ok_or_else(|| Error::Unauthorized {
@@ -252,7 +251,7 @@ fn sealed_answer(
     public: &Origin,
     refresh_token: Option<String>,
 ) -> Response<ProxyBody> {
-    let sealed = Zeroizing::new(access.keys().seal(session, &public.to_string()));
+    let sealed = Zeroizing::new(access.seal(session, public));
     let mut answer = serde_json::json!({
         "token": sealed.as_str(),
         "access_token": sealed.as_str(),

@@ -45,8 +45,13 @@ pub const DEFAULT_TOKEN_TIMEOUT_SECS: u64 = 30;
 /// Interval of HTTP/2 keep-alive pings to clients (a peer that does not answer within the same
 /// time is closed).
 pub const DEFAULT_H2_KEEPALIVE_SECS: u64 = 30;
-/// Time in-flight requests get to finish after SIGTERM/SIGINT.
+/// Time in-flight requests without a body get to finish once regrelay stops accepting.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Time regrelay reports not-ready while still accepting and serving, after SIGTERM, so that
+/// balancers and Kubernetes endpoints take it out before it stops accepting.
+pub const DEFAULT_SHUTDOWN_DELAY_SECS: u64 = 5;
+/// Time blob uploads in flight may continue once regrelay stops accepting.
+pub const DEFAULT_UPLOAD_DRAIN_SECS: u64 = 900;
 /// Lifetime of a sealed session (the `expires_in` clients get).
 pub const DEFAULT_SESSION_LIFETIME_SECS: u64 = 3600;
 /// Hard cap on a session's lifetime (and the lifetime of OAuth2 refresh tokens).
@@ -138,9 +143,13 @@ pub struct ConfigFile {
     /// Upstream registry base URL, http or https (e.g. `https://registry.gitlab.example.com`).
     #[arg(long, env = "REGRELAY_REGISTRY")]
     pub registry: Option<String>,
-    /// URL clients use to reach regrelay; rewrites `Location`. Default: the request's Host and scheme.
-    #[arg(long, env = "REGRELAY_PUBLIC_URL")]
-    pub public_url: Option<String>,
+    /// URL clients use to reach regrelay; rewrites `Location`, names the realm, binds sessions.
+    /// Repeatable (env: comma-separated; TOML: a string or a list): the first is the canonical
+    /// name sessions are sealed for, the others aliases; each client gets the realm of the name
+    /// it used. Default: the request's Host and scheme.
+    #[arg(long, env = "REGRELAY_PUBLIC_URL", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub public_url: Option<Vec<String>>,
     /// PEM certificate chain: serve HTTPS (ALPN h2, http/1.1). Needs --tls-key.
     #[arg(long, env = "REGRELAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -194,9 +203,16 @@ pub struct ConfigFile {
     /// [default: 30].
     #[arg(long, env = "REGRELAY_H2_KEEPALIVE_SECS")]
     pub h2_keepalive_secs: Option<u64>,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
+    /// Seconds requests without a body get to finish once regrelay stops accepting [default: 30].
     #[arg(long, env = "REGRELAY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Seconds regrelay reports not-ready but still accepts and serves after SIGTERM
+    /// [default: 5].
+    #[arg(long, env = "REGRELAY_SHUTDOWN_DELAY_SECS")]
+    pub shutdown_delay_secs: Option<u64>,
+    /// Seconds blob uploads in flight may continue once regrelay stops accepting [default: 900].
+    #[arg(long, env = "REGRELAY_UPLOAD_DRAIN_SECS")]
+    pub upload_drain_secs: Option<u64>,
     /// Upstream token realm URL (GitLab's `https://gitlab.example.com/jwt/auth`). Default: the
     /// realm the registry announces when regrelay itself asks it (never a proxied answer).
     #[arg(long, env = "REGRELAY_TOKEN_REALM")]
@@ -286,6 +302,20 @@ pub struct UpstreamTable {
     pub auth_redirect_allow: Option<Vec<String>>,
 }
 
+/// A TOML value that is a string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
+}
+
 /// Picks each field from `$a` when set, else from `$b`.
 macro_rules! over {
     ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
@@ -331,6 +361,8 @@ impl ConfigFile {
             token_timeout_secs,
             h2_keepalive_secs,
             shutdown_grace_secs,
+            shutdown_delay_secs,
+            upload_drain_secs,
             token_realm,
             auth_redirect_allow,
             trusted_proxies,
@@ -567,8 +599,12 @@ pub struct Timeouts {
     pub token_request: Duration,
     /// HTTP/2 keep-alive ping interval (and its answer's deadline).
     pub h2_keepalive: Duration,
-    /// Drain after a shutdown signal.
+    /// Requests without a body, once regrelay stops accepting.
     pub shutdown_grace: Duration,
+    /// Not-ready but serving, after SIGTERM.
+    pub shutdown_delay: Duration,
+    /// Uploads in flight, once regrelay stops accepting.
+    pub upload_drain: Duration,
 }
 
 /// Bounds on what clients may hold.
@@ -614,8 +650,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Upstream registry.
     pub registry: Origin,
-    /// Public URL of regrelay, when configured.
+    /// Public URL of regrelay, when configured: the canonical name (sessions are sealed for it).
     pub public_url: Option<Origin>,
+    /// More names clients reach regrelay under (`--public-url` given more than once).
+    pub public_aliases: Vec<Origin>,
     /// Server TLS files, when serving HTTPS.
     pub tls: Option<TlsFiles>,
     /// Extra CA bundle for the upstream.
@@ -815,6 +853,18 @@ fn timeouts(raw: &ConfigFile) -> Result<Timeouts, ConfigError> {
             DEFAULT_SHUTDOWN_GRACE_SECS,
             (1, DAY),
         )?,
+        shutdown_delay: secs(
+            "shutdown_delay_secs",
+            raw.shutdown_delay_secs,
+            DEFAULT_SHUTDOWN_DELAY_SECS,
+            (0, HOUR),
+        )?,
+        upload_drain: secs(
+            "upload_drain_secs",
+            raw.upload_drain_secs,
+            DEFAULT_UPLOAD_DRAIN_SECS,
+            (1, DAY),
+        )?,
     })
 }
 
@@ -843,11 +893,9 @@ impl TryFrom<ConfigFile> for Config {
             env: "REGRELAY_REGISTRY",
         })?;
         let registry = Origin::parse("registry", registry)?;
-        let public_url = raw
-            .public_url
-            .as_deref()
-            .map(|s| Origin::parse("public_url", s))
-            .transpose()?;
+        let mut publics = list(&raw.public_url, |s| Origin::parse("public_url", s.trim()))?;
+        let public_url = (!publics.is_empty()).then(|| publics.remove(0));
+        let public_aliases = publics;
         let tls = match (&raw.tls_cert, &raw.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -873,8 +921,13 @@ impl TryFrom<ConfigFile> for Config {
             DEFAULT_TOKEN_CACHE_MAX_ENTRIES,
             (1, 100_000_000),
         )?;
-        let (upstreams, root_upstream) =
-            upstreams(&raw, &registry, public_url.as_ref(), &token_realm)?;
+        let publics: Vec<&Origin> = public_url.iter().chain(&public_aliases).collect();
+        if let Some(realm) = token_realm.as_ref().and_then(Origin::of) {
+            for p in &publics {
+                refuse_self_realm(&realm, listen, Some(p))?;
+            }
+        }
+        let (upstreams, root_upstream) = upstreams(&raw, &registry, &publics, &token_realm)?;
         let inject_credentials_for = match &raw.inject_credentials_for {
             Some(_) => list(&raw.inject_credentials_for, Cidr::parse)?,
             None => vec![
@@ -890,6 +943,7 @@ impl TryFrom<ConfigFile> for Config {
             listen,
             registry,
             public_url,
+            public_aliases,
             tls,
             upstream_ca: raw.upstream_ca.clone(),
             log_format: raw.log_format.unwrap_or_default(),
@@ -966,14 +1020,14 @@ fn upstream_url(key: &'static str, s: &str) -> Result<(Origin, String), ConfigEr
 fn upstreams(
     raw: &ConfigFile,
     registry: &Origin,
-    public: Option<&Origin>,
+    public: &[&Origin],
     token_realm: &Option<Uri>,
 ) -> Result<(Vec<UpstreamConfig>, usize), ConfigError> {
     let mut all = vec![UpstreamConfig {
         name: registry.authority().as_str().to_ascii_lowercase(),
         aliases: public
+            .iter()
             .map(|p| p.authority().as_str().to_ascii_lowercase())
-            .into_iter()
             .collect(),
         origin: registry.clone(),
         prefix: String::new(),
@@ -1135,7 +1189,10 @@ mod tests {
             (raw("http://r/some/path"), "`registry`"),
             (raw("http://user:pw@r"), "`registry`"),
             (raw("http://r:0"), "`registry`"),
-            (with(|c| c.public_url = Some("nope".into())), "`public_url`"),
+            (
+                with(|c| c.public_url = Some(vec!["nope".into()])),
+                "`public_url`",
+            ),
             (with(|c| c.listen = Some("localhost".into())), "`listen`"),
             (
                 with(|c| c.listen = Some("1.2.3.4:70000".into())),
@@ -1246,7 +1303,7 @@ mod tests {
         for (listen, public, realm, refused) in cases {
             let c = ConfigFile {
                 listen: Some(listen.into()),
-                public_url: public.map(Into::into),
+                public_url: public.map(|p: &str| vec![p.to_owned()]),
                 token_realm: Some(realm.into()),
                 ..raw("http://r:5001")
             };

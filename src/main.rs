@@ -93,6 +93,21 @@ async fn serve(app: App) -> anyhow::Result<()> {
              they die on restart and other replicas cannot open them (run one replica only)"
         );
     }
-    server::run(listener, Arc::new(app), server::shutdown_signal()).await;
+    // The first SIGTERM/SIGINT starts the phased shutdown; a second one ends the drain at once.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        let _ = first_tx.send(());
+        server::shutdown_signal().await;
+        let _ = second_tx.send(());
+    });
+    let first = async {
+        let _ = first_rx.await;
+    };
+    let second = async {
+        let _ = second_rx.await;
+    };
+    server::run(listener, Arc::new(app), first, second).await;
     Ok(())
 }

@@ -26,12 +26,12 @@ pub enum Route {
     Ready,
 }
 
-/// Routes a request, or says why it is refused. `public` is the configured public URL, if any.
+/// Routes a request, or says why it is refused. `publics` are the configured public URLs.
 pub fn route(
     method: &Method,
     uri: &Uri,
     version: Version,
-    public: Option<&Origin>,
+    publics: &[Origin],
 ) -> Result<Route, Error> {
     let path = uri.path();
     if method == Method::CONNECT {
@@ -42,12 +42,9 @@ pub fn route(
     }
     // In HTTP/1 an absolute-form target is how a client asks a *forward* proxy for a site
     // (RFC 9112 §3.2.2); registry clients never send one to a registry. Accept it only when it
-    // names the configured public URL; refuse it otherwise, whatever the Host header says.
+    // names a configured public URL; refuse it otherwise, whatever the Host header says.
     if version < Version::HTTP_2 && uri.authority().is_some() {
-        let ours = match (Origin::of(uri), public) {
-            (Some(target), Some(public)) => target.same_as(public),
-            _ => false,
-        };
+        let ours = Origin::of(uri).is_some_and(|target| publics.iter().any(|p| target.same_as(p)));
         if !ours {
             return Err(Error::Refused {
                 reason: "absolute-form target (regrelay is a reverse proxy, not a forward proxy)",
@@ -283,7 +280,8 @@ mod tests {
         for (m, target, public, v, want) in cases {
             let method: Method = m.parse().unwrap();
             let uri: Uri = target.parse().unwrap();
-            let got = route(&method, &uri, *v, *public).map_err(|e| e.status());
+            let publics: Vec<Origin> = public.iter().map(|p| (*p).clone()).collect();
+            let got = route(&method, &uri, *v, &publics).map_err(|e| e.status());
             assert_eq!(&got, want, "{m} {target}");
         }
     }

@@ -31,7 +31,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
+use http::{Method, Request};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -99,60 +99,138 @@ impl Protocols {
     }
 }
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and gives open connections
-/// the configured grace period before returning.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// Where the server is in its shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving (during the shutdown delay too: only readiness says otherwise).
+    Serving,
+    /// The listener is closed: connections finish their requests and close.
+    Draining,
+    /// The grace period is over: connections with no upload in flight are closed.
+    GraceOver,
+}
+
+/// Serves `listener` until `shutdown` resolves; then, in phases: reports not-ready while still
+/// accepting and serving for `--shutdown-delay-secs` (balancers take the replica out), stops
+/// accepting, lets requests finish (keep-alive connections close after their current request),
+/// closes connections with no upload in flight at `--shutdown-grace-secs`, and lets uploads run
+/// until `--upload-drain-secs`. `force` (a second signal) ends the drain at once.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
+) {
     let limits = app.config().limits;
-    let grace = app.config().timeouts.shutdown_grace;
+    let t = app.config().timeouts;
     let protocols = Arc::new(Protocols::new(&app));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let requests = Arc::new(Semaphore::new(limits.max_requests));
-    let (stop, stopped) = watch::channel(false);
-    let pressure = Arc::new(Notify::new());
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            permit = slot(&connections, &pressure) => permit,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let conn = ConnInfo {
-            peer,
-            tls: protocols.tls.is_some(),
-        };
-        let shared = Shared {
+    let (phase, phases) = watch::channel(Phase::Serving);
+    let acceptor = Acceptor {
+        listener,
+        connections: connections.clone(),
+        pressure: Arc::new(Notify::new()),
+        template: Shared {
             app: app.clone(),
-            protocols: protocols.clone(),
-            requests: requests.clone(),
-            stopped: stopped.clone(),
-            pressure: pressure.clone(),
+            protocols,
+            requests: Arc::new(Semaphore::new(limits.max_requests)),
+            uploads: Arc::new(AtomicUsize::new(0)),
+            phases,
+            pressure: Arc::new(Notify::new()),
             accepted: Instant::now(),
-        };
-        tokio::spawn(async move {
-            serve_connection(stream, conn, shared).await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let _ = stop.send(true);
+        },
+    };
+    let uploads = acceptor.template.uploads.clone();
+    tokio::pin!(force);
+    acceptor.accept_until(shutdown).await;
+    app.set_draining();
+    tracing::info!(
+        delay_secs = t.shutdown_delay.as_secs(),
+        "shutting down: not ready, still serving during the delay"
+    );
+    let forced = tokio::select! {
+        () = acceptor.accept_until(tokio::time::sleep(t.shutdown_delay)) => false,
+        () = &mut force => true,
+    };
+    drop(acceptor);
+    let _ = phase.send(Phase::Draining);
     let open = limits.max_connections - connections.available_permits();
-    tracing::info!(connections = open, grace_secs = grace.as_secs(), "draining");
+    tracing::info!(
+        connections = open,
+        grace_secs = t.shutdown_grace.as_secs(),
+        upload_drain_secs = t.upload_drain.as_secs(),
+        "draining"
+    );
+    if forced {
+        tracing::warn!("second signal: closing every connection now");
+        return;
+    }
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let all_closed = connections.clone().acquire_many_owned(all);
-    match tokio::time::timeout(grace, all_closed).await {
-        Ok(_) => tracing::info!("drained"),
-        Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+    tokio::pin!(all_closed);
+    let stop_accepting = Instant::now();
+    tokio::select! {
+        _ = &mut all_closed => return tracing::info!("drained"),
+        () = tokio::time::sleep(t.shutdown_grace) => {}
+        () = &mut force => return tracing::warn!("second signal: closing every connection now"),
+    }
+    let _ = phase.send(Phase::GraceOver);
+    let in_flight = uploads.load(Ordering::Acquire);
+    tracing::warn!(
+        uploads = in_flight,
+        "grace period over; closing connections without an upload in flight"
+    );
+    let upload_deadline = stop_accepting + t.upload_drain;
+    tokio::select! {
+        _ = &mut all_closed => tracing::info!("drained"),
+        () = tokio::time::sleep_until(upload_deadline) => {
+            tracing::warn!(uploads = uploads.load(Ordering::Acquire), "upload drain over; closing remaining connections");
+        }
+        () = &mut force => tracing::warn!("second signal: closing every connection now"),
+    }
+}
+
+/// The listening half: accepts connections and starts their tasks.
+struct Acceptor {
+    listener: TcpListener,
+    connections: Arc<Semaphore>,
+    pressure: Arc<Notify>,
+    template: Shared,
+}
+
+impl Acceptor {
+    /// Accepts until `until` resolves.
+    async fn accept_until(&self, until: impl Future<Output = ()>) {
+        tokio::pin!(until);
+        loop {
+            let permit = tokio::select! {
+                permit = slot(&self.connections, &self.pressure) => permit,
+                () = &mut until => return,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
+                        continue;
+                    }
+                },
+                () = &mut until => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = ConnInfo {
+                peer,
+                tls: self.template.protocols.tls.is_some(),
+            };
+            let mut shared = self.template.clone();
+            shared.pressure = self.pressure.clone();
+            shared.accepted = Instant::now();
+            tokio::spawn(async move {
+                serve_connection(stream, conn, shared).await;
+                drop(permit);
+            });
+        }
     }
 }
 
@@ -182,11 +260,14 @@ async fn shed(pressure: &Notify, sheddable: impl Fn() -> bool) {
 }
 
 /// What every connection task shares.
+#[derive(Clone)]
 struct Shared {
     app: Arc<App>,
     protocols: Arc<Protocols>,
     requests: Arc<Semaphore>,
-    stopped: watch::Receiver<bool>,
+    /// Blob uploads in flight, server-wide (they may outlive the grace period).
+    uploads: Arc<AtomicUsize>,
+    phases: watch::Receiver<Phase>,
     pressure: Arc<Notify>,
     accepted: Instant,
 }
@@ -259,7 +340,8 @@ where
         app,
         protocols,
         requests,
-        stopped,
+        uploads,
+        phases,
         pressure,
         ..
     } = shared;
@@ -269,11 +351,13 @@ where
     let tracker = state.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let (app, requests, tracker) = (app.clone(), requests.clone(), tracker.clone());
+        let uploads = uploads.clone();
         async move {
             let Ok(permit) = requests.try_acquire_owned() else {
                 return Ok::<_, Infallible>(app.overloaded(&req, conn).map(Tracked::without));
             };
-            let guard = InFlight::enter(tracker, permit);
+            let upload = is_upload(&req);
+            let guard = InFlight::enter(tracker, permit, upload.then_some(uploads));
             let resp = app.handle(req, conn).await;
             Ok(resp.map(|inner| Tracked {
                 inner,
@@ -283,7 +367,7 @@ where
     });
     let watch = Watch {
         state: &state,
-        stopped,
+        phases,
         pressure: &pressure,
         t,
     };
@@ -300,7 +384,7 @@ where
 /// What a running connection is watched for.
 struct Watch<'a> {
     state: &'a ConnState,
-    stopped: watch::Receiver<bool>,
+    phases: watch::Receiver<Phase>,
     pressure: &'a Notify,
     t: Timeouts,
 }
@@ -314,10 +398,11 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
 ) -> hyper::Result<()> {
     let Watch {
         state,
-        mut stopped,
+        mut phases,
         pressure,
         t,
     } = watch;
+    let mut draining = false;
     tokio::pin!(conn);
     let mut closing: Option<Instant> = None;
     loop {
@@ -349,12 +434,23 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                 tracing::debug!("idle connection shed at the connection limit");
                 return Ok(());
             }
-            changed = stopped.changed(), if closing.is_none() => {
-                if changed.is_err() || *stopped.borrow() {
-                    // Draining: finish the requests in flight, take no new ones. The drain
-                    // deadline is the server's.
+            changed = phases.changed() => {
+                let phase = if changed.is_err() { Phase::GraceOver } else { *phases.borrow() };
+                if phase != Phase::Serving && !draining {
+                    // Draining: finish the requests in flight, take no new ones (keep-alive
+                    // connections close after their current request). The drain deadlines are
+                    // the server's.
+                    draining = true;
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                }
+                if phase == Phase::GraceOver && state.uploads.load(Ordering::Acquire) == 0 {
+                    tracing::debug!("grace period over: connection without an upload closed");
+                    return Ok(());
+                }
+                if changed.is_err() {
+                    // The server is gone; its runtime ends this task.
+                    std::future::pending::<()>().await;
                 }
             }
         }
@@ -365,6 +461,8 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
 /// it has been stuck.
 struct ConnState {
     active: AtomicUsize,
+    /// Blob uploads among them.
+    uploads: AtomicUsize,
     served: AtomicBool,
     since: Mutex<Instant>,
     /// Since when a write has been pending, and the task to wake to cut it.
@@ -377,6 +475,7 @@ impl ConnState {
     fn new() -> ConnState {
         ConnState {
             active: AtomicUsize::new(0),
+            uploads: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             since: Mutex::new(Instant::now()),
             stalled: Mutex::new(None),
@@ -446,15 +545,26 @@ impl ConnState {
 /// response body is done (or dropped).
 struct InFlight {
     state: Arc<ConnState>,
+    /// The server-wide upload count, when this request is a blob upload.
+    upload: Option<Arc<AtomicUsize>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl InFlight {
-    fn enter(state: Arc<ConnState>, permit: OwnedSemaphorePermit) -> InFlight {
+    fn enter(
+        state: Arc<ConnState>,
+        permit: OwnedSemaphorePermit,
+        upload: Option<Arc<AtomicUsize>>,
+    ) -> InFlight {
         state.served.store(true, Ordering::Release);
         state.active.fetch_add(1, Ordering::AcqRel);
+        if let Some(uploads) = &upload {
+            uploads.fetch_add(1, Ordering::AcqRel);
+            state.uploads.fetch_add(1, Ordering::AcqRel);
+        }
         InFlight {
             state,
+            upload,
             _permit: permit,
         }
     }
@@ -464,7 +574,18 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         *self.state.since.lock().expect("conn state lock") = Instant::now();
         self.state.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(uploads) = &self.upload {
+            uploads.fetch_sub(1, Ordering::AcqRel);
+            self.state.uploads.fetch_sub(1, Ordering::AcqRel);
+        }
     }
+}
+
+/// A blob upload request (`POST`/`PATCH`/`PUT` under `/v2/<name>/blobs/uploads/`): it may
+/// continue past the grace period, until `--upload-drain-secs`.
+fn is_upload(req: &Request<Incoming>) -> bool {
+    matches!(*req.method(), Method::POST | Method::PATCH | Method::PUT)
+        && req.uri().path().contains("/blobs/uploads/")
 }
 
 pin_project_lite::pin_project! {

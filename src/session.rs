@@ -141,13 +141,16 @@ mod opt_bytes {
 /// Why a sealed token was refused. Says nothing about its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
-    /// Not of the `rr1.<kid>.<data>` form.
+    /// Not of the `rr1.<kid>[.<name>].<data>` form.
     #[error("malformed session token")]
     Malformed,
     /// Sealed with a key this replica does not hold (rotated out, or another deployment).
-    #[error("session token sealed with an unknown key")]
+    #[error("session token sealed with a key this replica does not have: check the key ring on every replica")]
     UnknownKey,
-    /// Tampered with, or sealed for another public URL.
+    /// Sealed for another canonical public URL (replicas configured differently).
+    #[error("session token sealed by a replica with a different --public-url")]
+    OtherPublicUrl,
+    /// Tampered with.
     #[error("session token failed authentication")]
     Tampered,
     /// Past its expiry.
@@ -291,7 +294,8 @@ impl KeyRing {
             .expect("a key ring always has a sealing key");
         let plain = Zeroizing::new(serde_json::to_vec(session).expect("a session serializes"));
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let aad = aad(&key.id, public_url);
+        let name = name_hint(public_url);
+        let aad = aad(&key.id, Some(&name), public_url);
         let sealed = key
             .cipher
             .encrypt(
@@ -304,7 +308,11 @@ impl KeyRing {
             .expect("XChaCha20-Poly1305 sealing does not fail for in-memory data");
         let mut data = nonce.to_vec();
         data.extend_from_slice(&sealed);
-        format!("{TOKEN_PREFIX}{}.{}", key.id, URL_SAFE_NO_PAD.encode(data))
+        format!(
+            "{TOKEN_PREFIX}{}.{name}.{}",
+            key.id,
+            URL_SAFE_NO_PAD.encode(data)
+        )
     }
 
     /// Opens a token sealed for `public_url`, checking its expiry against `now`.
@@ -312,7 +320,12 @@ impl KeyRing {
         let rest = token
             .strip_prefix(TOKEN_PREFIX)
             .ok_or(OpenError::Malformed)?;
-        let (kid, data) = rest.split_once('.').ok_or(OpenError::Malformed)?;
+        // `<kid>.<name>.<data>`, or `<kid>.<data>` as sealed before names were carried.
+        let (kid, rest) = rest.split_once('.').ok_or(OpenError::Malformed)?;
+        let (name, data) = match rest.split_once('.') {
+            Some((name, data)) => (Some(name), data),
+            None => (None, rest),
+        };
         let data = URL_SAFE_NO_PAD
             .decode(data)
             .map_err(|_| OpenError::Malformed)?;
@@ -325,7 +338,7 @@ impl KeyRing {
             .find(|k| k.id == kid)
             .ok_or(OpenError::UnknownKey)?;
         let (nonce, sealed) = data.split_at(NONCE_LEN);
-        let aad = aad(&key.id, public_url);
+        let aad = aad(&key.id, name, public_url);
         let plain = Zeroizing::new(
             key.cipher
                 .decrypt(
@@ -335,7 +348,12 @@ impl KeyRing {
                         aad: &aad,
                     },
                 )
-                .map_err(|_| OpenError::Tampered)?,
+                .map_err(|_| match name {
+                    // The name is part of the authenticated data, so a token that fails and
+                    // names another public URL was sealed for it (or had its name forged).
+                    Some(n) if n != name_hint(public_url) => OpenError::OtherPublicUrl,
+                    _ => OpenError::Tampered,
+                })?,
         );
         let session: Session = serde_json::from_slice(&plain).map_err(|_| OpenError::Malformed)?;
         if session.exp <= now {
@@ -345,8 +363,20 @@ impl KeyRing {
     }
 }
 
-fn aad(kid: &str, public_url: &str) -> Vec<u8> {
-    format!("{TOKEN_PREFIX}{kid}|{public_url}").into_bytes()
+/// A short, public hint of the public URL a token is sealed for (8 hex digits of its SHA-256),
+/// so a replica configured with another `--public-url` can say so instead of "tampered".
+fn name_hint(public_url: &str) -> String {
+    Sha256::digest(public_url.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn aad(kid: &str, name: Option<&str>, public_url: &str) -> Vec<u8> {
+    match name {
+        Some(name) => format!("{TOKEN_PREFIX}{kid}.{name}|{public_url}").into_bytes(),
+        None => format!("{TOKEN_PREFIX}{kid}|{public_url}").into_bytes(),
+    }
 }
 
 #[cfg(test)]
@@ -392,16 +422,52 @@ mod tests {
                 &token,
                 "https://other.example.com",
                 now,
-                OpenError::Tampered,
+                OpenError::OtherPublicUrl,
             ),
             (&token, PUBLIC, s.exp, OpenError::Expired),
             ("rr1.nodot", PUBLIC, now, OpenError::Malformed),
+            ("rr1.abcd.ef01.!!!", PUBLIC, now, OpenError::Malformed),
             ("rr1.abcd.!!!", PUBLIC, now, OpenError::Malformed),
             ("eyJhbGciOi.x.y", PUBLIC, now, OpenError::Malformed),
         ];
         for (tok, public, at, want) in cases {
             assert_eq!(ring.open(tok, public, *at).unwrap_err(), *want, "{tok}");
         }
+    }
+
+    #[test]
+    fn tokens_sealed_before_names_were_carried_still_open() {
+        let ring = KeyRing::from_keys(&[[9; 32]]);
+        let s = session(60);
+        let key = &ring.keys[0];
+        let plain = serde_json::to_vec(&s).unwrap();
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let aad = aad(&key.id, None, PUBLIC);
+        let sealed = key
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        let mut data = nonce.to_vec();
+        data.extend_from_slice(&sealed);
+        let legacy = format!("{TOKEN_PREFIX}{}.{}", key.id, URL_SAFE_NO_PAD.encode(data));
+        assert_eq!(ring.open(&legacy, PUBLIC, unix_now()).unwrap().id, s.id);
+        assert_eq!(
+            ring.open(&legacy, "https://other.example.com", unix_now())
+                .unwrap_err(),
+            OpenError::Tampered
+        );
+        let unknown = KeyRing::from_keys(&[[8; 32]]);
+        let msg = unknown
+            .open(&ring.seal(&s, PUBLIC), PUBLIC, unix_now())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("check the key ring on every replica"), "{msg}");
     }
 
     #[test]

@@ -73,6 +73,19 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        // Health checks come every few seconds from every balancer: DEBUG, not INFO.
+        if self.path.starts_with("/-/") {
+            tracing::debug!(
+                target: "regrelay::access",
+                method = %self.method,
+                path = %self.path,
+                status = self.status,
+                duration_ms = self.start.elapsed().as_millis() as u64,
+                peer = %self.peer,
+                "request"
+            );
+            return;
+        }
         tracing::info!(
             target: "regrelay::access",
             method = %self.method,

@@ -1,5 +1,6 @@
-//! SIGTERM: stop accepting, let in-flight uploads finish within the grace period, then exit 0;
-//! past the grace period, exit anyway.
+//! SIGTERM, in phases: not ready but still serving for the shutdown delay, then stop accepting,
+//! let requests finish (those without a body until the grace period, uploads until the upload
+//! drain), then exit 0; a second signal ends the drain at once.
 
 mod support;
 
@@ -24,7 +25,14 @@ async fn sink() -> upstream::Origin {
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_upload_then_exits() {
     let origin = sink().await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-grace-secs", "20"]);
+    let mut px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--shutdown-grace-secs",
+        "20",
+        "--shutdown-delay-secs",
+        "0",
+    ]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(
         b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
@@ -61,9 +69,18 @@ async fn sigterm_drains_an_in_flight_upload_then_exits() {
 }
 
 #[tokio::test]
-async fn grace_period_bounds_the_drain() {
+async fn the_upload_drain_bounds_the_drain() {
     let origin = sink().await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-grace-secs", "1"]);
+    let mut px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--shutdown-grace-secs",
+        "1",
+        "--upload-drain-secs",
+        "2",
+        "--shutdown-delay-secs",
+        "0",
+    ]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(
         b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
@@ -75,12 +92,187 @@ async fn grace_period_bounds_the_drain() {
     px.terminate();
     let status = px
         .wait_exit(Duration::from_secs(10))
-        .expect("regrelay did not exit after its grace period");
-    assert!(start.elapsed() < Duration::from_secs(5));
-    assert!(status.success(), "{status:?}");
+        .expect("regrelay did not exit after its upload drain");
+    let took = start.elapsed();
     assert!(
-        px.output.text().contains("grace period over"),
-        "{}",
-        px.output.text()
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
     );
+    assert!(status.success(), "{status:?}");
+    let out = px.output.text();
+    assert!(out.contains("upload drain over"), "{out}");
+}
+
+/// An origin whose `GET /v2/slow` answer never ends (a byte a second), and which accepts uploads.
+async fn slow_origin() -> upstream::Origin {
+    upstream::serve(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/v2/slow" {
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<http_body::Frame<bytes::Bytes>, regrelay::error::BoxError>,
+            >(1);
+            tokio::spawn(async move {
+                while tx
+                    .send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"."))))
+                    .await
+                    .is_ok()
+                {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+            let stream = futures_stream(rx);
+            return Response::new(http_body_util::BodyExt::boxed_unsync(stream));
+        }
+        let n = drain(req.into_body()).await.unwrap_or(0);
+        let mut resp = Response::new(body::full(n.to_string()));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        resp
+    })
+    .await
+}
+
+fn futures_stream(
+    rx: tokio::sync::mpsc::Receiver<
+        Result<http_body::Frame<bytes::Bytes>, regrelay::error::BoxError>,
+    >,
+) -> impl http_body::Body<Data = bytes::Bytes, Error = regrelay::error::BoxError> + Send + 'static {
+    struct Rx(
+        tokio::sync::mpsc::Receiver<
+            Result<http_body::Frame<bytes::Bytes>, regrelay::error::BoxError>,
+        >,
+    );
+    impl http_body::Body for Rx {
+        type Data = bytes::Bytes;
+        type Error = regrelay::error::BoxError;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    Rx(rx)
+}
+
+async fn status_of(px: std::net::SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(px).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn sigterm_phases_not_ready_first_then_uploads_outlive_the_grace() {
+    let origin = slow_origin().await;
+    let mut px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--shutdown-delay-secs",
+        "2",
+        "--shutdown-grace-secs",
+        "2",
+        "--upload-drain-secs",
+        "30",
+    ]);
+    // An upload and a download without end, both in flight.
+    let mut upload = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    upload
+        .write_all(
+            b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
+        )
+        .await
+        .unwrap();
+    let mut download = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    download
+        .write_all(b"GET /v2/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status_of(px.addr, "/-/ready").await.as_deref(), Some("200"));
+    let start = Instant::now();
+    px.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The delay: not ready, but alive and still serving new connections.
+    assert_eq!(status_of(px.addr, "/-/ready").await.as_deref(), Some("503"));
+    assert_eq!(
+        status_of(px.addr, "/-/healthy").await.as_deref(),
+        Some("200")
+    );
+    assert_eq!(status_of(px.addr, "/v2/").await.as_deref(), Some("202"));
+    // After it: no longer accepting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        tokio::net::TcpStream::connect(px.addr).await.is_err(),
+        "still accepting"
+    );
+    // The grace period (2 s after the delay) closes the download, not the upload.
+    let mut buf = vec![0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), download.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the download outlived the grace period"),
+        }
+    };
+    assert!(
+        closed >= Duration::from_secs(4) && closed < Duration::from_secs(7),
+        "{closed:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    upload.write_all(b"cd").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), upload.read(&mut buf))
+        .await
+        .expect("the upload outlived the grace period")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 202") && answer.ends_with('4'),
+        "{answer}"
+    );
+    let status = px
+        .wait_exit(Duration::from_secs(10))
+        .expect("exit after the upload");
+    assert!(status.success());
+    // Health checks are logged at DEBUG, not INFO (balancers probe every few seconds).
+    let out = px.output.text();
+    let health: Vec<&str> = out.lines().filter(|l| l.contains("path=/-/")).collect();
+    assert!(!health.is_empty(), "{out}");
+    assert!(health.iter().all(|l| l.contains("DEBUG")), "{health:?}");
+}
+
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let origin = sink().await;
+    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    s.write_all(
+        b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    px.terminate();
+    assert!(px
+        .output
+        .wait_for("draining", Duration::from_secs(5))
+        .is_some());
+    let start = Instant::now();
+    px.terminate();
+    let status = px
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit on the second signal");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(status.success());
+    assert!(px.output.text().contains("second signal"));
 }

@@ -1,4 +1,4 @@
-//! Routing: `router::route(method, uri, version, public)` for any request line. Input:
+//! Routing: `router::route(method, uri, version, publics)` for any request line. Input:
 //! `METHOD TARGET [VERSION]` on the first line (no version: HTTP/1.1), and optionally the configured
 //! public URL on the second (parsed with `Origin::parse`; invalid or absent: none). Inputs whose
 //! method, target or version do not parse are skipped (hyper refuses them before routing).
@@ -60,7 +60,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
 
-    let res = route(&method, &uri, version, public);
+    let publics: Vec<Origin> = public.into_iter().cloned().collect();
+    let res = route(&method, &uri, version, &publics);
     if method == Method::CONNECT {
         assert!(res.is_err(), "CONNECT routed: {uri}");
     }

@@ -204,7 +204,8 @@ pub fn cert(name: &str) -> String {
 }
 
 impl Regrelay {
-    /// Starts `regrelay serve --listen 127.0.0.1:0 ARGS…` and waits for its listening line.
+    /// Starts `regrelay serve --listen 127.0.0.1:0 ARGS…` (or ARGS' own `--listen`) and waits
+    /// for its listening line.
     pub fn start(args: &[&str]) -> Regrelay {
         Regrelay::start_with_prefix(&[], args)
     }
@@ -222,8 +223,13 @@ impl Regrelay {
             }
             None => Command::new(&bin),
         };
+        let listen = if args.contains(&"--listen") {
+            vec!["serve"]
+        } else {
+            vec!["serve", "--listen", "127.0.0.1:0"]
+        };
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(listen)
             .args(args)
             .env("REGRELAY_LOG", "regrelay=debug,info")
             .stdin(Stdio::null())
