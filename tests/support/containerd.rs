@@ -15,12 +15,11 @@
 //! therefore needs a stub `[host]` line; [`Containerd::pull`] panics when ctr reports a hosts.toml
 //! it could not decode, so that no test silently pulls around the hosts it configured.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{kill, require, Captured, Registry};
+use super::{kill, require, Captured};
 
 /// Plugins a pull needs: content store, metadata (bolt, which wants a snapshotter: `native`),
 /// events, GC, leases, namespaces, images, introspection, version, healthcheck.
@@ -235,46 +234,4 @@ pub fn hosts_dir(entries: &[(&str, &str)]) -> tempfile::TempDir {
         std::fs::write(sub.join("hosts.toml"), toml).unwrap();
     }
     dir
-}
-
-impl Registry {
-    /// Starts `docker-registry` without any auth section: anyone may pull and push.
-    pub fn start_open() -> Registry {
-        require("docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
-            root = dir.path().join("data").display(),
-        );
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, config).unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start docker-registry");
-        let log = Captured::default();
-        log.attach(child.stdout.take().unwrap());
-        log.attach(child.stderr.take().unwrap());
-        let Some(line) = log.wait_for("listening on ", Duration::from_secs(20)) else {
-            kill(&mut child);
-            panic!("docker-registry did not start:\n{}", log.text());
-        };
-        let addr: SocketAddr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .map(|s| s.trim_end_matches('"'))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("registry address in {line:?}"));
-        Registry {
-            addr,
-            log,
-            child,
-            _dir: dir,
-        }
-    }
 }

@@ -116,17 +116,30 @@ impl Registry {
 
     /// Like [`Registry::start`] with storage under `storage_root`.
     pub fn start_in(realm: &str, storage_root: Option<&Path>) -> Registry {
-        require("docker-registry");
         let dir = match storage_root {
             Some(root) => tempfile::tempdir_in(root).unwrap(),
             None => tempfile::tempdir().unwrap(),
         };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\nauth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",
-            root = dir.path().join("data").display(),
+        let auth = format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",
             service = gitlab::SERVICE,
             issuer = gitlab::ISSUER,
             bundle = gitlab::signing_cert_path(),
+        );
+        Registry::launch(dir, &auth)
+    }
+
+    /// Starts `docker-registry` without any auth section: anyone may pull and push.
+    pub fn start_open() -> Registry {
+        Registry::launch(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// Writes a config (storage in `dir`, an ephemeral port, `auth`) and starts the registry.
+    fn launch(dir: tempfile::TempDir, auth: &str) -> Registry {
+        require("docker-registry");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n{auth}",
+            root = dir.path().join("data").display(),
         );
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, config).unwrap();
@@ -148,14 +161,10 @@ impl Registry {
         let addr = line
             .split("listening on ")
             .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap();
-        let addr = addr
-            .trim_end_matches('"')
-            .parse()
-            .expect("registry address");
+            .and_then(|s| s.split_whitespace().next())
+            .map(|s| s.trim_end_matches('"'))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("registry address in {line:?}"));
         Registry {
             addr,
             log,
