@@ -14,12 +14,12 @@ use std::sync::{Arc, RwLock};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Method;
 
-use crate::auth::TOKEN_PATH;
 use crate::challenge::{self, Challenge};
 use crate::config::Origin;
 use crate::error::{Error, MintFailure};
 use crate::mint::{Caller, Minter};
 use crate::mirror::Routed;
+use crate::router::TOKEN_PATH;
 use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
 use crate::token::{MintFuture, TokenStore, UpstreamToken};
 

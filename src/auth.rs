@@ -33,9 +33,6 @@ use crate::proxy;
 use crate::session::{Kind, Session, TOKEN_PREFIX};
 use crate::upstream::UpstreamBody;
 
-/// The token realm path regrelay serves.
-pub const TOKEN_PATH: &str = "/jwt/auth";
-
 /// The upstream a token request is for, as [`Lanes::pick`] decides it.
 pub struct Picked<'a> {
     /// Its sessions, tokens and token service.

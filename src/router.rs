@@ -8,6 +8,8 @@ use http::{Method, Uri, Version};
 use crate::config::Origin;
 use crate::error::Error;
 
+/// The token realm path regrelay serves (on the registry's own host).
+pub const TOKEN_PATH: &str = "/jwt/auth";
 /// Liveness path.
 pub const HEALTHY_PATH: &str = "/-/healthy";
 /// Readiness path (upstream reachable).
@@ -57,7 +59,7 @@ pub fn route(
     let route = match path {
         "/v2" | "/v2/" => Route::Registry,
         p if p.starts_with("/v2/") => Route::Registry,
-        crate::auth::TOKEN_PATH => Route::Token,
+        TOKEN_PATH => Route::Token,
         HEALTHY_PATH => Route::Healthy,
         READY_PATH => Route::Ready,
         _ => {
