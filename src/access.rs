@@ -24,7 +24,7 @@ use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
 use crate::token::{MintFuture, TokenStore, UpstreamToken};
 
 /// Service named in challenges regrelay makes itself, until the registry told us its own.
-const DEFAULT_SERVICE: &str = "container_registry";
+pub const DEFAULT_SERVICE: &str = "container_registry";
 
 /// A registry request's credentials, as regrelay sees them.
 pub enum Credentials {

@@ -15,7 +15,7 @@ use hyper::body::{Body, Incoming};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 
-use crate::access::{Access, Credentials};
+use crate::access::{Access, Credentials, DEFAULT_SERVICE};
 use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
 use crate::challenge::{self, Challenge};
@@ -302,6 +302,17 @@ impl App {
         Ok(routed)
     }
 
+    /// True when regrelay holds pull credentials for `lane` and `peer` may use them
+    /// (`--inject-credentials-for`).
+    fn may_inject(&self, lane: &Lane, peer: std::net::IpAddr) -> bool {
+        lane.injected.is_some()
+            && self
+                .config
+                .inject_credentials_for
+                .iter()
+                .any(|c| c.contains(peer))
+    }
+
     /// A session for regrelay's own pull credentials of `lane`, when the request may use them:
     /// a pull (GET/HEAD) of a repository, without credentials of its own, from an
     /// `--inject-credentials-for` address. Its id is derived from the upstream, the scope and
@@ -314,12 +325,9 @@ impl App {
         conn: ConnInfo,
     ) -> Option<Session> {
         let injected = lane.injected.as_ref()?;
-        let allowed = self
-            .config
-            .inject_credentials_for
-            .iter()
-            .any(|c| c.contains(conn.peer.ip()));
-        if !allowed || !matches!(*req.method(), Method::GET | Method::HEAD) {
+        if !self.may_inject(lane, conn.peer.ip())
+            || !matches!(*req.method(), Method::GET | Method::HEAD)
+        {
             return None;
         }
         let scope = challenge::required_scope(req.method(), req.uri().path())?;
@@ -329,7 +337,7 @@ impl App {
             .minter()
             .service()
             .await
-            .unwrap_or_else(|| "container_registry".to_owned());
+            .unwrap_or_else(|| DEFAULT_SERVICE.to_owned());
         let mut session = Session::new(
             Kind::Access,
             Some(credential.authorization.to_vec()),
@@ -516,11 +524,9 @@ impl Lanes for App {
         }
         let i = lane.unwrap_or(fallback);
         let lane = &self.lanes[i];
-        let injectable =
-            lane.injected.is_some() && cfg.inject_credentials_for.iter().any(|c| c.contains(peer));
         Ok(Picked {
             access: &lane.access,
-            injectable,
+            injectable: self.may_inject(lane, peer),
             upstream: lane.session_name.clone(),
             translated: i != 0 || upstream_scopes.as_slice() != scopes,
             scopes: upstream_scopes,

@@ -656,16 +656,12 @@ pub struct Config {
     pub public_aliases: Vec<Origin>,
     /// Server TLS files, when serving HTTPS.
     pub tls: Option<TlsFiles>,
-    /// Extra CA bundle for the upstream.
-    pub upstream_ca: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Bounds.
     pub limits: Limits,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Upstream token realm, when configured (else asked of the registry).
-    pub token_realm: Option<Uri>,
     /// Proxies whose forwarding headers are kept.
     pub trusted_proxies: Vec<Cidr>,
     /// Session key file (None: a random key per process).
@@ -906,9 +902,6 @@ impl TryFrom<ConfigFile> for Config {
             (None, Some(_)) => return Err(invalid("tls_cert", "required with tls_key")),
         };
         let token_realm = raw.token_realm.as_deref().map(parse_realm).transpose()?;
-        if let Some(realm) = token_realm.as_ref().and_then(Origin::of) {
-            refuse_self_realm(&realm, listen, public_url.as_ref())?;
-        }
         let session_lifetime = secs(
             "session_lifetime_secs",
             raw.session_lifetime_secs,
@@ -923,9 +916,7 @@ impl TryFrom<ConfigFile> for Config {
         )?;
         let publics: Vec<&Origin> = public_url.iter().chain(&public_aliases).collect();
         if let Some(realm) = token_realm.as_ref().and_then(Origin::of) {
-            for p in &publics {
-                refuse_self_realm(&realm, listen, Some(p))?;
-            }
+            refuse_self_realm(&realm, listen, &publics)?;
         }
         let (upstreams, root_upstream) = upstreams(&raw, &registry, &publics, &token_realm)?;
         let inject_credentials_for = match &raw.inject_credentials_for {
@@ -945,11 +936,9 @@ impl TryFrom<ConfigFile> for Config {
             public_url,
             public_aliases,
             tls,
-            upstream_ca: raw.upstream_ca.clone(),
             log_format: raw.log_format.unwrap_or_default(),
             limits: limits(&raw)?,
             timeouts: timeouts(&raw)?,
-            token_realm,
             trusted_proxies: list(&raw.trusted_proxies, Cidr::parse)?,
             session_key_file: raw.session_key_file.clone(),
             session_lifetime,
@@ -1122,14 +1111,14 @@ fn parse_realm(s: &str) -> Result<Uri, ConfigError> {
     }
 }
 
-/// A realm on regrelay's own listener (or public URL) would make every mint call regrelay
-/// itself, forever.
+/// A realm on regrelay's own listener (or one of its public URLs) would make every mint call
+/// regrelay itself, forever.
 pub fn refuse_self_realm(
     realm: &Origin,
     listen: SocketAddr,
-    public: Option<&Origin>,
+    publics: &[&Origin],
 ) -> Result<(), ConfigError> {
-    let on_public = public.is_some_and(|p| p.same_as(realm));
+    let on_public = publics.iter().any(|p| p.same_as(realm));
     let host = realm
         .authority()
         .host()

@@ -51,7 +51,7 @@ pub struct Minter {
     allow: Vec<AllowedOrigin>,
     timeout: Duration,
     listen: SocketAddr,
-    public: Option<Origin>,
+    publics: Vec<Origin>,
 }
 
 impl Minter {
@@ -71,7 +71,12 @@ impl Minter {
             allow: upstream.auth_redirect_allow.clone(),
             timeout: cfg.timeouts.token_request,
             listen: cfg.listen,
-            public: cfg.public_url.clone(),
+            publics: cfg
+                .public_url
+                .iter()
+                .chain(&cfg.public_aliases)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -114,7 +119,11 @@ impl Minter {
         let announced = challenge.get("realm").and_then(|r| r.parse::<Uri>().ok());
         let realm = announced.ok_or_else(unknown)?;
         let origin = Origin::of(&realm).ok_or_else(unknown)?;
-        if let Err(err) = config::refuse_self_realm(&origin, self.listen, self.public.as_ref()) {
+        if let Err(err) = config::refuse_self_realm(
+            &origin,
+            self.listen,
+            &self.publics.iter().collect::<Vec<_>>(),
+        ) {
             tracing::error!(error = %err, "the registry announces a realm on regrelay itself");
             return Err(unknown());
         }

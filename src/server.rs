@@ -129,7 +129,6 @@ pub async fn run(
     let acceptor = Acceptor {
         listener,
         connections: connections.clone(),
-        pressure: Arc::new(Notify::new()),
         template: Shared {
             app: app.clone(),
             protocols,
@@ -194,7 +193,7 @@ pub async fn run(
 struct Acceptor {
     listener: TcpListener,
     connections: Arc<Semaphore>,
-    pressure: Arc<Notify>,
+    /// What each connection task gets (its `accepted` is stamped per connection).
     template: Shared,
 }
 
@@ -204,7 +203,7 @@ impl Acceptor {
         tokio::pin!(until);
         loop {
             let permit = tokio::select! {
-                permit = slot(&self.connections, &self.pressure) => permit,
+                permit = slot(&self.connections, &self.template.pressure) => permit,
                 () = &mut until => return,
             };
             let (stream, peer) = tokio::select! {
@@ -224,7 +223,6 @@ impl Acceptor {
                 tls: self.template.protocols.tls.is_some(),
             };
             let mut shared = self.template.clone();
-            shared.pressure = self.pressure.clone();
             shared.accepted = Instant::now();
             tokio::spawn(async move {
                 serve_connection(stream, conn, shared).await;
