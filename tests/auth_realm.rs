@@ -367,10 +367,14 @@ async fn a_front_that_redirects_the_token_endpoint_is_fixed_by_the_realm_on_the_
         !msg.contains(&f.gl.addr.to_string()),
         "the client is not told internal addresses: {msg}"
     );
-    let log = px.output.text();
+    // The log line is written as the request ends; its reader thread may still be catching up.
+    let wanted = format!("--auth-redirect-allow http://{}", f.gl.addr);
     assert!(
-        log.contains(&format!("--auth-redirect-allow http://{}", f.gl.addr)),
-        "the log names the origin and the flag to allow it: {log}"
+        px.output
+            .wait_for(&wanted, Duration::from_secs(5))
+            .is_some(),
+        "the log names the origin and the flag to allow it: {}",
+        px.output.text()
     );
     drop(px);
 

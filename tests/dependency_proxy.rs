@@ -522,7 +522,7 @@ async fn group_dp_pulls_outlive_dp_tokens_with_pat_and_ci_job_credentials() {
             assert_eq!(r.identity.as_deref(), Some(identity.as_str()), "{r:?}");
         }
     }
-    let out = px.output.text();
+    let out = px.output.settled();
     // Each pull asked regrelay for one token; regrelay asked the DP for more, while the pulls
     // crawled (every layer request came after the previous token's life).
     let client_requests = count_lines(&out, "regrelay::auth: token request");
@@ -593,7 +593,7 @@ async fn group_dp_pulls_outlive_dp_tokens_with_pat_and_ci_job_credentials() {
         "non-member pull: {}",
         text(&out)
     );
-    let out = px.output.text();
+    let out = px.output.settled();
     let mut secrets = w.gl.issued();
     secrets.extend([PAT.to_owned(), OUTSIDER_PAT.to_owned()]);
     assert_no_secrets(&out, USER, &secrets);
@@ -648,7 +648,7 @@ fn assert_only_the_deploy_token(w: &World, px: &Regrelay) {
     }
     let mut secrets = w.gl.issued();
     secrets.push(DEPLOY_TOKEN.to_owned());
-    assert_no_secrets(&px.output.text(), DEPLOY_USER, &secrets);
+    assert_no_secrets(&px.output.settled(), DEPLOY_USER, &secrets);
 }
 
 /// (b) A group's Dependency Proxy as regrelay's Docker Hub mirror: a client with no credentials
@@ -688,7 +688,7 @@ async fn dp_docker_hub_mirror_serves_credential_less_pulls_with_the_deploy_token
     }
     let took = start.elapsed();
     assert!(took >= 3 * LIFETIME, "the pull took only {took:?}");
-    let out = px.output.text();
+    let out = px.output.settled();
     assert_eq!(
         count_lines(&out, "pull with injected credentials"),
         1 + blobs.len(),
@@ -816,7 +816,7 @@ async fn docker_pulls_a_group_dp_image_with_ci_job_credentials() {
         }
     };
     assert_eq!(id, config_digest, "the pulled image is not the pushed one");
-    let out = px.output.text();
+    let out = px.output.settled();
     let path = format!("/v2/{GROUP}/dependency_proxy/containers/library/alpine");
     assert!(
         out.lines()

@@ -215,7 +215,7 @@ async fn non_canonical_paths_and_broken_bodies_are_the_clients_fault() {
     );
     let out = raw(px.addr, req.as_bytes(), Duration::from_secs(5)).await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    let log_text = px.output.text();
+    let log_text = px.output.settled();
     assert!(
         log_text.contains("blame=\"client\"") || log_text.contains("blame=client"),
         "{log_text}"

@@ -221,7 +221,7 @@ async fn skopeo_pulls_through_registries_conf_prefix_mirrors() {
         );
         assert_same_blobs(image, pulled.path());
     }
-    let log = px.output.text();
+    let log = px.output.settled();
     assert!(
         log.contains("path=/v2/ghcr.io/library/alpine/manifests/3"),
         "{log}"
@@ -396,7 +396,7 @@ async fn injected_credentials_serve_anonymous_pulls_from_allowed_addresses_only(
         .any(|s| s.username.as_deref() == Some(DEPLOY_USER) && s.status == 200));
     let mut secrets = w.gl.issued();
     secrets.push(DEPLOY_TOKEN.to_owned());
-    assert_no_secrets(&px.output.text(), DEPLOY_USER, &secrets);
+    assert_no_secrets(&px.output.settled(), DEPLOY_USER, &secrets);
     // The file is re-read when it changes: a wrong token takes effect (GitLab refuses it) and
     // the right one again after it, without a restart.
     for (token, want) in [
@@ -477,7 +477,7 @@ async fn containerd_pulls_by_ns_and_override_path_and_falls_back_on_unknown_ns()
             );
         }
     }
-    let log = px.output.text();
+    let log = px.output.settled();
     // ns form and override_path form both came through regrelay.
     assert!(log.contains("path=/v2/library/alpine/manifests/3"), "{log}");
     assert!(

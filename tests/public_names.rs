@@ -108,7 +108,7 @@ async fn every_configured_name_works_and_unknown_ones_are_warned_about_once() {
             "{out}"
         );
     }
-    let log = px.output.text();
+    let log = px.output.settled();
     let warnings = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("internal-name.example"))
@@ -179,7 +179,7 @@ async fn drift_between_replicas_explains_itself() {
         let body = String::from_utf8_lossy(&body).into_owned();
         assert!(body.contains(want), "{body}");
         assert!(
-            replica.output.text().contains(want),
+            replica.output.settled().contains(want),
             "{}",
             replica.output.text()
         );

@@ -172,7 +172,7 @@ async fn nothing_secret_reaches_trace_logs_or_answers() {
         .await,
     );
 
-    let out = px.output.text();
+    let out = px.output.settled();
     assert!(
         out.contains("TRACE"),
         "regrelay really logged at trace level"

@@ -270,7 +270,7 @@ async fn silence_counts_across_parts() {
     )
     .await;
     let took = start.elapsed();
-    let logged = px.output.text();
+    let logged = px.output.settled();
     assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}\n{logged}");
     let message = registry_error(&body);
     assert!(message.contains("idle"), "{message}");
@@ -304,7 +304,7 @@ async fn a_202_without_location_is_a_clear_upstream_error() {
         Paced::body(data, 16 * 1024, Duration::from_millis(62)),
     )
     .await;
-    let logged = px.output.text();
+    let logged = px.output.settled();
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}\n{logged}");
     let message = registry_error(&body);
     assert!(
@@ -537,7 +537,7 @@ async fn a_part_cut_mid_stream_fails_clearly_and_leaves_no_corrupt_blob() {
     }
     assert!(cut >= 1, "no registry connection was open to cut");
     let (status, _, body) = patch.await.unwrap();
-    let logged = px.output.text();
+    let logged = px.output.settled();
     assert!(status.is_server_error(), "{status}: {body}\n{logged}");
     let message = registry_error(&body);
     assert!(
@@ -637,7 +637,7 @@ async fn a_location_on_another_origin_is_followed_without_authorization() {
         Paced::body(noise(len, 6), 16 * 1024, Duration::from_millis(62)),
     )
     .await;
-    let logged = px.output.text();
+    let logged = px.output.settled();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}\n{logged}");
     let (at_a, at_b) = (patches(&a_log), patches(&b_log));
     assert!(

@@ -42,6 +42,21 @@ impl Captured {
         self.0.lock().unwrap().clone()
     }
 
+    /// Everything, once the process has printed nothing new for a moment (its lines reach us
+    /// through reader threads, a little after the request they belong to has been answered).
+    pub fn settled(&self) -> String {
+        let end = Instant::now() + Duration::from_secs(3);
+        let mut seen = self.text();
+        loop {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = self.text();
+            if now.len() == seen.len() || Instant::now() > end {
+                return now;
+            }
+            seen = now;
+        }
+    }
+
     /// Waits until a line contains `needle`; returns that line.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
         let end = Instant::now() + timeout;
