@@ -60,6 +60,8 @@ pub struct App {
     auth: Auth,
     /// Set when shutdown starts: readiness answers 503 from then on.
     draining: std::sync::atomic::AtomicBool,
+    /// Set at the upload drain deadline: split uploads end their part and answer the client.
+    upload_cut: tokio::sync::watch::Sender<bool>,
     /// The configured public names, canonical first.
     publics: Vec<Origin>,
     /// `Host`s seen that match no configured public name (each warned about once).
@@ -133,6 +135,7 @@ impl App {
             server_tls,
             lanes,
             draining: std::sync::atomic::AtomicBool::new(false),
+            upload_cut: tokio::sync::watch::Sender::new(false),
             publics,
             unknown_hosts: dashmap::DashSet::new(),
         })
@@ -143,6 +146,13 @@ impl App {
     pub fn set_draining(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The upload drain is over: every upload sent in parts ends its current part and answers
+    /// its client (see [`Uploader`]). Returns how many uploads were told.
+    pub fn cut_uploads(&self) -> usize {
+        self.upload_cut.send_replace(true);
+        self.upload_cut.receiver_count()
     }
 
     /// The default upstream's session state (token cache counters, key ring).
@@ -385,6 +395,7 @@ impl App {
                 fwd,
                 chunk_max: cfg.upload_chunk_max,
                 mode: cfg.upload_split,
+                cut: self.upload_cut.subscribe(),
             };
             return uploader.forward(req, session).await;
         }

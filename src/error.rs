@@ -207,6 +207,16 @@ pub enum Error {
         /// Why, and what the client should do.
         reason: &'static str,
     },
+    /// This replica reached its upload drain deadline while the upload streamed: distribution's
+    /// `BLOB_UPLOAD_INVALID` (404, restart the upload) with `Retry-After` (see [`crate::upload`]).
+    #[error(
+        "this regrelay replica is shutting down and ended the upload at its drain deadline \
+         (--upload-drain-secs) after {sent} bytes; push the blob again: another replica takes it"
+    )]
+    UploadCut {
+        /// Bytes of the client's body sent upstream before the cut.
+        sent: u64,
+    },
     /// A response or request could not be built; a bug.
     #[error("internal error")]
     Internal(#[from] http::Error),
@@ -237,7 +247,9 @@ impl Error {
             | Error::BadTokenAnswer { .. }
             | Error::RealmUnknown { .. }
             | Error::UploadInterrupted { .. } => Blame::Upstream,
-            Error::Overloaded { .. } | Error::Internal(_) => Blame::Internal,
+            Error::Overloaded { .. } | Error::UploadCut { .. } | Error::Internal(_) => {
+                Blame::Internal
+            }
         }
     }
 
@@ -262,6 +274,7 @@ impl Error {
             }
             (Blame::Upstream, _) => StatusCode::BAD_GATEWAY,
             (Blame::Internal, Error::Overloaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            (Blame::Internal, Error::UploadCut { .. }) => StatusCode::NOT_FOUND,
             (Blame::Internal, _) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -270,7 +283,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Mint(f @ MintFailure::Busy { .. }) => Some(f.retry_after().unwrap_or(1)),
-            Error::Overloaded { .. } => Some(OVERLOAD_RETRY_AFTER_SECS),
+            Error::Overloaded { .. } | Error::UploadCut { .. } => Some(OVERLOAD_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -280,6 +293,7 @@ impl Error {
         match (self.blame(), self) {
             (_, Error::Mint(MintFailure::Busy { status: 429, .. })) => "TOOMANYREQUESTS",
             (Blame::Upstream, _) | (_, Error::Overloaded { .. }) => "UNAVAILABLE",
+            (_, Error::UploadCut { .. }) => "BLOB_UPLOAD_INVALID",
             (_, Error::NameUnknown { .. }) => "NAME_UNKNOWN",
             (
                 _,
@@ -392,6 +406,13 @@ mod tests {
                 503,
                 Some(1),
                 "UNAVAILABLE",
+            ),
+            // Restart the upload (a status containers/image reads and retries; see upload.rs).
+            (
+                Error::UploadCut { sent: 7 },
+                404,
+                Some(1),
+                "BLOB_UPLOAD_INVALID",
             ),
         ];
         for (err, status, retry, code) in cases {

@@ -168,25 +168,41 @@ pub async fn run(
     let all_closed = connections.clone().acquire_many_owned(all);
     tokio::pin!(all_closed);
     let stop_accepting = Instant::now();
-    tokio::select! {
-        _ = &mut all_closed => return tracing::info!("drained"),
-        () = tokio::time::sleep(t.shutdown_grace) => {}
-        () = &mut force => return tracing::warn!("second signal: closing every connection now"),
+    let grace_at = stop_accepting + t.shutdown_grace;
+    let upload_at = stop_accepting + t.upload_drain;
+    // Waits until `$at`; returns from `run` when every connection closed or on a second signal.
+    macro_rules! wait_until {
+        ($at:expr) => {
+            tokio::select! {
+                _ = &mut all_closed => return tracing::info!("drained"),
+                () = tokio::time::sleep_until($at) => {}
+                () = &mut force => return tracing::warn!("second signal: closing every connection now"),
+            }
+        };
     }
-    let _ = phase.send(Phase::GraceOver);
-    let in_flight = uploads.load(Ordering::Acquire);
+    wait_until!(grace_at.min(upload_at));
+    if grace_at <= upload_at {
+        let _ = phase.send(Phase::GraceOver);
+        tracing::warn!(
+            uploads = uploads.load(Ordering::Acquire),
+            "grace period over; closing connections without an upload in flight"
+        );
+        wait_until!(upload_at);
+    }
+    // Uploads sent in parts end their part and answer their clients (202 with what the registry
+    // holds, or 503 + Retry-After), reading the rest of each body for a moment meanwhile.
+    let told = app.cut_uploads();
     tracing::warn!(
-        uploads = in_flight,
-        "grace period over; closing connections without an upload in flight"
+        uploads = uploads.load(Ordering::Acquire),
+        "upload drain over; cutting uploads and closing remaining connections"
     );
-    let upload_deadline = stop_accepting + t.upload_drain;
-    tokio::select! {
-        _ = &mut all_closed => tracing::info!("drained"),
-        () = tokio::time::sleep_until(upload_deadline) => {
-            tracing::warn!(uploads = uploads.load(Ordering::Acquire), "upload drain over; closing remaining connections");
-        }
-        () = &mut force => tracing::warn!("second signal: closing every connection now"),
-    }
+    let linger = if told > 0 {
+        Instant::now() + crate::upload::CUT_LINGER
+    } else {
+        Instant::now()
+    };
+    // An upload drain shorter than the grace period leaves requests without a body their grace.
+    wait_until!(linger.max(grace_at));
 }
 
 /// The listening half: accepts connections and starts their tasks.

@@ -27,6 +27,16 @@
 //! so nothing corrupt is ever stored. An upload `Location` on another origin (object storage) is
 //! followed without `Authorization`.
 //!
+//! At the upload drain deadline of a stopping replica (`--upload-drain-secs`) the part in flight
+//! ends where it is, and the client gets distribution's `BLOB_UPLOAD_INVALID` (404, "restart the
+//! upload") with a message that says why, and `Retry-After`; regrelay reads (and drops) the rest
+//! of its body for [`CUT_LINGER`] so that it reads that answer instead of a reset connection. Not
+//! the OCI `202` + `Range` (resume from here): no client that streams a blob resumes one (skopeo
+//! and Docker send their closing `PUT`, which the registry refuses with an error skopeo does not
+//! retry), and not `503`, whose body skopeo does not read and whose error it does not retry.
+//! With `BLOB_UPLOAD_INVALID` skopeo's `--retry-times` and Docker's own retry push the blob again,
+//! through another replica.
+//!
 //! Nothing is buffered: [`Segment`] passes the client's frames through and hands the stream back
 //! when its part ends, so memory stays flat whatever the blob size.
 
@@ -40,7 +50,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::access::Access;
@@ -62,6 +72,9 @@ pub const MIN_PART: Duration = Duration::from_secs(1);
 pub const FIRST_PART_BYTES: u64 = 8 << 20;
 /// The smallest part of exact length after the first.
 pub const MIN_PART_BYTES: u64 = 1 << 20;
+/// How long the rest of a cut upload's body is read and dropped after the answer, so the client
+/// reads the answer rather than a reset (its send buffer would otherwise hit a closed socket).
+pub const CUT_LINGER: Duration = Duration::from_secs(2);
 
 /// The `Content-Length` of a request, when it has one.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -144,6 +157,8 @@ pub struct Uploader<'a> {
     pub chunk_max: Option<u64>,
     /// `--upload-split`.
     pub mode: UploadSplit,
+    /// Becomes `true` at the upload drain deadline (see the module docs).
+    pub cut: watch::Receiver<bool>,
 }
 
 impl Uploader<'_> {
@@ -166,6 +181,7 @@ impl Uploader<'_> {
         };
         let headers = part_headers(&parts.headers);
         let hard_cap = session.iat + MAX_SESSION_LIFETIME.as_secs();
+
         let mut source = Source::new(body, self.fwd.idle);
         let (mut count, mut rate) = (0u32, None::<f64>);
         loop {
@@ -204,7 +220,8 @@ impl Uploader<'_> {
                 },
             };
             let before = source.sent;
-            let (segment, back) = Segment::new(source, cut);
+            let (mut segment, back) = Segment::new(source, cut);
+            segment.stop_on(self.cut.clone());
             let mut req = part_request(Method::PATCH, &target.1, headers.clone(), segment)?;
             if let Cut::Exact(n) = cut {
                 req.headers_mut()
@@ -217,6 +234,9 @@ impl Uploader<'_> {
             source = back.await.map_err(|_| Error::UploadInterrupted {
                 reason: "the client's stream was lost between parts",
             })?;
+            if source.cut {
+                return Err(cut_with_linger(source));
+            }
             let resp = resp.map_err(|e| part_failed(e, count))?;
             count += 1;
             let secs = started.elapsed().as_secs_f64().max(0.001);
@@ -237,6 +257,10 @@ impl Uploader<'_> {
                     reason: "the registry accepted an upload part (202) without a Location",
                 })?;
             if !source.is_done() {
+                if *self.cut.borrow() {
+                    // The cut came between parts.
+                    return Err(cut_with_linger(source));
+                }
                 target = next;
                 continue;
             }
@@ -299,6 +323,27 @@ fn part_failed(err: Error, parts_done: u32) -> Error {
     }
 }
 
+/// The answer for an upload cut at the drain deadline; the rest of the body is read meanwhile.
+fn cut_with_linger(source: Source) -> Error {
+    let sent = source.sent;
+    tracing::warn!(
+        sent,
+        "upload drain over: upload cut; the client is told to restart it (another replica takes it)"
+    );
+    linger(source);
+    Error::UploadCut { sent }
+}
+
+/// Reads and drops the rest of a cut upload's body for [`CUT_LINGER`], in the background.
+fn linger(source: Source) {
+    use http_body_util::BodyExt;
+    let mut body = source.body;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+        let _ = tokio::time::timeout(CUT_LINGER, drain).await;
+    });
+}
+
 /// The client's body between parts, with what has been read of it and when data last came.
 pub struct Source {
     body: Incoming,
@@ -308,6 +353,8 @@ pub struct Source {
     last_data: Instant,
     /// Data bytes handed to upstream parts so far.
     pub sent: u64,
+    /// The upload drain deadline ended the part in flight.
+    pub cut: bool,
 }
 
 impl Source {
@@ -320,6 +367,7 @@ impl Source {
             idle,
             last_data: Instant::now(),
             sent: 0,
+            cut: false,
         }
     }
 
@@ -335,6 +383,8 @@ impl Source {
 pub struct Segment {
     source: Option<Source>,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Resolves when the upload drain deadline is reached.
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     idle: Pin<Box<Sleep>>,
     left: Option<u64>,
     back: Option<oneshot::Sender<Source>>,
@@ -352,11 +402,24 @@ impl Segment {
         let seg = Segment {
             source: Some(source),
             deadline,
+            stop: None,
             idle,
             left,
             back: Some(tx),
         };
         (seg, rx)
+    }
+
+    /// Also ends (marking the source as cut) when `cut` becomes `true`: a part of unknown length
+    /// ends cleanly there; a part of exact length cannot, and fails (the registry keeps none of
+    /// it).
+    pub fn stop_on(&mut self, mut cut: watch::Receiver<bool>) {
+        self.stop = Some(Box::pin(async move {
+            if cut.wait_for(|c| *c).await.is_err() {
+                // The server is gone without a cut: nothing will stop this part.
+                std::future::pending::<()>().await;
+            }
+        }));
     }
 
     fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -390,6 +453,17 @@ impl Body for Segment {
             .as_mut()
             .is_some_and(|d| d.as_mut().poll(cx).is_ready());
         if src.is_done() || this.left == Some(0) || timed_out {
+            return this.finish();
+        }
+        if this
+            .stop
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+        {
+            src.cut = true;
+            if this.left.is_some() {
+                return Poll::Ready(Some(Err("cut at the upload drain deadline".into())));
+            }
             return this.finish();
         }
         let mut data = match src.pending.take() {

@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod gitlab;
+pub mod haproxy;
 pub mod nginx;
 pub mod relay;
 pub mod upstream;
