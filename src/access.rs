@@ -17,10 +17,11 @@ use http::Method;
 use crate::challenge::{self, Challenge};
 use crate::config::Origin;
 use crate::error::{Error, MintFailure};
+use crate::metrics::Metrics;
 use crate::mint::{Caller, Minter};
 use crate::mirror::Routed;
 use crate::router::TOKEN_PATH;
-use crate::session::{unix_now, KeyRing, Kind, OpenError, Session, TOKEN_PREFIX};
+use crate::session::{unix_now, KeyRing, Keys, Kind, OpenError, Session, TOKEN_PREFIX};
 use crate::token::{MintFuture, TokenStore, UpstreamToken};
 
 /// Service named in challenges regrelay makes itself, until the registry told us its own.
@@ -36,7 +37,7 @@ pub enum Credentials {
 
 /// Sessions and their upstream tokens.
 pub struct Access {
-    keys: Arc<KeyRing>,
+    keys: Arc<Keys>,
     /// For a non-default upstream, its name: realms given to clients carry `?ns=<name>`, so
     /// their token requests come back to this upstream.
     realm_ns: Option<String>,
@@ -46,16 +47,18 @@ pub struct Access {
     service: RwLock<String>,
     tokens: TokenStore,
     minter: Arc<Minter>,
+    metrics: Arc<Metrics>,
 }
 
 impl Access {
     /// Builds the session state; `realm_ns` names a non-default upstream.
     pub fn new(
-        keys: Arc<KeyRing>,
+        keys: Arc<Keys>,
         minter: Arc<Minter>,
         cache_max_entries: usize,
         realm_ns: Option<String>,
         canonical: Option<String>,
+        metrics: Arc<Metrics>,
     ) -> Access {
         Access {
             keys,
@@ -64,7 +67,13 @@ impl Access {
             service: RwLock::new(DEFAULT_SERVICE.to_owned()),
             tokens: TokenStore::new(cache_max_entries),
             minter,
+            metrics,
         }
+    }
+
+    /// Where this upstream's sessions and uploads are counted.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The token service.
@@ -73,8 +82,8 @@ impl Access {
     }
 
     /// The key ring.
-    pub fn keys(&self) -> &KeyRing {
-        &self.keys
+    pub fn keys(&self) -> Arc<KeyRing> {
+        self.keys.current()
     }
 
     /// The name sessions are sealed for: the canonical public URL, else the one in use.
@@ -84,12 +93,25 @@ impl Access {
 
     /// Seals `session` for this deployment's public name.
     pub fn seal(&self, session: &Session, public: &Origin) -> String {
-        self.keys.seal(session, &self.seal_name(public))
+        self.metrics.sessions_issued.inc();
+        self.keys.current().seal(session, &self.seal_name(public))
     }
 
     /// Opens a sealed token of this deployment's public name.
     pub fn open(&self, token: &str, public: &Origin) -> Result<Session, OpenError> {
-        self.keys.open(token, &self.seal_name(public), unix_now())
+        let opened = self
+            .keys
+            .current()
+            .open(token, &self.seal_name(public), unix_now());
+        self.metrics.session_open(match &opened {
+            Ok(_) => "ok",
+            Err(OpenError::Malformed) => "malformed",
+            Err(OpenError::UnknownKey) => "unknown_key",
+            Err(OpenError::OtherPublicUrl) => "other_public_url",
+            Err(OpenError::Tampered) => "tampered",
+            Err(OpenError::Expired) => "expired",
+        });
+        opened
     }
 
     /// The upstream token cache (and its counters).
@@ -232,6 +254,59 @@ impl Access {
             }),
             Err(other) => Err(Error::Mint(other)),
         }
+    }
+
+    /// A push GitLab did not grant, explained: `Some` when the request needs push on its
+    /// repository, the session asked GitLab for push there, and the token came back without it
+    /// (GitLab drops what a credential may not do without an error; the registry would answer
+    /// a bare `401 insufficient_scope`, which Docker reports as "unauthorized"). A session that
+    /// never asked for push is left alone: its client gets the registry's challenge and asks.
+    pub fn push_not_granted(
+        session: &Session,
+        token: &UpstreamToken,
+        method: &Method,
+        path: &str,
+    ) -> Option<Error> {
+        let scope = crate::challenge::required_scope(method, path)?;
+        let (name, actions) = scope.strip_prefix("repository:")?.rsplit_once(':')?;
+        if !actions.split(',').any(|a| a == "push") {
+            return None;
+        }
+        let asked = session.scopes.iter().any(|s| {
+            s.strip_prefix("repository:")
+                .and_then(|r| r.rsplit_once(':'))
+                .is_some_and(|(n, a)| n == name && a.split(',').any(|x| x == "push" || x == "*"))
+        });
+        let jwt = token.header.to_str().ok()?.strip_prefix("Bearer ")?;
+        let granted = crate::challenge::jwt_granted(jwt, name);
+        if !asked || granted.iter().any(|a| a == "push" || a == "*") {
+            return None;
+        }
+        let user = session
+            .authorization
+            .as_deref()
+            .and_then(crate::challenge::basic_username);
+        let reason = match user.as_deref() {
+            None => format!(
+                "push denied: anonymous sessions cannot push to {name}; `docker login` first"
+            ),
+            Some("gitlab-ci-token") => format!(
+                "push denied: GitLab granted this CI job token no push on {name}: a job token \
+                 pushes only to its own project's registry"
+            ),
+            Some(u) if u.starts_with("gitlab+deploy-token") => format!(
+                "push denied: GitLab granted deploy token {u} no push on {name}: a deploy token \
+                 needs the write_registry scope (read_registry ones are read-only) and pushes \
+                 only to its own project"
+            ),
+            Some(u) => format!(
+                "push denied: GitLab granted {u} no push on {name}: the credential needs the \
+                 write_registry (or api) scope and its user the Developer role or higher there \
+                 (deploy tokens without write_registry are read-only; job tokens push only to \
+                 their own project)"
+            ),
+        };
+        Some(Error::Denied { reason })
     }
 
     /// Caches the token a session was opened with.

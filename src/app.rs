@@ -22,11 +22,12 @@ use crate::challenge::{self, Challenge};
 use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
 use crate::injected::InjectedCredentials;
+use crate::metrics::Metrics;
 use crate::mint::Minter;
 use crate::mirror::{self, Refusal, Routed};
 use crate::proxy::{self, Forward, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::router::{self, Route};
-use crate::session::{KeyRing, Kind, Session};
+use crate::session::{Keys, Kind, Session};
 use crate::telemetry::{AccessLog, Logged};
 use crate::tls;
 use crate::upload::{self, Uploader};
@@ -56,6 +57,10 @@ pub struct Lane {
 pub struct App {
     config: Config,
     server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate it presents (reloadable).
+    server_cert: Option<Arc<tls::ServerCert>>,
+    /// The session key ring (reloadable).
+    keys: Arc<Keys>,
     lanes: Vec<Lane>,
     auth: Auth,
     /// Set when shutdown starts: readiness answers 503 from then on.
@@ -66,6 +71,7 @@ pub struct App {
     publics: Vec<Origin>,
     /// `Host`s seen that match no configured public name (each warned about once).
     unknown_hosts: dashmap::DashSet<String>,
+    metrics: Arc<Metrics>,
 }
 
 /// Distinct unknown `Host`s remembered for the once-per-host warning.
@@ -77,19 +83,19 @@ const INJECTED_SESSION_SECS: u64 = 3600;
 impl App {
     /// Builds the state from a validated config: loads the TLS files and the session key ring.
     pub fn new(config: Config) -> Result<App, ConfigError> {
-        let server_tls = config
+        let server_cert = config
             .tls
             .as_ref()
-            .map(|t| tls::server_config(&t.cert, &t.key))
+            .map(|t| tls::ServerCert::load(&t.cert, &t.key).map(Arc::new))
             .transpose()?;
-        let keys = Arc::new(match &config.session_key_file {
-            Some(path) => KeyRing::load(path)?,
-            None => KeyRing::ephemeral(),
-        });
+        let server_tls = server_cert.clone().map(tls::server_config).transpose()?;
+        let keys = Arc::new(Keys::new(config.session_key_file.as_deref())?);
+        let metrics = Arc::new(Metrics::new());
         let mut lanes = Vec::with_capacity(config.upstreams.len());
         for (i, u) in config.upstreams.iter().enumerate() {
             let tls = tls::client_config(u.ca.as_deref())?;
-            let upstream = Upstream::new(&config, tls.clone(), u.origin.clone());
+            let upstream = Upstream::new(&config, tls.clone(), u.origin.clone())
+                .observed_by(metrics.clone(), &u.name);
             let token_origin = u
                 .token_realm
                 .as_ref()
@@ -109,6 +115,7 @@ impl App {
                 config.token_cache_max_entries,
                 realm_ns,
                 config.public_url.as_ref().map(ToString::to_string),
+                metrics.clone(),
             );
             let injected = u
                 .credentials_file
@@ -123,6 +130,12 @@ impl App {
                 injected,
             });
         }
+        metrics.watch_tokens(
+            lanes
+                .iter()
+                .map(|l| (l.config.name.clone(), l.access.tokens().shared_counters()))
+                .collect(),
+        );
         let publics = config
             .public_url
             .iter()
@@ -133,11 +146,14 @@ impl App {
             auth: Auth::new(config.session_lifetime),
             config,
             server_tls,
+            server_cert,
+            keys,
             lanes,
             draining: std::sync::atomic::AtomicBool::new(false),
             upload_cut: tokio::sync::watch::Sender::new(false),
             publics,
             unknown_hosts: dashmap::DashSet::new(),
+            metrics,
         })
     }
 
@@ -153,6 +169,59 @@ impl App {
     pub fn cut_uploads(&self) -> usize {
         self.upload_cut.send_replace(true);
         self.upload_cut.receiver_count()
+    }
+
+    /// SIGHUP (`systemctl reload`): reads the TLS certificate and key, the session key ring and
+    /// the injected credential files again. A file that fails to load is refused with a logged
+    /// error and the one in force stays; requests and uploads in flight are not touched (open
+    /// TLS connections keep their certificate). Returns how many files were refused.
+    pub fn reload(&self) -> usize {
+        let mut refused = 0;
+        if let Some(cert) = &self.server_cert {
+            match cert.reload() {
+                Ok(()) => tracing::info!("reload: TLS certificate and key re-read"),
+                Err(err) => {
+                    refused += 1;
+                    tracing::error!(error = %err, "reload: new TLS certificate or key refused; the previous pair stays");
+                }
+            }
+        }
+        match self.keys.reload() {
+            Ok(true) => tracing::info!(
+                keys = ?self.keys.current(),
+                "reload: session key ring re-read"
+            ),
+            Ok(false) => {}
+            Err(err) => {
+                refused += 1;
+                tracing::error!(error = %err, "reload: new session key ring refused; the previous ring stays");
+            }
+        }
+        for lane in &self.lanes {
+            if let Some(injected) = &lane.injected {
+                match injected.reload() {
+                    Ok(()) => {
+                        tracing::info!(upstream = %lane.config.name, "reload: upstream credentials re-read")
+                    }
+                    Err(reason) => {
+                        refused += 1;
+                        tracing::error!(upstream = %lane.config.name, file = %injected.path().display(), error = %reason, "reload: new upstream credentials refused; the previous ones stay");
+                    }
+                }
+            }
+        }
+        self.metrics
+            .reloads
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: if refused == 0 { "ok" } else { "refused" },
+            })
+            .inc();
+        refused
+    }
+
+    /// Every metric.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The default upstream's session state (token cache counters, key ring).
@@ -185,7 +254,8 @@ impl App {
             what: "requests in flight",
         };
         tracing::warn!(path = %req.uri().path(), error = %err, "request refused");
-        let mut log = AccessLog::new(req, conn.peer.ip());
+        self.metrics.requests_overloaded.inc();
+        let mut log = AccessLog::new(req, conn.peer.ip(), self.metrics.clone());
         let resp = error_response(&err);
         log.status = resp.status().as_u16();
         resp.map(|b| Logged::new(b, log))
@@ -197,7 +267,7 @@ impl App {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<Logged<ProxyBody>> {
-        let mut log = AccessLog::new(&req, conn.peer.ip());
+        let mut log = AccessLog::new(&req, conn.peer.ip(), self.metrics.clone());
         let resp = match self.handle_inner(req, conn, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
@@ -403,6 +473,11 @@ impl App {
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
             .await?;
+        // Every push starts with a POST (or a HEAD, then a POST): the one place to explain a
+        // push GitLab did not grant.
+        if let Some(denied) = Access::push_not_granted(session, &token, &method, &path) {
+            return Err(denied);
+        }
         let retry = ends.then(|| bodiless_copy(&req));
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
@@ -463,6 +538,7 @@ impl App {
             if let Some(p) = self.publics.iter().find(|p| p.same_as(asked)) {
                 return Ok(p.clone());
             }
+            self.metrics.unknown_host_requests.inc();
             let key = asked.to_string();
             if self.unknown_hosts.len() < MAX_UNKNOWN_HOSTS && self.unknown_hosts.insert(key) {
                 let configured: Vec<String> =

@@ -272,20 +272,12 @@ fn sealed_answer(
 /// Logs one token request: whether `Authorization` arrived, its scheme and Basic username.
 fn log_token_request(method: &str, authorization: Option<&HeaderValue>) {
     let raw = authorization.map(HeaderValue::as_bytes).unwrap_or_default();
-    let (scheme, rest) = match raw.iter().position(|b| *b == b' ') {
-        Some(i) => (&raw[..i], &raw[i + 1..]),
-        None => (raw, &[][..]),
+    let scheme = match raw.iter().position(|b| *b == b' ') {
+        Some(i) => &raw[..i],
+        None => raw,
     };
     let scheme = String::from_utf8_lossy(scheme);
-    let username = if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = Zeroizing::new(STANDARD.decode(rest.trim_ascii()).unwrap_or_default());
-        decoded
-            .iter()
-            .position(|b| *b == b':')
-            .map(|i| String::from_utf8_lossy(&decoded[..i]).into_owned())
-    } else {
-        None
-    };
+    let username = crate::challenge::basic_username(raw);
     tracing::info!(
         target: "regrelay::auth",
         method,

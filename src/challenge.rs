@@ -210,9 +210,68 @@ pub fn jwt_times(token: &str) -> (Option<u64>, Option<u64>) {
     (claim("iat"), claim("exp"))
 }
 
+/// The actions a registry JWT grants on `repository:<name>` (its `access` claim, unverified):
+/// GitLab drops the actions a credential may not have without an error, so this is how regrelay
+/// learns that a push was not granted.
+pub fn jwt_granted(token: &str, name: &str) -> Vec<String> {
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let Some(access) = claims
+        .as_ref()
+        .and_then(|c| c.get("access")?.as_array().cloned())
+    else {
+        return vec![];
+    };
+    access
+        .iter()
+        .filter(|a| a["type"] == "repository" && a["name"] == name)
+        .filter_map(|a| a["actions"].as_array())
+        .flatten()
+        .filter_map(|x| x.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The username of a `Basic` `Authorization` value (never the password), if it is one.
+pub fn basic_username(authorization: &[u8]) -> Option<String> {
+    use base64::engine::general_purpose::STANDARD;
+    let (scheme, rest) = match authorization.iter().position(|b| *b == b' ') {
+        Some(i) => (&authorization[..i], &authorization[i + 1..]),
+        None => return None,
+    };
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let decoded = zeroize::Zeroizing::new(STANDARD.decode(rest.trim_ascii()).ok()?);
+    let at = decoded.iter().position(|b| *b == b':')?;
+    Some(String::from_utf8_lossy(&decoded[..at]).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn granted_actions_and_basic_usernames() {
+        use base64::engine::general_purpose::STANDARD;
+        let claims = serde_json::json!({"access": [
+            {"type": "repository", "name": "g/p", "actions": ["pull"]},
+            {"type": "repository", "name": "g/q", "actions": ["pull", "push"]},
+        ]});
+        let jwt = format!("h.{}.s", URL_SAFE_NO_PAD.encode(claims.to_string()));
+        assert_eq!(jwt_granted(&jwt, "g/p"), vec!["pull"]);
+        assert_eq!(jwt_granted(&jwt, "g/q"), vec!["pull", "push"]);
+        assert!(jwt_granted(&jwt, "g/r").is_empty());
+        assert!(jwt_granted("garbage", "g/p").is_empty());
+        let basic = format!("Basic {}", STANDARD.encode("deployer:secret"));
+        assert_eq!(
+            basic_username(basic.as_bytes()).as_deref(),
+            Some("deployer")
+        );
+        assert_eq!(basic_username(b"Bearer abc"), None);
+    }
 
     #[test]
     fn challenge_parse_table() {

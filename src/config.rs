@@ -143,6 +143,9 @@ pub struct ConfigFile {
     /// Upstream registry base URL, http or https (e.g. `https://registry.gitlab.example.com`).
     #[arg(long, env = "REGRELAY_REGISTRY")]
     pub registry: Option<String>,
+    /// Serve Prometheus metrics on `http://ADDR/metrics` (a separate listener; off by default).
+    #[arg(long, env = "REGRELAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// URL clients use to reach regrelay; rewrites `Location`, names the realm, binds sessions.
     /// Repeatable (env: comma-separated; TOML: a string or a list): the first is the canonical
     /// name sessions are sealed for, the others aliases; each client gets the realm of the name
@@ -342,6 +345,7 @@ impl ConfigFile {
             file,
             listen,
             registry,
+            metrics_listen,
             public_url,
             tls_cert,
             tls_key,
@@ -393,24 +397,46 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<String, String> {
     Ok(text)
 }
 
-/// Reads a secret file (session keys, credentials): refused when group or others may read or
-/// write it, and read with a size bound.
+/// Reads a secret file (session keys, credentials) with a size bound: refused when others may
+/// read or write it, or its group may write it; group read is allowed only when the file's group
+/// is one of this process's own groups (a Kubernetes Secret volume with `fsGroup` is mode 0440,
+/// group = the pod's fsGroup), so no other user can read it.
 pub fn read_private(path: &Path, max: u64) -> Result<String, String> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| e.to_string())?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        let mode = meta.mode();
+        if !private_enough(mode, meta.gid(), &own_groups()) {
             return Err(format!(
-                "mode {:04o} lets group or others read it; `chmod 600` it (Kubernetes: defaultMode: 0400)",
+                "mode {:04o} lets others (or a group this process is not in) read or change it; \
+                 `chmod 600` it (Kubernetes: defaultMode: 0400; with fsGroup, 0440 is fine)",
                 mode & 0o7777
             ));
         }
     }
     read_bounded(path, max)
+}
+
+/// True when a file with `mode` and group `gid` can be read by nobody but its owner and the
+/// groups in `ours`.
+pub fn private_enough(mode: u32, gid: u32, ours: &[u32]) -> bool {
+    let group_reads_only = mode & 0o070 == 0o040;
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || (group_reads_only && ours.contains(&gid)))
+}
+
+/// This process's group ids (real, effective, supplementary), from `/proc/self/status`; empty
+/// where that cannot be read.
+fn own_groups() -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return vec![];
+    };
+    status
+        .lines()
+        .filter(|l| l.starts_with("Gid:") || l.starts_with("Groups:"))
+        .flat_map(|l| l.split_whitespace().skip(1))
+        .filter_map(|g| g.parse().ok())
+        .collect()
 }
 
 /// A scheme + authority (no path): the upstream registry, or the public URL of this proxy.
@@ -648,6 +674,8 @@ pub struct TlsFiles {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
+    /// Metrics listen address, when metrics are on.
+    pub metrics_listen: Option<SocketAddr>,
     /// Upstream registry.
     pub registry: Origin,
     /// Public URL of regrelay, when configured: the canonical name (sessions are sealed for it).
@@ -930,8 +958,25 @@ impl TryFrom<ConfigFile> for Config {
             .upload_chunk_max
             .map(|n| bounded("upload_chunk_max", Some(n), n, (1, u64::MAX)))
             .transpose()?;
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|m| {
+                let addr: SocketAddr = m
+                    .parse()
+                    .map_err(|e| invalid("metrics_listen", format!("{m:?}: {e} (want IP:PORT)")))?;
+                if addr == listen && addr.port() != 0 {
+                    return Err(invalid(
+                        "metrics_listen",
+                        format!("{m:?} is the proxy's own --listen address"),
+                    ));
+                }
+                Ok(addr)
+            })
+            .transpose()?;
         Ok(Config {
             listen,
+            metrics_listen,
             registry,
             public_url,
             public_aliases,

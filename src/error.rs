@@ -124,6 +124,13 @@ pub enum Error {
         /// What and why.
         reason: &'static str,
     },
+    /// The credential may not do this, as far as regrelay can tell from what GitLab granted (403
+    /// `DENIED`, with why and what to change).
+    #[error("{reason}")]
+    Denied {
+        /// Why, naming the repository and the kind of credential (never a secret).
+        reason: String,
+    },
     /// A bound on concurrent work is reached; the client should retry shortly (503 +
     /// `Retry-After`).
     #[error("regrelay is at its limit of {what}; retry shortly")]
@@ -237,6 +244,7 @@ impl Error {
             | Error::ClientIdle { .. }
             | Error::ClientBody { .. }
             | Error::Unauthorized { .. }
+            | Error::Denied { .. }
             | Error::BadTokenRequest { .. } => Blame::Client,
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamFailed { .. }
@@ -265,6 +273,7 @@ impl Error {
             (Blame::Client, Error::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
             (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
+            (Blame::Client, Error::Denied { .. }) => StatusCode::FORBIDDEN,
             (Blame::Client, _) => StatusCode::BAD_REQUEST,
             (Blame::Upstream, Error::Mint(MintFailure::Busy { status, .. })) => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -299,7 +308,7 @@ impl Error {
                 _,
                 Error::NotFound { .. } | Error::MethodNotAllowed { .. } | Error::Unsupported { .. },
             ) => "UNSUPPORTED",
-            (_, Error::Refused { .. }) => "DENIED",
+            (_, Error::Refused { .. } | Error::Denied { .. }) => "DENIED",
             (_, Error::Unauthorized { .. }) => "UNAUTHORIZED",
             _ => "UNKNOWN",
         }

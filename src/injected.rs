@@ -95,6 +95,22 @@ impl InjectedCredentials {
         }
         state.current.clone()
     }
+
+    /// Reads the file now, whatever its time stamp (SIGHUP); on error the credential in force
+    /// stays and the reason is returned.
+    pub fn reload(&self) -> Result<(), String> {
+        let fresh = read(&self.path)?;
+        let mut state = self.state.lock().expect("credentials lock");
+        state.current = fresh;
+        state.modified = modified(&self.path);
+        state.checked = Instant::now();
+        Ok(())
+    }
+
+    /// The file it reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -12,7 +12,9 @@
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
-//! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log).
+//! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log),
+//! [`healthcheck`] (the `regrelay healthcheck` client), [`doctor`] (`regrelay doctor`: why a CI
+//! push fails).
 //!
 //! Bodies are never collected on the proxy path: a 10 GB layer flows through in frames.
 #![forbid(unsafe_code)]
@@ -23,8 +25,11 @@ pub mod auth;
 pub mod body;
 pub mod challenge;
 pub mod config;
+pub mod doctor;
 pub mod error;
+pub mod healthcheck;
 pub mod injected;
+pub mod metrics;
 pub mod mint;
 pub mod mirror;
 pub mod proxy;

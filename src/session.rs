@@ -12,6 +12,7 @@
 //! `Debug` never shows the credentials, and every plaintext buffer is zeroized after use.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -175,6 +176,45 @@ pub const OPEN_ONLY: &str = "open-only";
 pub struct KeyRing {
     keys: Vec<SealingKey>,
     ephemeral: bool,
+}
+
+/// The key ring in force, replaceable while serving ([`Keys::reload`], on SIGHUP): sessions
+/// sealed before a reload still open as long as the new ring holds their key (see the rotation
+/// steps in the README).
+#[derive(Debug)]
+pub struct Keys {
+    path: Option<std::path::PathBuf>,
+    ring: std::sync::RwLock<Arc<KeyRing>>,
+}
+
+impl Keys {
+    /// The ring from `path`, or a random per-process key without one.
+    pub fn new(path: Option<&Path>) -> Result<Keys, ConfigError> {
+        let ring = match path {
+            Some(p) => KeyRing::load(p)?,
+            None => KeyRing::ephemeral(),
+        };
+        Ok(Keys {
+            path: path.map(Path::to_owned),
+            ring: std::sync::RwLock::new(Arc::new(ring)),
+        })
+    }
+
+    /// The ring in force.
+    pub fn current(&self) -> Arc<KeyRing> {
+        self.ring.read().expect("key ring lock").clone()
+    }
+
+    /// Reads the key file again: `Ok(true)` when replaced, `Ok(false)` without a key file; on
+    /// any error the ring in force stays.
+    pub fn reload(&self) -> Result<bool, ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let fresh = KeyRing::load(path)?;
+        *self.ring.write().expect("key ring lock") = Arc::new(fresh);
+        Ok(true)
+    }
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -524,11 +564,22 @@ mod tests {
 
     #[test]
     fn key_files_readable_by_others_are_refused() {
+        // The file's group is this process's own group: group read is fine (a Kubernetes Secret
+        // under fsGroup), group write or any access by others is not; foreign groups are covered
+        // by config::tests.
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
         std::fs::write(&path, format!("{}\n", STANDARD.encode([5u8; 32]))).unwrap();
-        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+        let cases = [
+            (0o600, true),
+            (0o400, true),
+            (0o440, true),
+            (0o660, false),
+            (0o644, false),
+            (0o604, false),
+        ];
+        for (mode, ok) in cases {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let got = KeyRing::load(&path);
             assert_eq!(got.is_ok(), ok, "mode {mode:o}");

@@ -18,6 +18,7 @@ use pin_project_lite::pin_project;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::metrics::Metrics;
 
 /// Installs the global subscriber (stderr). Called once by `main`; a second call is ignored.
 pub fn init(format: LogFormat) {
@@ -52,11 +53,13 @@ pub struct AccessLog {
     pub bytes_out: u64,
     /// Whether the response body reached its end.
     pub complete: bool,
+    /// Where the request is counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AccessLog {
     /// The log of a request that starts now.
-    pub fn new<B>(req: &http::Request<B>, peer: IpAddr) -> AccessLog {
+    pub fn new<B>(req: &http::Request<B>, peer: IpAddr, metrics: Arc<Metrics>) -> AccessLog {
         AccessLog {
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
@@ -67,12 +70,21 @@ impl AccessLog {
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,
             complete: false,
+            metrics,
         }
     }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        self.metrics.request(
+            &self.path,
+            &self.method,
+            self.status,
+            self.start.elapsed().as_secs_f64(),
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out,
+        );
         // Health checks come every few seconds from every balancer: DEBUG, not INFO.
         if self.path.starts_with("/-/") {
             tracing::debug!(

@@ -3,12 +3,14 @@
 //! provider explicitly, so no process-wide default provider has to be installed. Errors are
 //! [`ConfigError`]s naming the key, because these run while the configuration is validated.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::crypto::ring::default_provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::ConfigError;
@@ -31,17 +33,54 @@ fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// Server config from a PEM chain and key; advertises h2 and http/1.1.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, ConfigError> {
+/// The server's certificate and key, replaceable while serving ([`ServerCert::reload`], on
+/// SIGHUP): handshakes after a reload present the new pair; connections already open keep theirs.
+#[derive(Debug)]
+pub struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCert {
+    /// Loads the PEM chain and key (they must match).
+    pub fn load(cert: &Path, key: &Path) -> Result<ServerCert, ConfigError> {
+        Ok(ServerCert {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current: RwLock::new(Arc::new(certified_key(cert, key)?)),
+        })
+    }
+
+    /// Reads the files again; on any error the pair in force stays and the error is returned.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let fresh = certified_key(&self.cert, &self.key)?;
+        *self.current.write().expect("server cert lock") = Arc::new(fresh);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("server cert lock").clone())
+    }
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
     let chain = load_certs("tls_cert", cert)?;
     // The key's own parse error says nothing secret (it never echoes key bytes).
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("tls_key", key, e))?;
+    CertifiedKey::from_der(chain, private, &default_provider())
+        .map_err(|e| invalid("tls_key", key, e))
+}
+
+/// Server config presenting `cert`'s current pair; advertises h2 and http/1.1.
+pub fn server_config(cert: Arc<ServerCert>) -> Result<Arc<ServerConfig>, ConfigError> {
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("tls_cert", cert, e))?
+        .map_err(|e| invalid("tls_cert", &cert.cert, e))?
         .with_no_client_auth()
-        .with_single_cert(chain, private)
-        .map_err(|e| invalid("tls_key", key, e))?;
+        .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

@@ -122,6 +122,10 @@ pub struct Counters {
     pub refreshes: AtomicU64,
     /// Background refreshes started.
     pub background: AtomicU64,
+    /// Lookups answered with a cached fresh token.
+    pub hits: AtomicU64,
+    /// Lookups that found no fresh token (and so minted, or joined a mint).
+    pub misses: AtomicU64,
     /// Requests that waited for another request's mint and used its outcome.
     pub joins: AtomicU64,
     /// Requests answered from a remembered failure without calling the token service.
@@ -215,6 +219,11 @@ impl TokenStore {
         }
     }
 
+    /// The counters, shared (metrics read them at scrape time).
+    pub fn shared_counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
@@ -267,6 +276,8 @@ impl TokenStore {
 
     /// Puts a token just obtained for a new session (the one answering its token request).
     pub fn seed(&self, session: u128, session_exp: u64, token: UpstreamToken) {
+        // Minted by the token endpoint for this new session: a first mint.
+        self.counters.mints.fetch_add(1, Ordering::Relaxed);
         let slot = self.slot(session, session_exp);
         let mut state = slot.state.lock().expect("token slot lock");
         state.token = Some(token);
@@ -288,6 +299,7 @@ impl TokenStore {
         let slot = self.slot(session, session_exp);
         match slot.answer(Instant::now()) {
             Some(Ok(tok)) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 self.refresh_ahead(&slot, &tok, &mint);
                 return Ok(tok);
             }
@@ -295,7 +307,9 @@ impl TokenStore {
                 self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                 return Err(f);
             }
-            None => {}
+            None => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let (_guard, waited) = match slot.minting.try_lock() {
             Ok(g) => (g, false),

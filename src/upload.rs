@@ -184,6 +184,8 @@ impl Uploader<'_> {
 
         let mut source = Source::new(body, self.fwd.idle);
         let (mut count, mut rate) = (0u32, None::<f64>);
+        let mut last_token: Option<HeaderValue> = None;
+        let metrics = self.access.metrics();
         loop {
             if unix_now() > hard_cap {
                 return Err(Error::Unauthorized {
@@ -229,13 +231,18 @@ impl Uploader<'_> {
             }
             req.headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
+            metrics.upload_parts.inc();
+            if last_token.as_ref().is_some_and(|t| *t != token.header) {
+                metrics.upload_token_refreshes.inc();
+            }
+            last_token = Some(token.header.clone());
             let started = Instant::now();
             let resp = proxy::forward_to(self.upstream, &target.0, req, self.fwd).await;
             source = back.await.map_err(|_| Error::UploadInterrupted {
                 reason: "the client's stream was lost between parts",
             })?;
             if source.cut {
-                return Err(cut_with_linger(source));
+                return Err(cut_with_linger(source, self.access.metrics()));
             }
             let resp = resp.map_err(|e| part_failed(e, count))?;
             count += 1;
@@ -259,7 +266,7 @@ impl Uploader<'_> {
             if !source.is_done() {
                 if *self.cut.borrow() {
                     // The cut came between parts.
-                    return Err(cut_with_linger(source));
+                    return Err(cut_with_linger(source, self.access.metrics()));
                 }
                 target = next;
                 continue;
@@ -324,7 +331,8 @@ fn part_failed(err: Error, parts_done: u32) -> Error {
 }
 
 /// The answer for an upload cut at the drain deadline; the rest of the body is read meanwhile.
-fn cut_with_linger(source: Source) -> Error {
+fn cut_with_linger(source: Source, metrics: &crate::metrics::Metrics) -> Error {
+    metrics.uploads_cut.inc();
     let sent = source.sent;
     tracing::warn!(
         sent,

@@ -30,6 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Origin};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// How long `/-/ready` waits for the upstream.
@@ -48,6 +49,8 @@ pub struct Upstream {
     body_idle: Duration,
     client: Client<HttpsConnector<Bounded>, ProxyBody>,
     slots: Arc<Semaphore>,
+    /// Where response times go, under this upstream's name.
+    observed: Option<(Arc<Metrics>, Arc<str>)>,
 }
 
 /// A TCP connector whose sockets each hold a permit until they close.
@@ -200,7 +203,14 @@ impl Upstream {
             body_idle: cfg.timeouts.body_idle,
             client,
             slots: Arc::new(Semaphore::new(max)),
+            observed: None,
         }
+    }
+
+    /// Records response times in `metrics` under `name` (a configured upstream name).
+    pub fn observed_by(mut self, metrics: Arc<Metrics>, name: &str) -> Upstream {
+        self.observed = Some((metrics, name.into()));
+        self
     }
 
     /// The upstream origin.
@@ -222,7 +232,12 @@ impl Upstream {
             }
         };
         let target = Origin::of(req.uri()).unwrap_or_else(|| self.origin.clone());
-        let resp = self.client.request(req).await.map_err(|e| {
+        let started = std::time::Instant::now();
+        let resp = self.client.request(req).await;
+        if let Some((metrics, name)) = &self.observed {
+            metrics.upstream(name, started.elapsed().as_secs_f64());
+        }
+        let resp = resp.map_err(|e| {
             let upstream = target.to_string();
             if body::is_idle_timeout(&e) {
                 Error::ClientIdle {

@@ -361,3 +361,22 @@ fn cidr_table() {
         );
     }
 }
+
+#[test]
+fn secret_files_are_private_to_the_owner_or_to_our_own_group() {
+    let ours = [1000, 65532];
+    let cases = [
+        (0o600, 0, true),
+        (0o400, 0, true),
+        // Kubernetes Secret volume with fsGroup 65532: group-readable by the pod's group only.
+        (0o440, 65532, true),
+        (0o440, 0, false),
+        (0o460, 65532, false),
+        (0o444, 65532, false),
+        (0o604, 0, false),
+        (0o640, 5, false),
+    ];
+    for (mode, gid, ok) in cases {
+        assert_eq!(private_enough(mode, gid, &ours), ok, "{mode:o} gid {gid}");
+    }
+}

@@ -15,6 +15,16 @@
 //! tokens (never for anonymous callers: 403), which only the stand-in verifies (`exp` with 1 s
 //! leeway, signature, audience) and honours for group members only (403 otherwise). See
 //! [`GitLabBuilder::dependency_proxy`] for the rules and [`CiJob`] for CI credentials.
+//!
+//! GitLab's finer rules, each opt-in on the builder: token expiry ([`GitLabBuilder::expires`]:
+//! an expired token is a 401 like a wrong one), a project's CI/CD job token allowlist
+//! ([`GitLabBuilder::job_token_allowlist`]), the registry disabled instance-wide (404
+//! "registry not enabled", [`GitLabBuilder::registry_disabled`]) or for one project (its actions
+//! dropped, [`GitLabBuilder::project_registry_disabled`]), protected container tags (the
+//! `meta.tag_deny_access_patterns` claim, [`GitLabBuilder::protected_tag`]), a clock that is off
+//! ([`GitLabBuilder::clock_offset`]: its `Date` header and token times), and the REST API's
+//! `GET /api/v4/projects/:id` (for tokens with `api`/`read_api`). Every token names its
+//! `auth_type` and, per access entry, `meta.project_path`, as GitLab's do.
 //! Test and demo support only: it is not part of the regrelay binary.
 
 use std::collections::HashMap;
@@ -172,8 +182,27 @@ pub struct DpRequest {
     pub authorization: Option<Vec<u8>>,
 }
 
+/// GitLab's rules beyond credentials and members (see [`GitLabBuilder`]'s setters).
+#[derive(Debug, Clone, Default)]
+struct Rules {
+    /// Seconds added to the real clock: the stand-in's own time (`Date`, `iat`, `exp`, expiry).
+    clock_offset: i64,
+    /// secret → Unix time (stand-in clock) from which the token is expired.
+    expiries: HashMap<String, u64>,
+    /// project → the projects whose CI job tokens may pull from it ("Limit access to this
+    /// project" on); a project absent here lets job tokens pull by their user's membership.
+    allowlists: HashMap<String, Vec<String>>,
+    /// The container registry is off instance-wide: every registry token request is a 404.
+    registry_disabled: bool,
+    /// Projects whose container registry is disabled: every action on them is dropped.
+    registry_disabled_projects: Vec<String>,
+    /// project → protected tag rules: (tag name pattern, minimum role allowed to push).
+    protected_tags: HashMap<String, Vec<(String, Role)>>,
+}
+
 struct State {
     key: RsaKeyPair,
+    rules: Rules,
     kid: String,
     lifetime: Duration,
     credentials: Mutex<Vec<Credential>>,
@@ -206,6 +235,7 @@ pub struct GitLabBuilder {
     credentials: Vec<Credential>,
     projects: Vec<Project>,
     dp: Vec<DpGroup>,
+    rules: Rules,
 }
 
 /// A running token service on 127.0.0.1:0; stops when dropped.
@@ -229,6 +259,7 @@ pub fn gitlab() -> GitLabBuilder {
         credentials: vec![],
         projects: vec![],
         dp: vec![],
+        rules: Rules::default(),
     }
 }
 
@@ -270,6 +301,68 @@ impl GitLabBuilder {
             public,
             members: members.iter().map(|(u, r)| (u.to_string(), *r)).collect(),
         });
+        self
+    }
+
+    /// The token (PAT, deploy or job token) or password `secret` expires at `at` (on the
+    /// stand-in's clock, see [`GitLabBuilder::clock_offset`]): from then on it is refused with
+    /// GitLab's 401, exactly as a wrong one (GitLab's message says "incorrect, expired, or
+    /// improperly scoped" and nothing more).
+    pub fn expires(mut self, secret: &str, at: SystemTime) -> Self {
+        let unix = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.rules.expiries.insert(secret.into(), unix);
+        self
+    }
+
+    /// Turns on "Limit access to this project" for `project` (Settings → CI/CD → Job token
+    /// permissions) with `allowed` as its CI/CD job token allowlist: a CI job token of another
+    /// project may pull from `project` only when its project is listed (and its user may read
+    /// `project`). A job token never pushes to another project, listed or not. Without this
+    /// call a project lets other projects' job tokens pull by their user's membership.
+    pub fn job_token_allowlist(mut self, project: &str, allowed: &[&str]) -> Self {
+        self.rules.allowlists.insert(
+            project.into(),
+            allowed.iter().map(|p| p.to_string()).collect(),
+        );
+        self
+    }
+
+    /// The container registry is not enabled on this instance: every registry token request
+    /// (`service=container_registry`) is answered 404 `UNAVAILABLE` "registry not enabled",
+    /// GitLab's first check.
+    pub fn registry_disabled(mut self) -> Self {
+        self.rules.registry_disabled = true;
+        self
+    }
+
+    /// `project`'s Container Registry is disabled (Settings → General → Visibility): GitLab then
+    /// grants no action on it to anyone (dropped silently, like any refused action), and its
+    /// API shows `container_registry_access_level: "disabled"`.
+    pub fn project_registry_disabled(mut self, project: &str) -> Self {
+        self.rules.registry_disabled_projects.push(project.into());
+        self
+    }
+
+    /// A protected container tag rule on `project` (Settings → Packages and registries):
+    /// tags matching `pattern` (an RE2 regex) may be pushed only by `push_min` and above. The
+    /// push itself is still granted; a user (or a CI job's user) below `push_min` gets the
+    /// pattern in `meta.tag_deny_access_patterns.push` of the access entry, as GitLab does
+    /// (GitLab's own registry enforces it; Debian's `docker-registry` ignores the claim). Deploy
+    /// tokens name no user and get no patterns.
+    pub fn protected_tag(mut self, project: &str, pattern: &str, push_min: Role) -> Self {
+        self.rules
+            .protected_tags
+            .entry(project.into())
+            .or_default()
+            .push((pattern.into(), push_min));
+        self
+    }
+
+    /// Shifts the stand-in's clock by `secs` (negative: behind): its `Date` header, the `iat`,
+    /// `nbf` and `exp` of its tokens, and token expiry all use real time + `secs`, as a GitLab
+    /// host whose NTP is broken does.
+    pub fn clock_offset(mut self, secs: i64) -> Self {
+        self.rules.clock_offset = secs;
         self
     }
 
@@ -319,6 +412,7 @@ impl GitLabBuilder {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             key,
+            rules: self.rules,
             kid,
             lifetime: self.lifetime,
             credentials: Mutex::new(self.credentials),
@@ -604,6 +698,8 @@ enum Identity {
         name: String,
         read: bool,
         write: bool,
+        /// GitLab's `auth_type`: `personal_access_token` or `gitlab_or_ldap` (a password).
+        auth_type: &'static str,
     },
     Deploy {
         project: String,
@@ -676,10 +772,109 @@ async fn handle(st: &State, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(delay).await;
     }
     let path = req.uri().path();
-    if !st.dp.is_empty() && (path == "/v2" || path.starts_with("/v2/")) {
-        return dp_handle(st, req).await;
+    let mut resp = if !st.dp.is_empty() && (path == "/v2" || path.starts_with("/v2/")) {
+        dp_handle(st, req).await
+    } else if path.starts_with("/api/v4/") {
+        boxed(api(st, &req))
+    } else {
+        boxed(handle_token(st, req))
+    };
+    // GitLab's own clock, shifted with it (hyper keeps a Date header that is already set).
+    resp.headers_mut().insert(
+        header::DATE,
+        HeaderValue::from_str(&http_date(st.now())).expect("an HTTP date"),
+    );
+    resp
+}
+
+/// GitLab's REST API, the one call `regrelay doctor` makes: `GET /api/v4/projects/:id` (`:id`
+/// a number or the URL-encoded path) with `PRIVATE-TOKEN: <token>` or `Authorization: Bearer
+/// <token>`. Access tokens only ([`Credential::Pat`]); answers as GitLab does: 401 `{"message":
+/// "401 Unauthorized"}` for an unknown or expired token, 403 `insufficient_scope` for a token
+/// without `api`/`read_api`, 404 `{"message":"404 Project Not Found"}` for a project the user
+/// may not see, else the project with its `container_registry_access_level`.
+fn api(st: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/v4/projects/")
+        .map(percent_decode)
+        .filter(|id| !id.is_empty());
+    let (Some(id), &Method::GET) = (id, req.method()) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "404 Not Found"}).to_string(),
+        );
+    };
+    let headers = req.headers();
+    let token = headers
+        .get("private-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+            let (scheme, t) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| t.trim().to_owned())
+        });
+    let unauthorized = || {
+        json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"message": "401 Unauthorized"}).to_string(),
+        )
+    };
+    let Some(token) = token else {
+        return unauthorized();
+    };
+    let found = st.credentials.lock().unwrap().iter().find_map(|c| match c {
+        Credential::Pat {
+            user,
+            token: t,
+            scopes,
+        } if *t == token => Some((user.clone(), scopes.clone())),
+        _ => None,
+    });
+    let Some((user, scopes)) = found.filter(|_| !st.expired(&token)) else {
+        return unauthorized();
+    };
+    if !scopes
+        .iter()
+        .any(|s| matches!(s, TokenScope::Api | TokenScope::ReadApi))
+    {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({
+                "error": "insufficient_scope",
+                "error_description": "The request requires higher privileges than provided by the access token.",
+                "scope": "api read_api",
+            })
+            .to_string(),
+        );
     }
-    boxed(handle_token(st, req))
+    let found = st
+        .projects
+        .iter()
+        .enumerate()
+        .find(|(i, p)| p.path == id || (i + 1).to_string() == id);
+    let Some((i, p)) = found.filter(|(_, p)| p.public || p.members.contains_key(&user)) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"message": "404 Project Not Found"}).to_string(),
+        );
+    };
+    let enabled = !st.rules.registry_disabled_projects.contains(&p.path);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "id": i + 1,
+            "path_with_namespace": p.path,
+            "visibility": if p.public { "public" } else { "private" },
+            "container_registry_enabled": enabled,
+            "container_registry_access_level": if enabled { "enabled" } else { "disabled" },
+        })
+        .to_string(),
+    )
 }
 
 fn handle_token(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -744,6 +939,9 @@ fn respond(
     if !params.iter().any(|(k, v)| k == "service" && v == SERVICE) {
         return empty(StatusCode::NOT_FOUND);
     }
+    if st.rules.registry_disabled {
+        return error(StatusCode::NOT_FOUND, "UNAVAILABLE", "registry not enabled");
+    }
     let scopes: Vec<String> = params
         .iter()
         .filter(|(k, _)| k == "scope")
@@ -758,14 +956,14 @@ fn respond(
         None => Identity::Anonymous,
         Some((user, secret)) => match authenticate(st, user, secret) {
             Some(id) => id,
-            None => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
-                    "HTTP Basic: Access denied. The provided password or token is incorrect or your account has 2FA enabled and you must use a personal access token instead of a password.",
-                )
-            }
+            None => return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", BASIC_DENIED),
         },
+    };
+    let auth_type = match &identity {
+        Identity::Anonymous => None,
+        Identity::User { auth_type, .. } => Some(*auth_type),
+        Identity::Deploy { .. } => Some("deploy_token"),
+        Identity::Job { .. } => Some("build"),
     };
     let has_ability = match &identity {
         Identity::Anonymous => !scopes.is_empty(),
@@ -781,10 +979,7 @@ fn respond(
         .iter()
         .filter_map(|s| grant(st, &identity, s))
         .collect();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = st.now();
     let n = st.mints.fetch_add(1, Ordering::SeqCst);
     let mut claims = serde_json::json!({
         "iss": ISSUER, "aud": SERVICE, "iat": now, "nbf": now - 5,
@@ -795,6 +990,9 @@ fn respond(
             claims["sub"] = name.clone().into()
         }
         Identity::Anonymous | Identity::Deploy { .. } => {}
+    }
+    if let Some(auth_type) = auth_type {
+        claims["auth_type"] = auth_type.into();
     }
     let token = sign(st, &claims);
     st.issued.lock().unwrap().push(token.clone());
@@ -813,6 +1011,9 @@ fn authenticate(st: &State, user: &str, secret: &str) -> Option<Identity> {
             api || scopes.contains(&TokenScope::WriteRegistry),
         )
     };
+    if st.expired(secret) {
+        return None;
+    }
     for c in st.credentials.lock().unwrap().iter() {
         match c {
             Credential::Pat {
@@ -825,6 +1026,7 @@ fn authenticate(st: &State, user: &str, secret: &str) -> Option<Identity> {
                     name: owner.clone(),
                     read,
                     write,
+                    auth_type: "personal_access_token",
                 });
             }
             Credential::Deploy {
@@ -862,6 +1064,7 @@ fn authenticate(st: &State, user: &str, secret: &str) -> Option<Identity> {
                     name: name.clone(),
                     read: true,
                     write: true,
+                    auth_type: "gitlab_or_ldap",
                 });
             }
             _ => {}
@@ -879,15 +1082,18 @@ fn grant(st: &State, id: &Identity, scope: &str) -> Option<serde_json::Value> {
         // registry:catalog:* is for admins; there are none here.
         return Some(serde_json::json!({"type": kind, "name": name, "actions": []}));
     }
-    let project = st
-        .projects
-        .iter()
-        .filter(|p| name == p.path || name.starts_with(&format!("{}/", p.path)))
-        .max_by_key(|p| p.path.len());
+    let project = st.project_of(name);
+    let disabled = project.is_some_and(|p| st.rules.registry_disabled_projects.contains(&p.path));
     let (pull, push, delete) = match (project, id) {
         (None, _) => (false, false, false),
+        (Some(_), _) if disabled => (false, false, false),
         (Some(p), Identity::Anonymous) => (p.public, false, false),
-        (Some(p), Identity::User { name, read, write }) => {
+        (
+            Some(p),
+            Identity::User {
+                name, read, write, ..
+            },
+        ) => {
             let role = p.members.get(name).copied();
             let pull = *read && (p.public || role.is_some());
             let push = *write && role >= Some(Role::Developer);
@@ -906,7 +1112,13 @@ fn grant(st: &State, id: &Identity, scope: &str) -> Option<serde_json::Value> {
         }
         (Some(p), Identity::Job { project, user }) => {
             let own = &p.path == project;
-            (own || p.public || p.members.contains_key(user), own, false)
+            let listed = st
+                .rules
+                .allowlists
+                .get(&p.path)
+                .map_or(true, |allowed| allowed.contains(project));
+            let readable = p.public || p.members.contains_key(user);
+            (own || (listed && readable), own, false)
         }
     };
     let granted: Vec<&str> = actions
@@ -919,7 +1131,51 @@ fn grant(st: &State, id: &Identity, scope: &str) -> Option<serde_json::Value> {
             _ => false,
         })
         .collect();
-    Some(serde_json::json!({"type": "repository", "name": name, "actions": granted}))
+    let mut entry = serde_json::json!({"type": "repository", "name": name, "actions": granted});
+    if let Some(p) = project {
+        let mut meta = serde_json::json!({ "project_path": p.path.to_lowercase() });
+        if let Some(patterns) = tag_deny_access_patterns(st, p, id, &granted) {
+            meta["tag_deny_access_patterns"] = patterns;
+        }
+        entry["meta"] = meta;
+    }
+    Some(entry)
+}
+
+/// GitLab's `meta.tag_deny_access_patterns` for a granted access entry: only when the project
+/// has protected tag rules and the token names a user (a person or a CI job's user, not a deploy
+/// token); one key per granted action other than `pull` (`*` counts as push and delete), each
+/// with the patterns of the rules whose minimum role the user does not reach.
+fn tag_deny_access_patterns(
+    st: &State,
+    project: &Project,
+    id: &Identity,
+    granted: &[&str],
+) -> Option<serde_json::Value> {
+    let rules = st.rules.protected_tags.get(&project.path)?;
+    let user = match id {
+        Identity::User { name, .. } | Identity::Job { user: name, .. } => name,
+        Identity::Anonymous | Identity::Deploy { .. } => return None,
+    };
+    let role = project.members.get(user).copied();
+    let mut patterns = serde_json::Map::new();
+    for action in granted {
+        let actions: &[&str] = match *action {
+            "*" => &["push", "delete"],
+            "pull" => &[],
+            _ => std::slice::from_ref(action),
+        };
+        for action in actions {
+            let denied: Vec<serde_json::Value> = rules
+                .iter()
+                // Deleting a protected tag takes the same minimum role as pushing it, here.
+                .filter(|(_, min)| role < Some(*min))
+                .map(|(pattern, _)| pattern.as_str().into())
+                .collect();
+            patterns.insert((*action).to_owned(), denied.into());
+        }
+    }
+    Some(patterns.into())
 }
 
 fn sign(st: &State, claims: &serde_json::Value) -> String {
@@ -941,13 +1197,66 @@ fn sign(st: &State, claims: &serde_json::Value) -> String {
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
 
-const BASIC_DENIED: &str = "HTTP Basic: Access denied. The provided password or token is incorrect or your account has 2FA enabled and you must use a personal access token instead of a password.";
+/// GitLab's 401 for credentials it does not accept (wrong, expired or revoked token, wrong
+/// deploy-token username, password with 2FA): one message for all, as current GitLab words it.
+pub const BASIC_DENIED: &str = "HTTP Basic: Access denied. If a password was provided for Git authentication, the password was incorrect or you're required to use a token instead of a password. If a token was provided, it was either incorrect, expired, or improperly scoped.";
 
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+impl State {
+    /// Unix seconds on the stand-in's clock (real time + [`GitLabBuilder::clock_offset`]).
+    fn now(&self) -> u64 {
+        unix_now().saturating_add_signed(self.rules.clock_offset)
+    }
+
+    /// True when `secret` has an expiry that has passed on the stand-in's clock.
+    fn expired(&self, secret: &str) -> bool {
+        self.rules
+            .expiries
+            .get(secret)
+            .is_some_and(|at| self.now() >= *at)
+    }
+
+    /// The project an image path belongs to (the longest project path that is a prefix).
+    fn project_of(&self, name: &str) -> Option<&Project> {
+        self.projects
+            .iter()
+            .filter(|p| name == p.path || name.starts_with(&format!("{}/", p.path)))
+            .max_by_key(|p| p.path.len())
+    }
+}
+
+/// An HTTP date (IMF-fixdate, RFC 9110 §5.6.7) for Unix seconds.
+pub fn http_date(unix: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// `/jwt/auth?service=dependency_proxy`: GitLab's `DependencyProxyAuthenticationService`.
@@ -978,7 +1287,7 @@ fn dp_token(st: &State, basic: Option<&(String, String)>) -> Response<Full<Bytes
         }
         Identity::Anonymous => unreachable!("Basic credentials authenticate someone"),
     };
-    let now = unix_now();
+    let now = st.now();
     let n = st.dp_mints.fetch_add(1, Ordering::SeqCst);
     let mut claims = serde_json::json!({
         "iss": ISSUER, "aud": DP_SERVICE, "iat": now, "nbf": now - 5,
@@ -1028,7 +1337,7 @@ fn dp_verify(st: &State, headers: &http::HeaderMap) -> Result<serde_json::Value,
         .map_err(|_| DpAuth::Invalid)?;
     let claims: serde_json::Value =
         serde_json::from_slice(&decode(payload)?).map_err(|_| DpAuth::Invalid)?;
-    let now = unix_now();
+    let now = st.now();
     let exp = claims["exp"].as_u64().ok_or(DpAuth::Invalid)?;
     let nbf = claims["nbf"].as_u64().unwrap_or(0);
     let fresh = now <= exp + DP_LEEWAY_SECS && now + DP_LEEWAY_SECS >= nbf;
@@ -1175,7 +1484,7 @@ async fn dp_fetch(
     kind: &str,
     reference: &str,
 ) -> Response<Body> {
-    let now = unix_now();
+    let now = st.now();
     let claims = serde_json::json!({
         "iss": ISSUER, "aud": SERVICE, "sub": "dependency-proxy", "iat": now, "nbf": now - 5,
         "exp": now + BACKING_TOKEN_SECS, "jti": format!("dp-backing-{now}"),

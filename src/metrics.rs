@@ -1,0 +1,553 @@
+//! Prometheus metrics (`--metrics-listen`, `GET /metrics`, OpenMetrics text), with the
+//! `prometheus-client` crate. Names follow Prometheus conventions (`regrelay_` prefix, base units,
+//! `_total` counters). Labels are bounded: a route class, a method from the registry API's set,
+//! a status code, a configured upstream name, an outcome from a fixed list. No label carries a
+//! repository name, a host a client sent, or anything from a credential.
+//!
+//! Most metrics are updated where the event happens; the token caches' counters (kept by
+//! [`crate::token`] for its own tests and logs) are read at scrape time by [`TokenCollector`].
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::body::{self, ProxyBody};
+use crate::token::Counters;
+
+/// The token caches' counters by upstream name, set once the upstreams are built.
+type WatchedTokens = Arc<OnceLock<Vec<(String, Arc<Counters>)>>>;
+
+/// Labels of a served request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// [`route_class`] of the path.
+    pub route: &'static str,
+    /// [`method_label`] of the method.
+    pub method: &'static str,
+    /// Status sent to the client.
+    pub status: u16,
+}
+
+/// A route class alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// [`route_class`] of the path.
+    pub route: &'static str,
+}
+
+/// A configured upstream's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `--upstream NAME` (`default` for `--registry`).
+    pub upstream: String,
+}
+
+/// One outcome from a fixed list.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The outcome.
+    pub outcome: &'static str,
+}
+
+/// Every metric regrelay exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `regrelay_requests_total{route,method,status}`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `regrelay_request_duration_seconds{route}`: headers in → response body done.
+    pub request_duration: Family<RouteLabels, Histogram>,
+    /// `regrelay_client_received_bytes_total`: request body bytes read from clients.
+    pub received_bytes: Counter,
+    /// `regrelay_client_sent_bytes_total`: response body bytes handed to clients.
+    pub sent_bytes: Counter,
+    /// `regrelay_upstream_request_duration_seconds{upstream}`: request sent → response headers.
+    pub upstream_duration: Family<UpstreamLabels, Histogram>,
+    /// `regrelay_sessions_issued_total`: sealed sessions handed out by `/jwt/auth`.
+    pub sessions_issued: Counter,
+    /// `regrelay_session_opens_total{outcome}`: sealed sessions presented on registry requests.
+    pub session_opens: Family<OutcomeLabels, Counter>,
+    /// `regrelay_upload_parts_total`: upstream requests uploads were split into.
+    pub upload_parts: Counter,
+    /// `regrelay_upload_token_refreshes_total`: parts that went with a newer token than the part
+    /// before (re-minted mid-upload).
+    pub upload_token_refreshes: Counter,
+    /// `regrelay_uploads_cut_total`: uploads ended at the upload drain deadline.
+    pub uploads_cut: Counter,
+    /// `regrelay_uploads_in_flight`.
+    pub uploads_in_flight: Gauge,
+    /// `regrelay_connections_accepted_total`.
+    pub connections_accepted: Counter,
+    /// `regrelay_connections_open`.
+    pub connections_open: Gauge,
+    /// `regrelay_connections_shed_total{outcome}`: closed at the connection limit (`idle`,
+    /// `stalled`).
+    pub connections_shed: Family<OutcomeLabels, Counter>,
+    /// `regrelay_requests_refused_overload_total`: answered 503 at `--max-requests`.
+    pub requests_overloaded: Counter,
+    /// `regrelay_shutdown_phase`: 0 serving, 1 shutdown delay (not ready), 2 draining, 3 grace
+    /// over, 4 uploads cut.
+    pub shutdown_phase: Gauge,
+    /// `regrelay_unknown_host_requests_total`: requests whose `Host` is no configured
+    /// `--public-url` (the hosts themselves are in the log, once each).
+    pub unknown_host_requests: Counter,
+    /// `regrelay_reloads_total{outcome}`: SIGHUP reloads (`ok`, or `refused` when a file was
+    /// refused and the old one kept).
+    pub reloads: Family<OutcomeLabels, Counter>,
+    /// The token caches' counters by upstream name, read at scrape time.
+    tokens: WatchedTokens,
+}
+
+/// Outcomes of opening a sealed session (`regrelay_session_opens_total{outcome}`).
+pub const SESSION_OUTCOMES: [&str; 6] = [
+    "ok",
+    "malformed",
+    "unknown_key",
+    "other_public_url",
+    "tampered",
+    "expired",
+];
+
+/// `regrelay_shutdown_phase` values.
+pub mod phase {
+    /// Accepting and ready.
+    pub const SERVING: i64 = 0;
+    /// SIGTERM received: not ready, still serving.
+    pub const DELAY: i64 = 1;
+    /// Not accepting; requests finish.
+    pub const DRAINING: i64 = 2;
+    /// Connections without an upload closed; uploads continue.
+    pub const GRACE_OVER: i64 = 3;
+    /// Upload drain over: uploads cut.
+    pub const UPLOADS_CUT: i64 = 4;
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered (the token caches' counters come with [`Metrics::watch_tokens`]).
+    pub fn new() -> Metrics {
+        let tokens = Arc::new(OnceLock::new());
+        let mut registry = Registry::with_prefix("regrelay");
+        let seconds = || Histogram::new(exponential_buckets(0.001, 2.5, 14));
+        let requests = Family::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
+        let upstream_duration =
+            Family::<UpstreamLabels, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
+        let m = Metrics {
+            requests,
+            request_duration,
+            received_bytes: Counter::default(),
+            sent_bytes: Counter::default(),
+            upstream_duration,
+            sessions_issued: Counter::default(),
+            session_opens: Family::default(),
+            upload_parts: Counter::default(),
+            upload_token_refreshes: Counter::default(),
+            uploads_cut: Counter::default(),
+            uploads_in_flight: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_shed: Family::default(),
+            requests_overloaded: Counter::default(),
+            shutdown_phase: Gauge::default(),
+            unknown_host_requests: Counter::default(),
+            reloads: Family::default(),
+            tokens: tokens.clone(),
+            registry: Registry::default(),
+        };
+        // Known label values start at 0, so rates and absence alerts work from the first scrape.
+        for outcome in ["idle", "stalled"] {
+            let _ = m.connections_shed.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "refused"] {
+            let _ = m.reloads.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in SESSION_OUTCOMES {
+            let _ = m.session_opens.get_or_create(&OutcomeLabels { outcome });
+        }
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "Requests served, by route class, method and status",
+            m.requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "Time from request headers to the end of the response body",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        r.register_with_unit(
+            "client_received",
+            "Request body bytes read from clients",
+            Unit::Bytes,
+            m.received_bytes.clone(),
+        );
+        r.register_with_unit(
+            "client_sent",
+            "Response body bytes handed to clients",
+            Unit::Bytes,
+            m.sent_bytes.clone(),
+        );
+        r.register_with_unit(
+            "upstream_request_duration",
+            "Time from sending a request upstream to its response headers",
+            Unit::Seconds,
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "sessions_issued",
+            "Sealed sessions handed out by /jwt/auth",
+            m.sessions_issued.clone(),
+        );
+        r.register(
+            "session_opens",
+            "Sealed sessions presented on registry requests, by outcome",
+            m.session_opens.clone(),
+        );
+        r.register(
+            "upload_parts",
+            "Upstream requests that uploads were split into",
+            m.upload_parts.clone(),
+        );
+        r.register(
+            "upload_token_refreshes",
+            "Upload parts sent with a token minted after the previous part's (refreshed mid-upload)",
+            m.upload_token_refreshes.clone(),
+        );
+        r.register(
+            "uploads_cut",
+            "Uploads ended at the upload drain deadline of a shutdown",
+            m.uploads_cut.clone(),
+        );
+        r.register(
+            "uploads_in_flight",
+            "Blob uploads being served",
+            m.uploads_in_flight.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Client connections open",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections_shed",
+            "Connections closed at the connection limit, by why (idle, stalled)",
+            m.connections_shed.clone(),
+        );
+        r.register(
+            "requests_refused_overload",
+            "Requests answered 503 at --max-requests",
+            m.requests_overloaded.clone(),
+        );
+        r.register(
+            "shutdown_phase",
+            "0 serving, 1 shutdown delay (not ready), 2 draining, 3 grace over, 4 uploads cut",
+            m.shutdown_phase.clone(),
+        );
+        r.register(
+            "unknown_host_requests",
+            "Requests whose Host is no configured --public-url",
+            m.unknown_host_requests.clone(),
+        );
+        r.register(
+            "reloads",
+            "SIGHUP reloads, by outcome (refused: a file was refused and the old one kept)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "build",
+            "regrelay's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        r.register_collector(Box::new(TokenCollector { tokens }));
+        Metrics { registry, ..m }
+    }
+
+    /// Exports the token caches' counters, by upstream name (once; later calls are ignored).
+    pub fn watch_tokens(&self, tokens: Vec<(String, Arc<Counters>)>) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Records one finished request.
+    pub fn request(
+        &self,
+        path: &str,
+        method: &Method,
+        status: u16,
+        secs: f64,
+        received: u64,
+        sent: u64,
+    ) {
+        let route = route_class(path);
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method: method_label(method),
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(secs);
+        self.received_bytes.inc_by(received);
+        self.sent_bytes.inc_by(sent);
+    }
+
+    /// Records how long an upstream took to answer.
+    pub fn upstream(&self, upstream: &str, secs: f64) {
+        self.upstream_duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .observe(secs);
+    }
+
+    /// Counts one outcome of a session presented on a request.
+    pub fn session_open(&self, outcome: &'static str) {
+        self.session_opens
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+}
+
+/// The route class of a request path: a fixed set, never a repository name.
+pub fn route_class(path: &str) -> &'static str {
+    if path == "/v2" || path == "/v2/" {
+        return "base";
+    }
+    if path == "/jwt/auth" {
+        return "token";
+    }
+    if path.starts_with("/-/") {
+        return "health";
+    }
+    if !path.starts_with("/v2/") {
+        return "other";
+    }
+    if path.ends_with("/_catalog") {
+        "catalog"
+    } else if path.contains("/blobs/uploads/") || path.ends_with("/blobs/uploads") {
+        "upload"
+    } else if path.contains("/blobs/") {
+        "blob"
+    } else if path.contains("/manifests/") {
+        "manifest"
+    } else if path.ends_with("/tags/list") {
+        "tags"
+    } else if path.contains("/referrers/") {
+        "referrers"
+    } else {
+        "other"
+    }
+}
+
+/// The method as a label: the ones registry clients use, else `other` (methods are open-ended).
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Reads the token caches' counters at scrape time.
+#[derive(Debug)]
+struct TokenCollector {
+    tokens: WatchedTokens,
+}
+
+impl Collector for TokenCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        type Read = fn(&Counters) -> Vec<(&'static str, u64)>;
+        let families: [(&str, &str, &str, Read); 3] = [
+            (
+                "token_mints",
+                "GitLab tokens minted for sessions, by outcome (refresh: replaced a running-out token)",
+                "outcome",
+                |c| {
+                    let minted = c.mints.load(Relaxed);
+                    let refreshed = c.refreshes.load(Relaxed);
+                    let failed = c.mint_failures.iter().map(|e| e.value().load(Relaxed)).sum();
+                    vec![
+                        ("first", minted.saturating_sub(refreshed)),
+                        ("refresh", refreshed),
+                        ("failed", failed),
+                    ]
+                },
+            ),
+            (
+                "token_cache_lookups",
+                "Token cache lookups, by result (hit, miss, joined another request's mint, \
+                 failure remembered)",
+                "result",
+                |c| {
+                    vec![
+                        ("hit", c.hits.load(Relaxed)),
+                        ("miss", c.misses.load(Relaxed)),
+                        ("joined", c.joins.load(Relaxed)),
+                        ("failure_remembered", c.negative_hits.load(Relaxed)),
+                    ]
+                },
+            ),
+            (
+                "token_background_refreshes",
+                "Background re-mints started ahead of a token's expiry",
+                "kind",
+                |c| vec![("ahead", c.background.load(Relaxed))],
+            ),
+        ];
+        for (name, help, key, read) in families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (upstream, counters) in self.tokens.get().into_iter().flatten() {
+                for (value, n) in read(counters) {
+                    let labels = [("upstream", upstream.as_str()), (key, value)];
+                    let encoder = family.encode_family(&labels)?;
+                    ConstCounter::new(n).encode(encoder)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+            });
+            let conn = auto::Builder::new(TokioExecutor::new());
+            let io = TokioIo::new(stream);
+            let serving = conn.serve_connection(io, service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), serving).await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
+    let ok = req.uri().path() == "/metrics" && matches!(*req.method(), Method::GET | Method::HEAD);
+    let (status, content_type, text) = if ok {
+        (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        )
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "GET /metrics\n".to_owned(),
+        )
+    };
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// Binds the metrics listener (before serving, so a bad address fails the start).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_classes_are_a_fixed_set() {
+        let cases = [
+            ("/v2/", "base"),
+            ("/v2", "base"),
+            ("/jwt/auth", "token"),
+            ("/-/ready", "health"),
+            ("/v2/_catalog", "catalog"),
+            ("/v2/g/p/blobs/uploads/", "upload"),
+            ("/v2/g/p/blobs/uploads/uuid", "upload"),
+            ("/v2/g/p/blobs/sha256:ab", "blob"),
+            ("/v2/g/p/manifests/v1", "manifest"),
+            ("/v2/g/p/tags/list", "tags"),
+            ("/v2/g/p/referrers/sha256:ab", "referrers"),
+            ("/v2/g/p/unknown", "other"),
+            ("/favicon.ico", "other"),
+        ];
+        for (path, class) in cases {
+            assert_eq!(route_class(path), class, "{path}");
+        }
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+
+    #[test]
+    fn exposition_names_follow_conventions_and_carry_token_counters() {
+        let counters = Arc::new(Counters::default());
+        counters
+            .hits
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        let m = Metrics::new();
+        m.watch_tokens(vec![("default".into(), counters)]);
+        m.request("/v2/g/p/blobs/sha256:ab", &Method::GET, 200, 0.5, 0, 10);
+        let text = m.encode();
+        for needle in [
+            "regrelay_requests_total{route=\"blob\",method=\"GET\",status=\"200\"} 1",
+            "regrelay_client_sent_bytes_total 10",
+            "regrelay_token_cache_lookups_total{upstream=\"default\",result=\"hit\"} 3",
+            "regrelay_request_duration_seconds_bucket{le=",
+            "regrelay_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "{needle} missing:\n{text}");
+        }
+    }
+}

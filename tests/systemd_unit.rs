@@ -1,0 +1,477 @@
+//! deploy/systemd/regrelay.service and regrelay.toml, checked three ways:
+//! - `systemd-analyze verify` accepts the unit with its paths pointing at the real binary, and
+//!   prints nothing about it (an unknown or misspelt setting is only a warning there, exit 0);
+//!   `systemd-analyze security --offline` rates its sandbox (when that verb is available);
+//! - the unit, parsed here by hand, has the settings regrelay's deployment relies on: secrets
+//!   through `LoadCredential=` (DynamicUser cannot read root-only files), the sandbox,
+//!   `LimitNOFILE` covering the shipped config's bounds, `TimeoutStopSec` longer than its shutdown
+//!   delay plus upload drain, and `ExecReload` sending SIGHUP (regrelay's live reload);
+//! - every `ExecStartPre`/`ExecStart` command line runs as `regrelay check-config` with the
+//!   unit's arguments, `Environment=` and credentials as systemd would hand them over, and the
+//!   shipped regrelay.toml (its /etc/regrelay files replaced by temp files), so a flag typo or a
+//!   key regrelay does not know fails here.
+//!
+//! Without systemd-analyze (Debian's `systemd`, installed by scripts/install-deps) the verify
+//! part is skipped, except under CI (env `CI` set), where it fails.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use regrelay::config::{Config, ConfigFile};
+
+const INSTALLED_BIN: &str = "/usr/local/bin/regrelay";
+const CONFIG_DIR: &str = "/etc/regrelay/";
+
+fn deploy(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/systemd")
+        .join(name)
+}
+
+/// A unit file: `(section, key, value)` in file order (keys may repeat).
+struct Unit(Vec<(String, String, String)>);
+
+impl Unit {
+    /// Parses the ini-style syntax systemd reads: `[Section]`, `Key=Value`, `#`/`;` comments,
+    /// blank lines, and a trailing backslash continuing a line.
+    fn parse(text: &str) -> Unit {
+        let mut entries = vec![];
+        let mut section = String::new();
+        let mut pending = String::new();
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if pending.is_empty() && (line.is_empty() || line.starts_with(['#', ';'])) {
+                continue;
+            }
+            if let Some(cont) = line.strip_suffix('\\') {
+                pending.push_str(cont);
+                pending.push(' ');
+                continue;
+            }
+            let line = format!("{pending}{line}");
+            pending.clear();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("line {}: not Key=Value: {raw:?}", n + 1));
+            assert!(!section.is_empty(), "line {}: outside a section", n + 1);
+            entries.push((
+                section.clone(),
+                key.trim().to_owned(),
+                value.trim().to_owned(),
+            ));
+        }
+        assert!(pending.is_empty(), "the file ends in a continuation line");
+        Unit(entries)
+    }
+
+    /// Every value of `key` in `section`.
+    fn all(&self, section: &str, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(s, k, _)| s == section && k == key)
+            .map(|(_, _, v)| v.as_str())
+            .collect()
+    }
+
+    /// The one value of `key` in [Service].
+    fn service(&self, key: &str) -> &str {
+        let values = self.all("Service", key);
+        assert_eq!(
+            values.len(),
+            1,
+            "[Service] {key}=: want one, found {values:?}"
+        );
+        values[0]
+    }
+
+    /// `Environment=` assignments, in order.
+    fn environment(&self) -> Vec<(String, String)> {
+        self.all("Service", "Environment")
+            .iter()
+            .flat_map(|v| v.split_whitespace())
+            .map(|kv| {
+                assert!(
+                    !kv.contains('"'),
+                    "quoted Environment= is not handled here: {kv}"
+                );
+                let (k, v) = kv.split_once('=').expect("Environment=KEY=VALUE");
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
+    }
+
+    /// `LoadCredential=ID:PATH` pairs.
+    fn credentials(&self) -> Vec<(String, String)> {
+        self.all("Service", "LoadCredential")
+            .iter()
+            .map(|v| {
+                let (id, path) = v.split_once(':').expect("LoadCredential=ID:PATH");
+                (id.to_owned(), path.to_owned())
+            })
+            .collect()
+    }
+}
+
+fn yes(v: &str) -> bool {
+    matches!(v, "yes" | "true" | "on" | "1")
+}
+
+/// A unit time span in seconds (`960`, `960s`, `16min`, `1h`).
+fn seconds(v: &str) -> u64 {
+    let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
+    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("time span {v:?}"));
+    match &v[digits.len()..] {
+        "" | "s" | "sec" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        unit => panic!("time span {v:?}: unit {unit:?} not handled here"),
+    }
+}
+
+fn text(out: &Output) -> String {
+    support::text(out)
+}
+
+/// Runs `systemd-analyze ARGS…`; None when it is not installed.
+fn systemd_analyze(args: &[&str]) -> Option<Output> {
+    match Command::new("systemd-analyze").args(args).output() {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("run systemd-analyze: {e}"),
+    }
+}
+
+/// A copy of the unit whose commands run the binary under test.
+fn unit_for_this_build(dir: &Path) -> PathBuf {
+    let unit = std::fs::read_to_string(deploy("regrelay.service")).unwrap();
+    let bin = support::regrelay_bin();
+    let rewritten: String = unit
+        .lines()
+        .map(|l| {
+            if l.starts_with("ExecStart") {
+                l.replace(INSTALLED_BIN, &bin.display().to_string())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join("regrelay.service");
+    std::fs::write(&path, rewritten + "\n").unwrap();
+    path
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    const NAME: &str = "systemd_analyze_verifies_the_unit";
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_for_this_build(dir.path());
+    let unit_arg = unit.display().to_string();
+    let Some(out) = systemd_analyze(&["verify", &unit_arg]) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing under CI: scripts/install-deps installs Debian's systemd"
+        );
+        support::skip(
+            NAME,
+            "systemd-analyze is missing (Debian package `systemd`)",
+        );
+        return;
+    };
+    let said = text(&out);
+    assert!(out.status.success(), "systemd-analyze verify: {said}");
+    // Unknown keys and unparsable values are warnings ("…, ignoring") with exit code 0.
+    let about_unit: Vec<&str> = said.lines().filter(|l| l.contains("regrelay")).collect();
+    assert!(
+        about_unit.is_empty(),
+        "systemd-analyze verify complains about the unit:\n{}",
+        about_unit.join("\n")
+    );
+
+    // The sandbox, as systemd rates it (0 = locked down, 10 = fully exposed).
+    match systemd_analyze(&["security", "--offline=true", &unit_arg]) {
+        Some(out) if out.status.success() => {
+            let said = text(&out);
+            let line = said
+                .lines()
+                .find(|l| l.contains("Overall exposure level"))
+                .unwrap_or_else(|| panic!("no overall exposure in: {said}"));
+            let level: f64 = line
+                .split(": ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("exposure in {line:?}"));
+            assert!(level <= 2.5, "the sandbox loosened: {line}\n{said}");
+        }
+        _ => support::skip(
+            &format!("{NAME} (security rating)"),
+            "this systemd-analyze has no `security --offline`",
+        ),
+    }
+}
+
+#[test]
+fn the_unit_has_credentials_sandbox_limits_and_a_sighup_reload() {
+    let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
+    let svc = |k: &str| unit.service(k).to_owned();
+
+    // Commands: the installed binary, validating before serving, with the same arguments.
+    let pre = svc("ExecStartPre");
+    let start = svc("ExecStart");
+    assert!(
+        pre.starts_with(&format!("{INSTALLED_BIN} check-config ")),
+        "{pre}"
+    );
+    assert!(
+        start.starts_with(&format!("{INSTALLED_BIN} serve ")),
+        "{start}"
+    );
+    assert_eq!(
+        pre.split_once(" check-config ").unwrap().1,
+        start.split_once(" serve ").unwrap().1,
+        "ExecStartPre checks what ExecStart serves"
+    );
+    assert_eq!(
+        unit.all("Service", "ExecReload"),
+        vec!["/bin/kill -HUP $MAINPID".to_owned()],
+        "systemctl reload sends SIGHUP: regrelay re-reads its TLS pair, key ring and credentials"
+    );
+
+    // Secrets: a dynamic user reads systemd's private copies, never the root-only originals.
+    assert!(yes(&svc("DynamicUser")));
+    let creds = unit.credentials();
+    let env = unit.environment();
+    let env_of = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    for (var, id) in [
+        ("REGRELAY_SESSION_KEY_FILE", "session.keys"),
+        ("REGRELAY_TLS_KEY", "tls.key"),
+    ] {
+        assert_eq!(env_of(var), Some(format!("%d/{id}")), "{var}");
+        assert!(
+            creds.iter().any(|(c, _)| c == id),
+            "{var} names credential {id}, which no LoadCredential= loads: {creds:?}"
+        );
+    }
+    for (id, path) in &creds {
+        assert!(path.starts_with(CONFIG_DIR), "{id}: {path}");
+    }
+    for (k, v) in &env {
+        if let Some(id) = v.strip_prefix("%d/") {
+            assert!(creds.iter().any(|(c, _)| c == id), "{k}={v}: not loaded");
+        }
+    }
+
+    // Privileges: port 443 and nothing else.
+    assert_eq!(svc("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(svc("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
+    assert!(
+        unit.all("Service", "User").is_empty(),
+        "DynamicUser, no fixed user"
+    );
+
+    // The sandbox: only what regrelay tolerates (network, reading its files, writing nothing).
+    for key in [
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictNamespaces",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+    ] {
+        assert!(yes(&svc(key)), "{key}=yes");
+    }
+    assert_eq!(svc("ProtectSystem"), "strict");
+    let families: BTreeSet<&str> = unit
+        .service("RestrictAddressFamilies")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        families,
+        BTreeSet::from(["AF_INET", "AF_INET6", "AF_UNIX"]),
+        "TCP, and AF_UNIX for the resolver (nscd, systemd-resolved)"
+    );
+    assert_eq!(svc("SystemCallArchitectures"), "native");
+    let filters = unit.all("Service", "SystemCallFilter");
+    assert!(filters.contains(&"@system-service"), "{filters:?}");
+    for writable in [
+        "ReadWritePaths",
+        "StateDirectory",
+        "CacheDirectory",
+        "LogsDirectory",
+    ] {
+        assert!(
+            unit.all("Service", writable).is_empty(),
+            "regrelay writes nothing: {writable}"
+        );
+    }
+
+    // Limits and stop timeout, against what the shipped configuration needs.
+    let files = ConfigFiles::new();
+    let config = Config::load(ConfigFile {
+        config: Some(files.toml.clone()),
+        ..ConfigFile::default()
+    })
+    .expect("the shipped regrelay.toml loads");
+    let nofile: u64 = svc("LimitNOFILE")
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("LimitNOFILE=N");
+    let needed = config.limits.fds_needed(config.upstreams.len());
+    assert!(nofile >= needed, "LimitNOFILE={nofile} < {needed} needed");
+    let t = &config.timeouts;
+    let drain = t.shutdown_delay + t.upload_drain.max(t.shutdown_grace);
+    let stop = Duration::from_secs(seconds(&svc("TimeoutStopSec")));
+    assert!(
+        stop > drain,
+        "TimeoutStopSec {stop:?} must exceed shutdown delay + upload drain {drain:?}"
+    );
+    assert!(matches!(svc("KillSignal").as_str(), "SIGTERM" | "TERM"));
+    assert_eq!(unit.all("Install", "WantedBy"), vec!["multi-user.target"]);
+}
+
+/// The shipped regrelay.toml with its /etc/regrelay files replaced by temp files, and a
+/// credentials directory as systemd builds it from the unit's `LoadCredential=`.
+struct ConfigFiles {
+    dir: tempfile::TempDir,
+    toml: PathBuf,
+}
+
+impl ConfigFiles {
+    fn new() -> ConfigFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc-regrelay");
+        std::fs::create_dir(&etc).unwrap();
+        let private = |name: &str, content: &[u8]| {
+            let path = etc.join(name);
+            std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        std::fs::copy(support::cert("server.pem"), etc.join("tls.pem")).unwrap();
+        private(
+            "tls.key",
+            &std::fs::read(support::cert("server.key")).unwrap(),
+        );
+        private(
+            "session.keys",
+            format!("{}\n", STANDARD.encode([0x42u8; 32])).as_bytes(),
+        );
+        let shipped = std::fs::read_to_string(deploy("regrelay.toml")).unwrap();
+        let toml = etc.join("regrelay.toml");
+        std::fs::write(&toml, relocate(&shipped, &etc)).unwrap();
+        ConfigFiles { dir, toml }
+    }
+
+    fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc-regrelay")
+    }
+
+    /// `$CREDENTIALS_DIRECTORY` with the credentials in `ids` (copies, mode 0400 like systemd's).
+    fn credentials(&self, unit: &Unit, ids: &[&str]) -> PathBuf {
+        let creds = self
+            .dir
+            .path()
+            .join(format!("credentials-{}", ids.join("-")));
+        std::fs::create_dir(&creds).unwrap();
+        for (id, path) in unit.credentials() {
+            if ids.contains(&id.as_str()) {
+                let dest = creds.join(&id);
+                std::fs::copy(relocate(&path, &self.etc()), &dest).unwrap();
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o400)).unwrap();
+            }
+        }
+        creds
+    }
+}
+
+/// Replaces /etc/regrelay/ in paths by `etc`.
+fn relocate(s: &str, etc: &Path) -> String {
+    s.replace(CONFIG_DIR, &format!("{}/", etc.display()))
+}
+
+/// Runs a unit command line as `regrelay check-config`: the binary under test, the unit's own
+/// arguments (config paths relocated), the unit's environment with `%d` = `creds`.
+fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: &Path) -> Output {
+    assert!(
+        !command.contains(['"', '\'', '$']),
+        "quoting and variables are not handled here: {command}"
+    );
+    let mut words = command.split_whitespace();
+    assert_eq!(words.next(), Some(INSTALLED_BIN), "{command}");
+    let sub = words.next().expect("a subcommand");
+    assert!(matches!(sub, "serve" | "check-config"), "{command}");
+    let mut cmd = Command::new(support::regrelay_bin());
+    cmd.arg("check-config");
+    cmd.args(words.map(|w| relocate(w, &files.etc())));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REGRELAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in unit.environment() {
+        assert!(
+            !v.replace("%d", "").contains('%'),
+            "specifier not handled here: {k}={v}"
+        );
+        cmd.env(k, v.replace("%d", &creds.display().to_string()));
+    }
+    cmd.output().expect("run regrelay check-config")
+}
+
+#[test]
+fn the_units_command_lines_pass_check_config_with_the_shipped_toml() {
+    let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
+    let files = ConfigFiles::new();
+    let creds = files.credentials(&unit, &["session.keys", "tls.key"]);
+    for key in ["ExecStartPre", "ExecStart"] {
+        let command = unit.service(key);
+        let out = check_config_as_unit(command, &unit, &files, &creds);
+        assert!(
+            out.status.success(),
+            "{key}={command} as check-config: {}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("config ok: listen 0.0.0.0:443"),
+            "{}",
+            text(&out)
+        );
+    }
+
+    // The credentials are what it reads: without the session key credential it refuses to
+    // start, though the TOML's own session_key_file exists.
+    let partial = files.credentials(&unit, &["tls.key"]);
+    let out = check_config_as_unit(unit.service("ExecStartPre"), &unit, &files, &partial);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("session_key_file"), "{}", text(&out));
+}
+
+#[test]
+fn the_unit_parser_reads_what_systemd_reads() {
+    let unit =
+        Unit::parse("# c\n[Service]\n; c\nA=1\nB=x \\\n  y\nA=2\n\n[Install]\nWantedBy=m.target\n");
+    assert_eq!(unit.all("Service", "A"), vec!["1", "2"]);
+    assert_eq!(unit.service("B"), "x  y");
+    assert_eq!(unit.all("Install", "WantedBy"), vec!["m.target"]);
+    assert_eq!(seconds("960"), 960);
+    assert_eq!(seconds("16min"), 960);
+}
