@@ -217,9 +217,34 @@ fn push(reference: String, host: SocketAddr, retries: u32) -> tokio::task::JoinH
     })
 }
 
-/// Waits until an upload `PATCH` has been streaming for a while.
-async fn into_the_upload(started: Instant, secs: u64) {
-    tokio::time::sleep_until((started + Duration::from_secs(secs)).into()).await;
+/// Waits until the blob upload has started (a replica answered its `POST` with 202; the
+/// `PATCH` streams next) and returns when it did: timings count from there, not from the
+/// client's start, which a loaded machine delays by seconds.
+async fn upload_started(rig: &Rig) -> Instant {
+    let posted = "method=POST path=/v2/ci/app/blobs/uploads/ status=202";
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let seen = rig
+            .replicas
+            .iter()
+            .flatten()
+            .chain(&rig.retired)
+            .any(|r| r.output.text().contains(posted));
+        if seen {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < end,
+            "the upload never started\n{}",
+            rig.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sleeps until `secs` after `t0`.
+async fn into_the_upload(t0: Instant, secs: u64) {
+    tokio::time::sleep_until((t0 + Duration::from_secs(secs)).into()).await;
 }
 
 fn assert_no_client_error(out: &Output) {
@@ -244,9 +269,10 @@ async fn each_replica_restarted_in_turn_mid_push_skopeo_completes() {
     let image = OciImage::random(141, &[40 << 20]);
     let started = Instant::now();
     let pushing = push(image.reference(), rig.public, 0);
-    into_the_upload(started, 8).await;
+    let t0 = upload_started(&rig).await;
+    into_the_upload(t0, 4).await;
     rig.restart(0, ROLLING, Duration::ZERO);
-    into_the_upload(started, 20).await;
+    into_the_upload(t0, 14).await;
     rig.restart(1, ROLLING, Duration::ZERO);
     let out = pushing.await.unwrap();
     let took = started.elapsed();
@@ -301,9 +327,10 @@ async fn each_replica_restarted_in_turn_mid_push_docker_completes() {
         let (c, img) = (config.path().to_owned(), image.clone());
         async move { blocking(move || docker(&c, &["push", &img], None)).await }
     });
-    into_the_upload(started, 8).await;
+    let t0 = upload_started(&rig).await;
+    into_the_upload(t0, 4).await;
     rig.restart(0, ROLLING, Duration::ZERO);
-    into_the_upload(started, 20).await;
+    into_the_upload(t0, 14).await;
     rig.restart(1, ROLLING, Duration::ZERO);
     let out = pushing.await.unwrap();
     let took = started.elapsed();
@@ -417,7 +444,8 @@ async fn an_upload_cut_at_the_drain_deadline_is_answered_and_retried_elsewhere()
     let image = OciImage::random(143, &[30 << 20]);
     let started = Instant::now();
     let pushing = push(image.reference(), rig.public, 3);
-    into_the_upload(started, 6).await;
+    let t0 = upload_started(&rig).await;
+    into_the_upload(t0, 3).await;
     let carrier = rig.replicas[0].take().unwrap();
     carrier.terminate();
     rig.retired.push(carrier);
@@ -477,7 +505,8 @@ async fn an_upload_cut_at_the_drain_deadline_docker_pushes_the_layer_again_elsew
         let (c, img) = (config.path().to_owned(), image.clone());
         async move { blocking(move || docker(&c, &["push", &img], None)).await }
     });
-    into_the_upload(started, 6).await;
+    let t0 = upload_started(&rig).await;
+    into_the_upload(t0, 3).await;
     let carrier = rig.replicas[0].take().unwrap();
     carrier.terminate();
     rig.retired.push(carrier);
@@ -503,9 +532,9 @@ async fn an_upload_cut_at_the_drain_deadline_docker_pushes_the_layer_again_elsew
 async fn a_sigkilled_carrier_leaves_no_blob_and_the_retry_succeeds() {
     let mut rig = Rig::start([ROLLING, ROLLING], true, Refused::Redispatch).await;
     let image = OciImage::random(144, &[20 << 20]);
-    let started = Instant::now();
     let pushing = push(image.reference(), rig.public, 0);
-    into_the_upload(started, 6).await;
+    let t0 = upload_started(&rig).await;
+    into_the_upload(t0, 3).await;
     let carrier = rig.replicas[0].take().unwrap();
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &carrier.pid().to_string()])
