@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::access::{Access, Credentials, DEFAULT_SERVICE};
 use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
+use crate::cache::pull::PullCache;
 use crate::challenge::{self, Challenge};
 use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
@@ -32,6 +33,8 @@ use crate::telemetry::{AccessLog, Logged};
 use crate::tls;
 use crate::upload::{self, Uploader};
 use crate::upstream::Upstream;
+
+mod pull;
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +75,8 @@ pub struct App {
     /// `Host`s seen that match no configured public name (each warned about once).
     unknown_hosts: dashmap::DashSet<String>,
     metrics: Arc<Metrics>,
+    /// The pull-through cache, when on.
+    cache: Option<PullCache>,
 }
 
 /// Distinct unknown `Host`s remembered for the once-per-host warning.
@@ -136,6 +141,16 @@ impl App {
                 .map(|l| (l.config.name.clone(), l.access.tokens().shared_counters()))
                 .collect(),
         );
+        let cache = config
+            .cache
+            .as_ref()
+            .map(|c| {
+                PullCache::open(&c.dir, c.max_bytes).map_err(|e| ConfigError::Invalid {
+                    key: "cache_dir",
+                    reason: format!("{}: {e}", c.dir.display()),
+                })
+            })
+            .transpose()?;
         let publics = config
             .public_url
             .iter()
@@ -154,6 +169,7 @@ impl App {
             publics,
             unknown_hosts: dashmap::DashSet::new(),
             metrics,
+            cache,
         })
     }
 
@@ -333,17 +349,23 @@ impl App {
                     true => self.injected_session(lane, &req, conn).await,
                     false => None,
                 };
-                let mut resp = match (injected, creds) {
+                let session = match (injected, creds) {
                     (Some(session), _) => {
                         tracing::debug!(upstream = %lane.config.name, "pull with injected credentials");
-                        self.forward_with_session(lane, req, &session, &fwd).await?
+                        Some(session)
                     }
-                    (None, Credentials::Untouched) => {
-                        proxy::forward(&lane.upstream, req, &fwd).await?
-                    }
-                    (None, Credentials::Session(session)) => {
-                        self.forward_with_session(lane, req, &session, &fwd).await?
-                    }
+                    (None, Credentials::Session(session)) => Some(*session),
+                    (None, Credentials::Untouched) => None,
+                };
+                let mut resp = match session {
+                    None => proxy::forward(&lane.upstream, req, &fwd).await?,
+                    Some(session) => match self.cache_target(&req) {
+                        Some((cache, target)) => {
+                            self.pull_through(cache, lane, req, &session, &fwd, &target)
+                                .await?
+                        }
+                        None => self.forward_with_session(lane, req, &session, &fwd).await?,
+                    },
                 };
                 log.upstream_status = Some(resp.status().as_u16());
                 lane.access

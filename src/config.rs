@@ -254,6 +254,13 @@ pub struct ConfigFile {
     /// Upload splitting: auto, always or never [default: auto].
     #[arg(long, env = "REGRELAY_UPLOAD_SPLIT")]
     pub upload_split: Option<UploadSplit>,
+    /// Pull-through cache directory: blobs and manifests by digest, each hit served only to a
+    /// client the upstream has authorized for that repository (off by default).
+    #[arg(long, env = "REGRELAY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Largest size of the cache in bytes, least recently used evicted [default: 10 GiB].
+    #[arg(long, env = "REGRELAY_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
     /// More upstreams for the mirror endpoint: NAME=URL, NAME being the registry host clients
     /// use (`docker.io`, `ghcr.io`) or a short alias; the URL may end in `/v2/<prefix>` (a
     /// repository prefix, e.g. a GitLab group's dependency proxy). Repeatable; env:
@@ -375,6 +382,8 @@ impl ConfigFile {
             token_cache_max_entries,
             upload_chunk_max,
             upload_split,
+            cache_dir,
+            cache_max_bytes,
             upstream,
             upstream_tables,
             upstream_credentials,
@@ -669,6 +678,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Pull-through cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its size bound in bytes.
+    pub max_bytes: u64,
+}
+
+/// Default `--cache-max-bytes`: 10 GiB.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
+
 /// Validated configuration: plain data.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -702,6 +723,8 @@ pub struct Config {
     pub upload_chunk_max: Option<u64>,
     /// Upload splitting mode.
     pub upload_split: UploadSplit,
+    /// The pull-through cache, when on.
+    pub cache: Option<CacheConfig>,
     /// Every upstream; the first is the `--registry` one (the default).
     pub upstreams: Vec<UpstreamConfig>,
     /// Index of the upstream serving requests that name none.
@@ -990,11 +1013,30 @@ impl TryFrom<ConfigFile> for Config {
             token_cache_max_entries,
             upload_chunk_max,
             upload_split: raw.upload_split.unwrap_or_default(),
+            cache: cache(&raw)?,
             upstreams,
             root_upstream,
             inject_credentials_for,
         })
     }
+}
+
+/// `--cache-dir` / `--cache-max-bytes`: a size without a directory is a mistake worth naming.
+fn cache(raw: &ConfigFile) -> Result<Option<CacheConfig>, ConfigError> {
+    let Some(dir) = raw.cache_dir.clone() else {
+        if raw.cache_max_bytes.is_some() {
+            return Err(invalid("cache_max_bytes", "needs --cache-dir"));
+        }
+        return Ok(None);
+    };
+    let max_bytes = raw.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES);
+    if max_bytes < 1 << 20 {
+        return Err(invalid(
+            "cache_max_bytes",
+            format!("{max_bytes} is below 1 MiB (1048576)"),
+        ));
+    }
+    Ok(Some(CacheConfig { dir, max_bytes }))
 }
 
 /// An upstream name: a registry host[:port] or an alias, lowercase, no `/`.

@@ -7,7 +7,8 @@
 //! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
 //! Several upstreams (the mirror endpoint): [`mirror`] (pure: which upstream a request is for)
-//! and [`injected`] (pull credentials regrelay holds). Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
+//! and [`injected`] (pull credentials regrelay holds); [`cache`] (the authorizing pull-through
+//! cache: content by digest, and who may be served it). Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
 //! [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
@@ -23,6 +24,7 @@ pub mod access;
 pub mod app;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod challenge;
 pub mod config;
 pub mod doctor;

@@ -104,6 +104,12 @@ pub struct Metrics {
     /// `regrelay_reloads_total{outcome}`: SIGHUP reloads (`ok`, or `refused` when a file was
     /// refused and the old one kept).
     pub reloads: Family<OutcomeLabels, Counter>,
+    /// `regrelay_cache_requests_total{outcome}`: pulls the cache took part in: `hit`, `miss`
+    /// (fetched and filled), `follower` (read another fill), `denied` (the upstream refused the
+    /// client), `pass` (proxied without caching).
+    pub cache_requests: Family<OutcomeLabels, Counter>,
+    /// `regrelay_cache_served_bytes_total`: body bytes served from the cache.
+    pub cache_served_bytes: Counter,
     /// The token caches' counters by upstream name, read at scrape time.
     tokens: WatchedTokens,
 }
@@ -168,12 +174,17 @@ impl Metrics {
             shutdown_phase: Gauge::default(),
             unknown_host_requests: Counter::default(),
             reloads: Family::default(),
+            cache_requests: Family::default(),
+            cache_served_bytes: Counter::default(),
             tokens: tokens.clone(),
             registry: Registry::default(),
         };
         // Known label values start at 0, so rates and absence alerts work from the first scrape.
         for outcome in ["idle", "stalled"] {
             let _ = m.connections_shed.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["hit", "miss", "follower", "denied", "pass"] {
+            let _ = m.cache_requests.get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["ok", "refused"] {
             let _ = m.reloads.get_or_create(&OutcomeLabels { outcome });
@@ -275,6 +286,17 @@ impl Metrics {
             "reloads",
             "SIGHUP reloads, by outcome (refused: a file was refused and the old one kept)",
             m.reloads.clone(),
+        );
+        r.register(
+            "cache_requests",
+            "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass)",
+            m.cache_requests.clone(),
+        );
+        r.register_with_unit(
+            "cache_served",
+            "Body bytes served from the pull-through cache",
+            Unit::Bytes,
+            m.cache_served_bytes.clone(),
         );
         r.register(
             "build",

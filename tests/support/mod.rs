@@ -145,6 +145,15 @@ impl Registry {
         Registry::launch(dir, &auth)
     }
 
+    /// Starts `docker-registry` as the CNCF pull-through cache (proxy mode) of `remote`, holding
+    /// one credential for it and asking none of its own clients.
+    pub fn start_proxy(remote: &str, username: &str, password: &str) -> Registry {
+        let proxy = format!(
+            "proxy:\n  remoteurl: {remote}\n  username: {username}\n  password: {password}\n"
+        );
+        Registry::launch(tempfile::tempdir().unwrap(), &proxy)
+    }
+
     /// Starts `docker-registry` without any auth section: anyone may pull and push.
     pub fn start_open() -> Registry {
         Registry::launch(tempfile::tempdir().unwrap(), "")

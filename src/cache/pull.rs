@@ -1,0 +1,292 @@
+//! The HTTP side of the pull-through cache: which requests it serves ([`Target`]), whose they are
+//! ([`principal`]), `Range` headers, manifest media types, and the responses of a hit. The
+//! decisions that ask the upstream (a `HEAD` or `GET` with the client's own token) are in
+//! [`crate::app`], which holds the sessions and upstreams.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use http_body_util::BodyExt;
+use sha2::{Digest as _, Sha256};
+
+use super::{CacheError, Digest, Grants, Hit, Store};
+use crate::body::ProxyBody;
+use crate::session::Session;
+
+/// What kind of object a cached request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v2/<repo>/blobs/<digest>`.
+    Blob,
+    /// `/v2/<repo>/manifests/<digest>` (by digest only: tags always go upstream).
+    Manifest,
+}
+
+/// A request the cache may serve: a `GET` or `HEAD` of a blob, or of a manifest by digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The repository, as the upstream names it.
+    pub repo: String,
+    /// Blob or manifest.
+    pub kind: Kind,
+    /// The digest asked for.
+    pub digest: Digest,
+}
+
+impl Target {
+    /// The target of `method path` (an upstream path, `/v2/<repo>/…`), or `None` for anything
+    /// the cache leaves alone (tags, uploads, other methods, digests other than sha256).
+    pub fn of(method: &Method, path: &str) -> Option<Target> {
+        if !matches!(*method, Method::GET | Method::HEAD) {
+            return None;
+        }
+        let rest = path.strip_prefix("/v2/")?;
+        let (repo, kind, reference) = if let Some((repo, d)) = rest.rsplit_once("/blobs/") {
+            (repo, Kind::Blob, d)
+        } else if let Some((repo, d)) = rest.rsplit_once("/manifests/") {
+            (repo, Kind::Manifest, d)
+        } else {
+            return None;
+        };
+        if repo.is_empty() || repo.split('/').any(str::is_empty) || reference.contains('/') {
+            return None;
+        }
+        let digest = Digest::parse(reference).ok()?;
+        Some(Target {
+            repo: repo.to_owned(),
+            kind,
+            digest,
+        })
+    }
+}
+
+/// Who is asking, as the grants know them: a hash of the credential a session carries (never
+/// the credential), or `anonymous`. Two sessions of the same credential are one principal.
+pub fn principal(session: &Session) -> String {
+    match &session.authorization {
+        None => "anonymous".to_owned(),
+        Some(auth) => {
+            let mut h = Sha256::new();
+            h.update(b"regrelay-cache-principal\0");
+            h.update(auth);
+            let d = h.finalize();
+            d[..16].iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
+/// A single `bytes=START-END` / `bytes=START-` / `bytes=-SUFFIX` range, resolved against `len`
+/// (inclusive bounds). `Err(())` for a range the blob cannot satisfy (416); `None` when there
+/// is no `Range` header or it is one the cache does not serve (several ranges): the whole
+/// object is served then, as RFC 9110 allows.
+pub fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = headers.get(header::RANGE)?.to_str().ok()?.trim();
+    let spec = spec.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let (start, end) = (start.trim(), end.trim());
+    let resolved = match (start.is_empty(), end.is_empty()) {
+        (true, false) => {
+            let suffix: u64 = end.parse().ok()?;
+            if suffix == 0 || len == 0 {
+                return Some(Err(()));
+            }
+            (len.saturating_sub(suffix), len - 1)
+        }
+        (false, _) => {
+            let s: u64 = start.parse().ok()?;
+            let e: u64 = if end.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                end.parse().ok()?
+            };
+            if s >= len || e < s {
+                return Some(Err(()));
+            }
+            (s, e.min(len - 1))
+        }
+        (true, true) => return None,
+    };
+    Some(Ok(resolved))
+}
+
+/// The store, the grants, and the media types of cached manifests.
+pub struct PullCache {
+    /// Content by digest.
+    pub store: Store,
+    /// Who may be served what.
+    pub grants: Grants,
+    types: DashMap<Digest, HeaderValue>,
+    types_dir: PathBuf,
+}
+
+impl PullCache {
+    /// Opens (or creates) the cache in `dir`: the store in `dir`, manifest media types in
+    /// `dir/types/`.
+    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<PullCache> {
+        let store = Store::open(dir, max_bytes)?;
+        let types_dir = dir.join("types");
+        std::fs::create_dir_all(&types_dir)?;
+        Ok(PullCache {
+            store,
+            grants: Grants::default(),
+            types: DashMap::new(),
+            types_dir,
+        })
+    }
+
+    /// Remembers the media type a manifest was served with.
+    pub fn set_media_type(&self, digest: &Digest, value: &HeaderValue) {
+        if self.types.get(digest).is_some_and(|v| *v == *value) {
+            return;
+        }
+        // Best effort: without the file a manifest hit after a restart goes upstream.
+        let _ = std::fs::write(self.types_dir.join(digest.hex()), value.as_bytes());
+        self.types.insert(*digest, value.clone());
+    }
+
+    /// The media type a manifest was served with, if known.
+    pub fn media_type(&self, digest: &Digest) -> Option<HeaderValue> {
+        if let Some(v) = self.types.get(digest) {
+            return Some(v.clone());
+        }
+        let raw = std::fs::read(self.types_dir.join(digest.hex())).ok()?;
+        let v = HeaderValue::from_bytes(&raw).ok()?;
+        self.types.insert(*digest, v.clone());
+        Some(v)
+    }
+
+    /// The answer for a hit: the whole object, or one range of it; `Ok(None)` when the object
+    /// cannot be served from here after all (a manifest whose media type is unknown).
+    pub async fn hit_response(
+        &self,
+        hit: &Hit,
+        target: &Target,
+        head: bool,
+        headers: &HeaderMap,
+    ) -> Result<Option<Response<ProxyBody>>, CacheError> {
+        let content_type = match target.kind {
+            Kind::Blob => HeaderValue::from_static("application/octet-stream"),
+            Kind::Manifest => match self.media_type(&target.digest) {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        let asked = range(headers, hit.len);
+        let mut resp = Response::builder()
+            .header(header::CONTENT_TYPE, content_type)
+            .header("docker-content-digest", target.digest.to_string())
+            .header(header::ETAG, format!("\"{}\"", target.digest))
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header("x-regrelay-cache", "hit");
+        let (status, span, body_range) = match asked {
+            Some(Err(())) => {
+                let resp = resp
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{}", hit.len))
+                    .body(crate::body::empty())
+                    .expect("static headers");
+                return Ok(Some(resp));
+            }
+            Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, e - s + 1, Some((s, e))),
+            None => (StatusCode::OK, hit.len, None),
+        };
+        if let Some((s, e)) = body_range {
+            resp = resp.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{}", hit.len));
+        }
+        let body = if head {
+            crate::body::empty()
+        } else {
+            hit.body(body_range)
+                .await?
+                .map_err(Into::into)
+                .boxed_unsync()
+        };
+        let resp = resp
+            .status(status)
+            .header(header::CONTENT_LENGTH, span)
+            .body(body)
+            .expect("valid headers");
+        Ok(Some(resp))
+    }
+}
+
+/// A body of `Bytes` frames as a [`ProxyBody`].
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Kind as SessionKind;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn targets_are_blobs_and_manifests_by_digest_only() {
+        let blob = Target::of(&Method::GET, &format!("/v2/g/p/app/blobs/{D}")).unwrap();
+        assert_eq!((blob.repo.as_str(), blob.kind), ("g/p/app", Kind::Blob));
+        let m = Target::of(&Method::HEAD, &format!("/v2/g/app/manifests/{D}")).unwrap();
+        assert_eq!(m.kind, Kind::Manifest);
+        for (method, path) in [
+            (Method::GET, "/v2/g/app/manifests/latest".to_owned()),
+            (Method::PUT, format!("/v2/g/app/blobs/{D}")),
+            (Method::GET, format!("/v2/g/app/blobs/uploads/{D}")),
+            (Method::GET, "/v2/g/app/blobs/sha512:abcd".to_owned()),
+            (Method::GET, format!("/v2//blobs/{D}")),
+            (Method::GET, "/v2/g/app/tags/list".to_owned()),
+        ] {
+            assert_eq!(Target::of(&method, &path), None, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn ranges_resolve_against_the_length() {
+        let at = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+            range(&h, 100)
+        };
+        assert_eq!(at("bytes=0-9"), Some(Ok((0, 9))));
+        assert_eq!(at("bytes=90-"), Some(Ok((90, 99))));
+        assert_eq!(at("bytes=-10"), Some(Ok((90, 99))));
+        assert_eq!(at("bytes=95-200"), Some(Ok((95, 99))));
+        assert_eq!(at("bytes=100-"), Some(Err(())));
+        assert_eq!(at("bytes=9-0"), Some(Err(())));
+        assert_eq!(at("bytes=0-1,5-6"), None);
+        assert_eq!(at("items=0-1"), None);
+        assert_eq!(range(&HeaderMap::new(), 100), None);
+    }
+
+    fn session(authorization: Option<&[u8]>) -> Session {
+        let life = std::time::Duration::from_secs(60);
+        let auth = authorization.map(<[u8]>::to_vec);
+        Session::new(
+            SessionKind::Access,
+            auth,
+            "container_registry".into(),
+            vec![],
+            life,
+        )
+    }
+
+    #[test]
+    fn principals_hide_the_credential_and_match_across_sessions() {
+        let p1 = principal(&session(Some(b"Basic YWxpY2U6cw==")));
+        let p2 = principal(&session(Some(b"Basic YWxpY2U6cw==")));
+        assert_eq!(p1, p2, "same credential, same principal");
+        assert!(!p1.contains("YWxp"));
+        assert_ne!(principal(&session(Some(b"Basic Ym9iOnM="))), p1);
+        assert_eq!(principal(&session(None)), "anonymous");
+    }
+}

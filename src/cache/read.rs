@@ -1,0 +1,197 @@
+//! Bodies read out of the store: a committed file (a hit), or the file a writer is still
+//! writing (a follower). One chunk of at most [`CHUNK_BYTES`] is in memory at a time; each read
+//! is a positional read (`pread`) in a blocking task, so readers never share a file offset and
+//! never block the async threads.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+
+use super::fill::{FlightState, Progress};
+use super::store::{Inner, PinGuard, CHUNK_BYTES};
+use super::{CacheError, Digest};
+
+type Next = Pin<Box<dyn Future<Output = (Reader, Option<Result<Bytes, CacheError>>)> + Send>>;
+
+/// A body read from the store (see [`super::Hit::body`] and [`super::Follower::body`]). Its
+/// error is a [`CacheError`]; box it into a `ProxyBody` with
+/// `body.map_err(Into::into).boxed_unsync()`.
+pub struct CacheBody {
+    reader: Option<Reader>,
+    next: Option<Next>,
+    /// Bytes still to come, when known.
+    remaining: Option<u64>,
+}
+
+struct Reader {
+    store: Arc<Inner>,
+    digest: Digest,
+    /// `None` until the writer has created it (a follower that came very early).
+    file: Option<Arc<File>>,
+    pos: u64,
+    /// One past the last byte to read; `None` while the writer may still write.
+    end: Option<u64>,
+    /// The fill being followed, until it commits.
+    progress: Option<watch::Receiver<Progress>>,
+    _pin: Option<Arc<PinGuard>>,
+}
+
+impl CacheBody {
+    /// Bytes `start..end` of a committed file.
+    pub(super) fn fixed(
+        store: Arc<Inner>,
+        file: Arc<File>,
+        start: u64,
+        end: u64,
+        pin: Arc<PinGuard>,
+    ) -> CacheBody {
+        let digest = pin.digest;
+        CacheBody {
+            reader: Some(Reader {
+                store,
+                digest,
+                file: Some(file),
+                pos: start,
+                end: Some(end),
+                progress: None,
+                _pin: Some(pin),
+            }),
+            next: None,
+            remaining: Some(end - start),
+        }
+    }
+
+    /// The whole content of a fill under way.
+    pub(super) fn growing(
+        store: Arc<Inner>,
+        digest: Digest,
+        progress: watch::Receiver<Progress>,
+        expected_len: Option<u64>,
+    ) -> CacheBody {
+        CacheBody {
+            reader: Some(Reader {
+                store,
+                digest,
+                file: None,
+                pos: 0,
+                end: None,
+                progress: Some(progress),
+                _pin: None,
+            }),
+            next: None,
+            remaining: expected_len,
+        }
+    }
+}
+
+impl Reader {
+    async fn next(mut self) -> (Reader, Option<Result<Bytes, CacheError>>) {
+        let out = self.read_chunk().await.transpose();
+        (self, out)
+    }
+
+    /// Bytes available to read: the end of a committed file, or what the writer wrote so far
+    /// (waiting while that is nothing new).
+    async fn available(&mut self) -> Result<u64, CacheError> {
+        loop {
+            if let Some(end) = self.end {
+                return Ok(end);
+            }
+            let rx = self
+                .progress
+                .as_mut()
+                .expect("a growing read follows a fill");
+            let p = rx.borrow_and_update().clone();
+            if self.file.is_none() {
+                self.file = p.file;
+            }
+            match p.state {
+                FlightState::Verified | FlightState::Stored => {
+                    self.end = Some(p.written);
+                    self.progress = None;
+                }
+                FlightState::Failed(why) => return Err(why.error(self.digest)),
+                FlightState::Writing if p.written > self.pos => return Ok(p.written),
+                FlightState::Writing => {
+                    if rx.changed().await.is_err() {
+                        return Err(CacheError::Aborted);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, CacheError> {
+        let available = self.available().await?;
+        if self.pos >= available {
+            return Ok(None);
+        }
+        let n = (available - self.pos).min(CHUNK_BYTES as u64) as usize;
+        let file = self.file.clone().ok_or(CacheError::Aborted)?;
+        let pos = self.pos;
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.pos += n as u64;
+        let counters = &self.store.counters;
+        counters.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(Some(data))
+    }
+}
+
+impl Body for CacheBody {
+    type Data = Bytes;
+    type Error = CacheError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, CacheError>>> {
+        let this = &mut *self;
+        if this.next.is_none() {
+            let Some(reader) = this.reader.take() else {
+                return Poll::Ready(None);
+            };
+            this.next = Some(Box::pin(reader.next()));
+        }
+        let next = this.next.as_mut().expect("a read in flight");
+        let (reader, item) = ready!(next.as_mut().poll(cx));
+        this.next = None;
+        match item {
+            Some(Ok(data)) => {
+                this.reader = Some(reader);
+                if let Some(r) = this.remaining.as_mut() {
+                    *r = r.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let idle = self.next.is_none();
+        let fixed_done = self.reader.as_ref().is_some_and(|r| r.end == Some(r.pos));
+        idle && (self.reader.is_none() || fixed_done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The authorizing pull-through cache (`--cache-dir`): a hit goes only to a client the upstream
+//! has authorized for that repository. Real registry (token auth), GitLab stand-in, real skopeo;
+//! upstream requests are counted in the registry's own log.
+//!
+//! - Leak test: alice warms the cache with a private image; bob (no access to that project) asks
+//!   for the same blob digest through regrelay, by alice's repository path and by his own, and is
+//!   refused; the CNCF registry in proxy mode, asked the same by an anonymous client, serves it.
+//! - A second pull by alice makes no upstream blob GET.
+//! - 20 parallel cold GETs of one blob make one upstream GET, all 20 byte-identical.
+//! - After a restart the warm cache still serves hits (after a HEAD re-authorizes), and a
+//!   half-written file left by a killed fetch is gone.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::gitlab::{gitlab, Credential, GitLab, Role, TokenScope};
+use support::*;
+
+const ALICE: (&str, &str) = ("alice", "glpat-AliceCacheToken1234");
+const BOB: (&str, &str) = ("bob", "glpat-BobCacheToken123456");
+const PRIVATE: &str = "team/private";
+
+async fn world() -> (GitLab, Registry) {
+    let pat = |(user, token): (&str, &str)| Credential::Pat {
+        user: user.into(),
+        token: token.into(),
+        scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
+    };
+    let gl = gitlab()
+        .credential(pat(ALICE))
+        .credential(pat(BOB))
+        .project(PRIVATE, false, &[(ALICE.0, Role::Developer)])
+        .project("bob/own", false, &[(BOB.0, Role::Developer)])
+        .lifetime(Duration::from_secs(300))
+        .start()
+        .await;
+    let reg = Registry::start(&gl.realm());
+    (gl, reg)
+}
+
+/// Pushes `image` to `repo:v1` at `host` as `who`.
+async fn push(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
+    let (src, dest, creds) = (
+        image.reference(),
+        format!("docker://{host}/{repo}:v1"),
+        format!("{}:{}", who.0, who.1),
+    );
+    let out =
+        tokio::task::spawn_blocking(move || skopeo_copy(&src, &dest, &creds, &Transport::Http))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Pulls `repo:v1` from `host` as `who` and compares it with `image`.
+async fn pull(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest, creds) = (
+        format!("docker://{host}/{repo}:v1"),
+        format!("oci:{}:latest", dir.path().display()),
+        format!("{}:{}", who.0, who.1),
+    );
+    let out =
+        tokio::task::spawn_blocking(move || skopeo_copy(&src, &dest, &creds, &Transport::Http))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_blobs(image, dir.path());
+}
+
+/// Requests the registry completed with `method` on `uri` (its own access log).
+fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
+    reg.log
+        .text()
+        .lines()
+        .filter(|l| l.contains("response completed"))
+        .filter(|l| l.contains(&format!("http.request.method={method} ")))
+        .filter(|l| l.contains(&format!("http.request.uri=\"{uri}\"")))
+        .count()
+}
+
+/// `GET` (or `HEAD`) `path` on `base` with a Bearer token; status and body.
+async fn get(base: &str, path: &str, token: Option<&str>, head: bool) -> (u16, bytes::Bytes) {
+    let mut req = http::Request::builder()
+        .method(if head { "HEAD" } else { "GET" })
+        .uri(format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = upstream::client()
+        .request(req.body(regrelay::body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+fn regrelay_with_cache(reg: &Registry, dir: &Path, keys: &Path) -> Regrelay {
+    Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--cache-dir",
+        dir.to_str().unwrap(),
+        "--cache-max-bytes",
+        "1073741824",
+        "--session-key-file",
+        keys.to_str().unwrap(),
+    ])
+}
+
+fn key_file() -> tempfile::NamedTempFile {
+    use base64::Engine;
+    use std::io::Write;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        f,
+        "{}",
+        base64::engine::general_purpose::STANDARD.encode([0x5cu8; 32])
+    )
+    .unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_private_blob_reaches_no_one_the_upstream_did_not_authorize() {
+    let (gl, reg) = world().await;
+    let image = OciImage::random(181, &[2 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, len) = image.layers[0].clone();
+    let blob_uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+
+    // Alice warms the cache; her second pull makes no upstream blob GET.
+    pull(&image, px.addr.to_string(), PRIVATE, ALICE).await;
+    let gets = upstream_requests(&reg, "GET", &blob_uri);
+    assert_eq!(gets, 1, "{}", reg.log.text());
+    pull(&image, px.addr.to_string(), PRIVATE, ALICE).await;
+    assert_eq!(
+        upstream_requests(&reg, "GET", &blob_uri),
+        gets,
+        "the second pull was served from the cache"
+    );
+
+    // Bob knows the digest. Through regrelay he gets nothing, by either path.
+    let realm = format!("{}/jwt/auth", px.url());
+    let bob_private =
+        fetch_token(&realm, BOB.0, BOB.1, &format!("repository:{PRIVATE}:pull")).await;
+    let (status, body) = get(&px.url(), &blob_uri, Some(&bob_private), false).await;
+    assert!(
+        matches!(status, 401 | 403 | 404),
+        "bob by alice's path: {status}"
+    );
+    assert!(body.len() < 4096, "no blob bytes for bob");
+    let bob_own = fetch_token(&realm, BOB.0, BOB.1, "repository:bob/own:pull").await;
+    let (status, body) = get(
+        &px.url(),
+        &format!("/v2/bob/own/blobs/{layer}"),
+        Some(&bob_own),
+        false,
+    )
+    .await;
+    assert!(
+        matches!(status, 401 | 403 | 404),
+        "bob by his own path: {status}"
+    );
+    assert!(body.len() < 4096);
+    // Nor anonymously.
+    let (status, _) = get(&px.url(), &blob_uri, None, false).await;
+    assert_eq!(status, 401);
+
+    // The CNCF registry in proxy mode, holding alice's credential, serves it to anyone.
+    let mirror = Registry::start_proxy(&reg.url(), ALICE.0, ALICE.1);
+    let (status, body) = get(&mirror.url(), &blob_uri, None, false).await;
+    assert_eq!(
+        status, 200,
+        "the CNCF proxy serves the private blob anonymously"
+    );
+    assert_eq!(body.len(), len);
+    assert_eq!(digest(&body), layer);
+
+    let mut secrets = gl.issued();
+    secrets.extend([ALICE.1.to_owned(), BOB.1.to_owned()]);
+    assert_no_secrets(&px.output.text(), ALICE.0, &secrets);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_cold_pulls_of_one_blob_make_one_upstream_fetch() {
+    let (_gl, reg) = world().await;
+    let image = OciImage::random(182, &[8 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, len) = image.layers[0].clone();
+    let blob_uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    let realm = format!("{}/jwt/auth", px.url());
+    let token = fetch_token(
+        &realm,
+        ALICE.0,
+        ALICE.1,
+        &format!("repository:{PRIVATE}:pull"),
+    )
+    .await;
+    let pulls: Vec<_> = (0..20)
+        .map(|_| {
+            let (base, uri, token) = (px.url(), blob_uri.clone(), token.clone());
+            tokio::spawn(async move { get(&base, &uri, Some(&token), false).await })
+        })
+        .collect();
+    for p in pulls {
+        let (status, body) = p.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body.len(), len);
+        assert_eq!(digest(&body), layer, "byte-identical");
+    }
+    assert_eq!(
+        upstream_requests(&reg, "GET", &blob_uri),
+        1,
+        "one upstream fetch for 20 cold pulls\n{}",
+        px.output.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_cache_survives_a_restart_and_partial_files_do_not() {
+    let (_gl, reg) = world().await;
+    let image = OciImage::random(183, &[1 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, _) = image.layers[0].clone();
+    let blob_uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    pull(&image, px.addr.to_string(), PRIVATE, ALICE).await;
+    assert_eq!(upstream_requests(&reg, "GET", &blob_uri), 1);
+    drop(px);
+    // What a fetch killed mid-way leaves behind.
+    let partial = cache.path().join("tmp").join("killed-fetch");
+    std::fs::write(&partial, b"half a blob").unwrap();
+
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    assert!(!partial.exists(), "the half-written file is gone");
+    let heads = upstream_requests(&reg, "HEAD", &blob_uri);
+    pull(&image, px.addr.to_string(), PRIVATE, ALICE).await;
+    assert_eq!(
+        upstream_requests(&reg, "GET", &blob_uri),
+        1,
+        "served from the cache after the restart"
+    );
+    assert!(
+        upstream_requests(&reg, "HEAD", &blob_uri) > heads,
+        "but only after the upstream re-authorized alice"
+    );
+    // Range requests are served from the cache too.
+    let realm = format!("{}/jwt/auth", px.url());
+    let token = fetch_token(
+        &realm,
+        ALICE.0,
+        ALICE.1,
+        &format!("repository:{PRIVATE}:pull"),
+    )
+    .await;
+    let resp = upstream::client()
+        .request(
+            http::Request::get(format!("{}{blob_uri}", px.url()))
+                .header("authorization", format!("Bearer {token}"))
+                .header("range", "bytes=10-19")
+                .body(regrelay::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers()["content-range"]
+            .to_str()
+            .unwrap()
+            .split('/')
+            .next(),
+        Some("bytes 10-19")
+    );
+    let part = resp.into_body().collect().await.unwrap().to_bytes();
+    let blob = std::fs::read(
+        image
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(layer.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    assert_eq!(&part[..], &blob[10..20]);
+    assert_eq!(upstream_requests(&reg, "GET", &blob_uri), 1);
+}
