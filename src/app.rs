@@ -36,6 +36,8 @@ use crate::upstream::Upstream;
 
 mod pull;
 
+use pull::CacheRequest;
+
 /// The connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -145,9 +147,11 @@ impl App {
             .cache
             .as_ref()
             .map(|c| {
-                PullCache::open(&c.dir, c.max_bytes).map_err(|e| ConfigError::Invalid {
-                    key: "cache_dir",
-                    reason: format!("{}: {e}", c.dir.display()),
+                PullCache::open(&c.dir, c.max_bytes, c.serve_stale).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "cache_dir",
+                        reason: format!("{}: {e}", c.dir.display()),
+                    }
                 })
             })
             .transpose()?;
@@ -360,8 +364,12 @@ impl App {
                 let mut resp = match session {
                     None => proxy::forward(&lane.upstream, req, &fwd).await?,
                     Some(session) => match self.cache_target(&req) {
-                        Some((cache, target)) => {
+                        Some((cache, CacheRequest::Object(target))) => {
                             self.pull_through(cache, lane, req, &session, &fwd, &target)
+                                .await?
+                        }
+                        Some((cache, CacheRequest::Tag(tag))) => {
+                            self.pull_tag(cache, lane, req, &session, &fwd, &tag)
                                 .await?
                         }
                         None => self.forward_with_session(lane, req, &session, &fwd).await?,

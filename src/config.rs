@@ -261,6 +261,10 @@ pub struct ConfigFile {
     /// Largest size of the cache in bytes, least recently used evicted [default: 10 GiB].
     #[arg(long, env = "REGRELAY_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// When the upstream is unreachable, answer a manifest by tag from the cache (to a client
+    /// whose grant for the repository is still valid) instead of failing.
+    #[arg(long, env = "REGRELAY_CACHE_SERVE_STALE", num_args = 0..=1, default_missing_value = "true")]
+    pub cache_serve_stale: Option<bool>,
     /// More upstreams for the mirror endpoint: NAME=URL, NAME being the registry host clients
     /// use (`docker.io`, `ghcr.io`) or a short alias; the URL may end in `/v2/<prefix>` (a
     /// repository prefix, e.g. a GitLab group's dependency proxy). Repeatable; env:
@@ -384,6 +388,7 @@ impl ConfigFile {
             upload_split,
             cache_dir,
             cache_max_bytes,
+            cache_serve_stale,
             upstream,
             upstream_tables,
             upstream_credentials,
@@ -685,6 +690,8 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Its size bound in bytes.
     pub max_bytes: u64,
+    /// Answer manifests by tag from the cache while the upstream is unreachable.
+    pub serve_stale: bool,
 }
 
 /// Default `--cache-max-bytes`: 10 GiB.
@@ -1027,6 +1034,9 @@ fn cache(raw: &ConfigFile) -> Result<Option<CacheConfig>, ConfigError> {
         if raw.cache_max_bytes.is_some() {
             return Err(invalid("cache_max_bytes", "needs --cache-dir"));
         }
+        if raw.cache_serve_stale == Some(true) {
+            return Err(invalid("cache_serve_stale", "needs --cache-dir"));
+        }
         return Ok(None);
     };
     let max_bytes = raw.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES);
@@ -1036,7 +1046,11 @@ fn cache(raw: &ConfigFile) -> Result<Option<CacheConfig>, ConfigError> {
             format!("{max_bytes} is below 1 MiB (1048576)"),
         ));
     }
-    Ok(Some(CacheConfig { dir, max_bytes }))
+    Ok(Some(CacheConfig {
+        dir,
+        max_bytes,
+        serve_stale: raw.cache_serve_stale.unwrap_or(false),
+    }))
 }
 
 /// An upstream name: a registry host[:port] or an alias, lowercase, no `/`.

@@ -183,7 +183,7 @@ impl Metrics {
         for outcome in ["idle", "stalled"] {
             let _ = m.connections_shed.get_or_create(&OutcomeLabels { outcome });
         }
-        for outcome in ["hit", "miss", "follower", "denied", "pass"] {
+        for outcome in ["hit", "miss", "follower", "denied", "pass", "stale"] {
             let _ = m.cache_requests.get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["ok", "refused"] {
@@ -289,7 +289,7 @@ impl Metrics {
         );
         r.register(
             "cache_requests",
-            "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass)",
+            "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass, stale)",
             m.cache_requests.clone(),
         );
         r.register_with_unit(

@@ -33,35 +33,35 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// `Forwarded` (RFC 7239).
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the de-facto ones proxies strip.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the de-facto ones proxies strip, and
+/// `Transfer-Encoding` (hyper re-frames the body: chunked when no `Content-Length` is known).
+/// Parsed once: removing by `&str` parsed every name on every request (~6k instructions).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names. `Transfer-Encoding`
-/// goes too: hyper re-frames the body (chunked when no `Content-Length` is known).
+/// Removes hop-by-hop headers, including those the `Connection` header names. One pass over
+/// the (few) headers present finds them; most requests carry none but `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    doomed.extend(headers.keys().filter(|k| HOP_BY_HOP.contains(k)).cloned());
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// What the proxy knows about the request beyond its headers.

@@ -9,6 +9,8 @@
 //! - 20 parallel cold GETs of one blob make one upstream GET, all 20 byte-identical.
 //! - After a restart the warm cache still serves hits (after a HEAD re-authorizes), and a
 //!   half-written file left by a killed fetch is gone.
+//! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
+//!   client whose grant holds (marked stale), and to no one else.
 
 mod support;
 
@@ -22,6 +24,7 @@ use support::*;
 const ALICE: (&str, &str) = ("alice", "glpat-AliceCacheToken1234");
 const BOB: (&str, &str) = ("bob", "glpat-BobCacheToken123456");
 const PRIVATE: &str = "team/private";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 async fn world() -> (GitLab, Registry) {
     let pat = |(user, token): (&str, &str)| Credential::Pat {
@@ -86,7 +89,8 @@ fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
 async fn get(base: &str, path: &str, token: Option<&str>, head: bool) -> (u16, bytes::Bytes) {
     let mut req = http::Request::builder()
         .method(if head { "HEAD" } else { "GET" })
-        .uri(format!("{base}{path}"));
+        .uri(format!("{base}{path}"))
+        .header("accept", OCI_MANIFEST);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
@@ -295,4 +299,60 @@ async fn a_warm_cache_survives_a_restart_and_partial_files_do_not() {
     .unwrap();
     assert_eq!(&part[..], &blob[10..20]);
     assert_eq!(upstream_requests(&reg, "GET", &blob_uri), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_registry_down_a_tag_is_served_stale_only_under_a_grant() {
+    let (_gl, reg) = world().await;
+    let image = OciImage::random(184, &[256 << 10]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--cache-serve-stale",
+        "--session-key-file",
+        keys.path().to_str().unwrap(),
+    ]);
+    let realm = format!("{}/jwt/auth", px.url());
+    let alice = fetch_token(
+        &realm,
+        ALICE.0,
+        ALICE.1,
+        &format!("repository:{PRIVATE}:pull"),
+    )
+    .await;
+    let bob = fetch_token(&realm, BOB.0, BOB.1, &format!("repository:{PRIVATE}:pull")).await;
+    let tag = format!("/v2/{PRIVATE}/manifests/v1");
+    let (status, fresh) = get(&px.url(), &tag, Some(&alice), false).await;
+    assert_eq!(status, 200);
+    assert_eq!(digest(&fresh), image.manifest_digest);
+
+    drop(reg);
+    let resp = upstream::client()
+        .request(
+            http::Request::get(format!("{}{tag}", px.url()))
+                .header("authorization", format!("Bearer {alice}"))
+                .header("accept", OCI_MANIFEST)
+                .body(regrelay::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "alice is answered from the cache");
+    assert!(resp.headers()["warning"]
+        .to_str()
+        .unwrap()
+        .starts_with("110"));
+    let stale = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(stale, fresh);
+    let (status, _) = get(&px.url(), &tag, Some(&bob), false).await;
+    assert_eq!(status, 502, "bob holds no grant: the upstream's failure");
+    assert!(px
+        .output
+        .text()
+        .contains("manifest served stale from the cache"));
 }

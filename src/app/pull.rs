@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{token_error, App, Lane};
 use crate::body::{self, ProxyBody};
-use crate::cache::pull::{self, PullCache, Target};
+use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::{Fill, Tee};
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
@@ -48,11 +48,104 @@ impl Shape {
     }
 }
 
+/// What the cache does with a pull.
+pub(super) enum CacheRequest {
+    /// A blob or a manifest by digest: served from the cache under a grant.
+    Object(Target),
+    /// A manifest by tag: always asked upstream; remembered for `--cache-serve-stale`.
+    Tag(TagRef),
+}
+
 impl App {
-    /// The cache and target of a request it may serve.
-    pub(super) fn cache_target(&self, req: &Request<Incoming>) -> Option<(&PullCache, Target)> {
+    /// The cache and what it does with `req`, when it takes part.
+    pub(super) fn cache_target(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Option<(&PullCache, CacheRequest)> {
         let cache = self.cache.as_ref()?;
-        Some((cache, Target::of(req.method(), req.uri().path())?))
+        let (method, path) = (req.method(), req.uri().path());
+        if let Some(target) = Target::of(method, path) {
+            return Some((cache, CacheRequest::Object(target)));
+        }
+        Some((cache, CacheRequest::Tag(TagRef::of(method, path)?)))
+    }
+
+    /// A manifest by tag: the upstream answers (and the manifest it names is cached by digest
+    /// on the way); when the upstream cannot be reached and `--cache-serve-stale` is on, the
+    /// manifest the tag last named is served to a client whose grant for the repository still
+    /// holds, marked `Warning: 110`.
+    pub(super) async fn pull_tag(
+        &self,
+        cache: &PullCache,
+        lane: &Lane,
+        req: Request<Incoming>,
+        session: &Session,
+        fwd: &Forward<'_>,
+        tag: &TagRef,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let principal = pull::principal(session);
+        let upstream = lane.config.name.as_str();
+        let method = req.method().clone();
+        let shape = Shape::of(&req);
+        drop(req);
+        let answered = self.send(lane, method.clone(), &shape, session, fwd).await;
+        let err = match answered {
+            Ok((resp, token)) => {
+                let digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| crate::cache::Digest::parse(v).ok());
+                let Some(digest) = digest.filter(|_| resp.status() == StatusCode::OK) else {
+                    return Ok(resp);
+                };
+                let target = Target {
+                    repo: tag.repo.clone(),
+                    kind: pull::Kind::Manifest,
+                    digest,
+                };
+                cache.remember_tag(upstream, tag, &digest);
+                grant(cache, &principal, upstream, &target, &token);
+                if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
+                    cache.set_media_type(&digest, t);
+                }
+                if method == Method::GET && cache.store.lookup(&digest).is_none() {
+                    if let Ok(Fill::Writer(writer)) = cache.store.fill(&digest, None).await {
+                        return Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))));
+                    }
+                }
+                return Ok(resp);
+            }
+            Err(err) => err,
+        };
+        if !cache.serve_stale || !unreachable(&err) {
+            return Err(err);
+        }
+        let Some(digest) = cache.tag(upstream, tag) else {
+            return Err(err);
+        };
+        let target = Target {
+            repo: tag.repo.clone(),
+            kind: pull::Kind::Manifest,
+            digest,
+        };
+        let now = Instant::now();
+        if !cache
+            .grants
+            .may_serve_in(&principal, upstream, &tag.repo, &digest, now)
+        {
+            return Err(err);
+        }
+        let head = method == Method::HEAD;
+        let Some(mut resp) = self.serve_hit(cache, &target, head, &shape, "stale").await else {
+            return Err(err);
+        };
+        tracing::warn!(repo = %tag.repo, tag = %tag.tag, error = %err.chain(), "upstream unreachable: manifest served stale from the cache");
+        resp.headers_mut().insert(
+            header::WARNING,
+            header::HeaderValue::from_static("110 - \"Response is Stale\""),
+        );
+        Ok(resp)
     }
 
     /// Serves a `GET`/`HEAD` of a blob or manifest by digest (see the module docs).
@@ -78,7 +171,7 @@ impl App {
             Instant::now(),
         );
         if granted {
-            if let Some(resp) = self.serve_hit(cache, target, head, &shape).await {
+            if let Some(resp) = self.serve_hit(cache, target, head, &shape, "hit").await {
                 return Ok(resp);
             }
         }
@@ -96,7 +189,7 @@ impl App {
                 };
             }
             grant(cache, &principal, upstream, target, &token);
-            if let Some(resp) = self.serve_hit(cache, target, head, &shape).await {
+            if let Some(resp) = self.serve_hit(cache, target, head, &shape, "hit").await {
                 return Ok(resp);
             }
             if head {
@@ -145,7 +238,7 @@ impl App {
                 let (check, token) = self.send(lane, Method::HEAD, &shape, session, fwd).await?;
                 if check.status() == StatusCode::OK {
                     grant(cache, &principal, upstream, target, &token);
-                    if let Some(resp) = self.serve_hit(cache, target, false, &shape).await {
+                    if let Some(resp) = self.serve_hit(cache, target, false, &shape, "hit").await {
                         return Ok(resp);
                     }
                 }
@@ -168,11 +261,12 @@ impl App {
         target: &Target,
         head: bool,
         shape: &Shape,
+        outcome: &'static str,
     ) -> Option<Response<ProxyBody>> {
         let hit = cache.store.lookup(&target.digest)?;
         match cache.hit_response(&hit, target, head, &shape.headers).await {
             Ok(Some(resp)) => {
-                self.count("hit");
+                self.count(outcome);
                 if !head {
                     let sent = resp
                         .headers()
@@ -227,6 +321,17 @@ impl App {
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
+}
+
+/// The upstream (or its token service) could not be reached: what `--cache-serve-stale` covers.
+fn unreachable(err: &Error) -> bool {
+    use crate::error::MintFailure;
+    matches!(
+        err,
+        Error::UpstreamUnreachable { .. }
+            | Error::UpstreamFailed { .. }
+            | Error::Mint(MintFailure::Failed { .. } | MintFailure::Timeout { .. })
+    )
 }
 
 /// What a `200` with `token` proved: this principal may pull the repository (until the token

@@ -63,6 +63,38 @@ impl Target {
     }
 }
 
+/// A manifest by tag (`GET`/`HEAD /v2/<repo>/manifests/<tag>`): never served from the cache
+/// while the upstream answers, but remembered for `--cache-serve-stale`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRef {
+    /// The repository.
+    pub repo: String,
+    /// The tag.
+    pub tag: String,
+}
+
+impl TagRef {
+    /// The tag reference of `method path`, if it is one.
+    pub fn of(method: &Method, path: &str) -> Option<TagRef> {
+        if !matches!(*method, Method::GET | Method::HEAD) {
+            return None;
+        }
+        let (repo, tag) = path.strip_prefix("/v2/")?.rsplit_once("/manifests/")?;
+        let valid = !repo.is_empty()
+            && !repo.split('/').any(str::is_empty)
+            && !tag.is_empty()
+            && tag.len() <= 128
+            && !tag.contains(':')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        valid.then(|| TagRef {
+            repo: repo.to_owned(),
+            tag: tag.to_owned(),
+        })
+    }
+}
+
 /// Who is asking, as the grants know them: a hash of the credential a session carries (never
 /// the credential), or `anonymous`. Two sessions of the same credential are one principal.
 pub fn principal(session: &Session) -> String {
@@ -123,21 +155,51 @@ pub struct PullCache {
     pub grants: Grants,
     types: DashMap<Digest, HeaderValue>,
     types_dir: PathBuf,
+    tags: DashMap<String, Digest>,
+    tags_dir: PathBuf,
+    /// `--cache-serve-stale`.
+    pub serve_stale: bool,
 }
 
 impl PullCache {
     /// Opens (or creates) the cache in `dir`: the store in `dir`, manifest media types in
     /// `dir/types/`.
-    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<PullCache> {
+    pub fn open(dir: &Path, max_bytes: u64, serve_stale: bool) -> std::io::Result<PullCache> {
         let store = Store::open(dir, max_bytes)?;
-        let types_dir = dir.join("types");
+        let (types_dir, tags_dir) = (dir.join("types"), dir.join("tags"));
         std::fs::create_dir_all(&types_dir)?;
+        std::fs::create_dir_all(&tags_dir)?;
         Ok(PullCache {
             store,
             grants: Grants::default(),
             types: DashMap::new(),
             types_dir,
+            tags: DashMap::new(),
+            tags_dir,
+            serve_stale,
         })
+    }
+
+    /// Remembers which digest a tag named when the upstream last answered.
+    pub fn remember_tag(&self, upstream: &str, tag: &TagRef, digest: &Digest) {
+        let key = tag_key(upstream, tag);
+        if self.tags.get(&key).is_some_and(|d| *d == *digest) {
+            return;
+        }
+        let _ = std::fs::write(self.tags_dir.join(file_name(&key)), digest.to_string());
+        self.tags.insert(key, *digest);
+    }
+
+    /// The digest a tag named when the upstream last answered, if known.
+    pub fn tag(&self, upstream: &str, tag: &TagRef) -> Option<Digest> {
+        let key = tag_key(upstream, tag);
+        if let Some(d) = self.tags.get(&key) {
+            return Some(*d);
+        }
+        let raw = std::fs::read_to_string(self.tags_dir.join(file_name(&key))).ok()?;
+        let d = Digest::parse(raw.trim()).ok()?;
+        self.tags.insert(key, d);
+        Some(d)
     }
 
     /// Remembers the media type a manifest was served with.
@@ -216,6 +278,18 @@ impl PullCache {
     }
 }
 
+fn tag_key(upstream: &str, tag: &TagRef) -> String {
+    format!("{upstream}\0{}\0{}", tag.repo, tag.tag)
+}
+
+/// A file name for a key (never built from the client's string itself).
+fn file_name(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A body of `Bytes` frames as a [`ProxyBody`].
 pub fn boxed<B>(body: B) -> ProxyBody
 where
@@ -248,6 +322,19 @@ mod tests {
         ] {
             assert_eq!(Target::of(&method, &path), None, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn tags_are_manifests_by_name() {
+        let t = TagRef::of(&Method::GET, "/v2/g/app/manifests/v1.2-rc_3").unwrap();
+        assert_eq!((t.repo.as_str(), t.tag.as_str()), ("g/app", "v1.2-rc_3"));
+        assert_eq!(
+            TagRef::of(&Method::GET, &format!("/v2/g/app/manifests/{D}")),
+            None
+        );
+        assert_eq!(TagRef::of(&Method::PUT, "/v2/g/app/manifests/v1"), None);
+        assert_eq!(TagRef::of(&Method::GET, "/v2/g/app/manifests/../x"), None);
+        assert_eq!(TagRef::of(&Method::GET, "/v2/g/app/blobs/v1"), None);
     }
 
     #[test]
