@@ -36,8 +36,6 @@ use crate::upstream::Upstream;
 
 mod pull;
 
-use pull::CacheRequest;
-
 /// The connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -364,14 +362,7 @@ impl App {
                 let mut resp = match session {
                     None => proxy::forward(&lane.upstream, req, &fwd).await?,
                     Some(session) => match self.cache_target(&req) {
-                        Some((cache, CacheRequest::Object(target))) => {
-                            self.pull_through(cache, lane, req, &session, &fwd, &target)
-                                .await?
-                        }
-                        Some((cache, CacheRequest::Tag(tag))) => {
-                            self.pull_tag(cache, lane, req, &session, &fwd, &tag)
-                                .await?
-                        }
+                        Some(cached) => self.pull(cached, lane, req, &session, &fwd).await?,
                         None => self.forward_with_session(lane, req, &session, &fwd).await?,
                     },
                 };

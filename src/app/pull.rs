@@ -56,6 +56,44 @@ pub(super) enum CacheRequest {
     Tag(TagRef),
 }
 
+/// One pull the cache takes part in: the cache, the upstream, who asks, and the request.
+struct Pull<'a> {
+    cache: &'a PullCache,
+    lane: &'a Lane,
+    session: &'a Session,
+    fwd: &'a Forward<'a>,
+    /// Who asks, as the grants know them ([`pull::principal`]).
+    principal: String,
+    method: Method,
+    shape: Shape,
+}
+
+impl Pull<'_> {
+    fn upstream(&self) -> &str {
+        &self.lane.config.name
+    }
+
+    fn head(&self) -> bool {
+        self.method == Method::HEAD
+    }
+
+    fn granted(&self, target: &Target) -> bool {
+        let (repo, digest) = (&target.repo, &target.digest);
+        let now = Instant::now();
+        (self.cache.grants).may_serve_in(&self.principal, self.upstream(), repo, digest, now)
+    }
+
+    /// What a `200` with `token` proved: this principal may pull the repository (until the
+    /// token expires), and the upstream serves this digest there.
+    fn grant(&self, target: &Target, token: &UpstreamToken) {
+        let now = Instant::now();
+        let grants = &self.cache.grants;
+        let until = now + token.remaining(now);
+        grants.grant(&self.principal, self.upstream(), &target.repo, until);
+        grants.seen(self.upstream(), &target.repo, &target.digest);
+    }
+}
+
 impl App {
     /// The cache and what it does with `req`, when it takes part.
     pub(super) fn cache_target(
@@ -70,26 +108,37 @@ impl App {
         Some((cache, CacheRequest::Tag(TagRef::of(method, path)?)))
     }
 
-    /// A manifest by tag: the upstream answers (and the manifest it names is cached by digest
-    /// on the way); when the upstream cannot be reached and `--cache-serve-stale` is on, the
-    /// manifest the tag last named is served to a client whose grant for the repository still
-    /// holds, marked `Warning: 110`.
-    pub(super) async fn pull_tag(
+    /// Serves a pull the cache takes part in ([`App::cache_target`]).
+    pub(super) async fn pull(
         &self,
-        cache: &PullCache,
+        (cache, what): (&PullCache, CacheRequest),
         lane: &Lane,
         req: Request<Incoming>,
         session: &Session,
         fwd: &Forward<'_>,
-        tag: &TagRef,
     ) -> Result<Response<ProxyBody>, Error> {
-        let principal = pull::principal(session);
-        let upstream = lane.config.name.as_str();
-        let method = req.method().clone();
-        let shape = Shape::of(&req);
+        let p = Pull {
+            cache,
+            lane,
+            session,
+            fwd,
+            principal: pull::principal(session),
+            method: req.method().clone(),
+            shape: Shape::of(&req),
+        };
         drop(req);
-        let answered = self.send(lane, method.clone(), &shape, session, fwd).await;
-        let err = match answered {
+        match what {
+            CacheRequest::Object(target) => self.pull_object(&p, &target).await,
+            CacheRequest::Tag(tag) => self.pull_tag(&p, &tag).await,
+        }
+    }
+
+    /// A manifest by tag: the upstream answers (and the manifest it names is cached by digest
+    /// on the way); when the upstream cannot be reached and `--cache-serve-stale` is on, the
+    /// manifest the tag last named is served to a client whose grant for the repository still
+    /// holds, marked `Warning: 110`.
+    async fn pull_tag(&self, p: &Pull<'_>, tag: &TagRef) -> Result<Response<ProxyBody>, Error> {
+        let err = match self.send(p, p.method.clone()).await {
             Ok((resp, token)) => {
                 let digest = resp
                     .headers()
@@ -99,18 +148,14 @@ impl App {
                 let Some(digest) = digest.filter(|_| resp.status() == StatusCode::OK) else {
                     return Ok(resp);
                 };
-                let target = Target {
-                    repo: tag.repo.clone(),
-                    kind: pull::Kind::Manifest,
-                    digest,
-                };
-                cache.remember_tag(upstream, tag, &digest);
-                grant(cache, &principal, upstream, &target, &token);
+                let target = tag.manifest(digest);
+                p.cache.remember_tag(p.upstream(), tag, &digest);
+                p.grant(&target, &token);
                 if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
-                    cache.set_media_type(&digest, t);
+                    p.cache.set_media_type(&digest, t);
                 }
-                if method == Method::GET && cache.store.lookup(&digest).is_none() {
-                    if let Ok(Fill::Writer(writer)) = cache.store.fill(&digest, None).await {
+                if !p.head() && p.cache.store.lookup(&digest).is_none() {
+                    if let Ok(Fill::Writer(writer)) = p.cache.store.fill(&digest, None).await {
                         return Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))));
                     }
                 }
@@ -118,26 +163,16 @@ impl App {
             }
             Err(err) => err,
         };
-        if !cache.serve_stale || !unreachable(&err) {
+        if !p.cache.serve_stale || !unreachable(&err) {
             return Err(err);
         }
-        let Some(digest) = cache.tag(upstream, tag) else {
+        let Some(target) = p.cache.tag(p.upstream(), tag).map(|d| tag.manifest(d)) else {
             return Err(err);
         };
-        let target = Target {
-            repo: tag.repo.clone(),
-            kind: pull::Kind::Manifest,
-            digest,
-        };
-        let now = Instant::now();
-        if !cache
-            .grants
-            .may_serve_in(&principal, upstream, &tag.repo, &digest, now)
-        {
+        if !p.granted(&target) {
             return Err(err);
         }
-        let head = method == Method::HEAD;
-        let Some(mut resp) = self.serve_hit(cache, &target, head, &shape, "stale").await else {
+        let Some(mut resp) = self.serve_hit(p, &target, "stale").await else {
             return Err(err);
         };
         tracing::warn!(repo = %tag.repo, tag = %tag.tag, error = %err.chain(), "upstream unreachable: manifest served stale from the cache");
@@ -149,84 +184,62 @@ impl App {
     }
 
     /// Serves a `GET`/`HEAD` of a blob or manifest by digest (see the module docs).
-    pub(super) async fn pull_through(
+    async fn pull_object(
         &self,
-        cache: &PullCache,
-        lane: &Lane,
-        req: Request<Incoming>,
-        session: &Session,
-        fwd: &Forward<'_>,
+        p: &Pull<'_>,
         target: &Target,
     ) -> Result<Response<ProxyBody>, Error> {
-        let principal = pull::principal(session);
-        let upstream = lane.config.name.as_str();
-        let head = req.method() == Method::HEAD;
-        let shape = Shape::of(&req);
-        drop(req);
-        let granted = cache.grants.may_serve_in(
-            &principal,
-            upstream,
-            &target.repo,
-            &target.digest,
-            Instant::now(),
-        );
-        if granted {
-            if let Some(resp) = self.serve_hit(cache, target, head, &shape, "hit").await {
+        if p.granted(target) {
+            if let Some(resp) = self.serve_hit(p, target, "hit").await {
                 return Ok(resp);
             }
         }
-        let ranged = shape.headers.contains_key(header::RANGE);
-        let cached = cache.store.lookup(&target.digest).is_some();
-        if head || ranged || cached {
+        let ranged = p.shape.headers.contains_key(header::RANGE);
+        let cached = p.cache.store.lookup(&target.digest).is_some();
+        if p.head() || ranged || cached {
             // The upstream decides, with this client's own token; a HEAD costs no blob transfer.
-            let (check, token) = self.send(lane, Method::HEAD, &shape, session, fwd).await?;
-            if check.status() != StatusCode::OK {
-                self.count("denied");
-                // The client gets the upstream's own refusal (a GET with its error body).
-                return match head {
-                    true => Ok(check),
-                    false => Ok(self.send(lane, Method::GET, &shape, session, fwd).await?.0),
-                };
-            }
-            grant(cache, &principal, upstream, target, &token);
-            if let Some(resp) = self.serve_hit(cache, target, head, &shape, "hit").await {
+            let check = match self.authorize(p, target).await? {
+                Ok(check) => check,
+                Err(refusal) if p.head() => return Ok(refusal),
+                // The client gets the upstream's own refusal, with its error body.
+                Err(_) => return Ok(self.send(p, Method::GET).await?.0),
+            };
+            if let Some(resp) = self.serve_hit(p, target, "hit").await {
                 return Ok(resp);
             }
-            if head {
+            if p.head() {
+                self.count("pass");
                 return Ok(check);
             }
             if ranged {
                 self.count("pass");
-                return Ok(self.send(lane, Method::GET, &shape, session, fwd).await?.0);
+                return Ok(self.send(p, Method::GET).await?.0);
             }
         }
-        let fill = cache.store.fill(&target.digest, None).await;
+        let fill = p.cache.store.fill(&target.digest, None).await;
         match fill {
             Ok(Fill::Writer(writer)) => {
-                let (resp, token) = self.send(lane, Method::GET, &shape, session, fwd).await?;
+                let (resp, token) = self.send(p, Method::GET).await?;
                 if resp.status() != StatusCode::OK {
                     // Dropping the writer abandons the fill.
                     self.count("denied");
                     return Ok(resp);
                 }
-                grant(cache, &principal, upstream, target, &token);
+                p.grant(target, &token);
                 if target.kind == pull::Kind::Manifest {
                     if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
-                        cache.set_media_type(&target.digest, t);
+                        p.cache.set_media_type(&target.digest, t);
                     }
                 }
                 self.count("miss");
                 Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
             }
             Ok(Fill::Follower(follower)) => {
-                let (check, token) = self.send(lane, Method::HEAD, &shape, session, fwd).await?;
-                if check.status() != StatusCode::OK {
-                    self.count("denied");
-                    return Ok(self.send(lane, Method::GET, &shape, session, fwd).await?.0);
-                }
-                grant(cache, &principal, upstream, target, &token);
-                self.count("follower");
+                let Ok(check) = self.authorize(p, target).await? else {
+                    return Ok(self.send(p, Method::GET).await?.0);
+                };
                 let (mut parts, _) = check.into_parts();
+                self.count("follower");
                 parts.headers.insert(
                     "x-regrelay-cache",
                     header::HeaderValue::from_static("follow"),
@@ -235,36 +248,54 @@ impl App {
             }
             Ok(Fill::Hit(_)) => {
                 // Stored since the lookup above: authorize as for any other hit.
-                let (check, token) = self.send(lane, Method::HEAD, &shape, session, fwd).await?;
-                if check.status() == StatusCode::OK {
-                    grant(cache, &principal, upstream, target, &token);
-                    if let Some(resp) = self.serve_hit(cache, target, false, &shape, "hit").await {
+                if self.authorize(p, target).await?.is_ok() {
+                    if let Some(resp) = self.serve_hit(p, target, "hit").await {
                         return Ok(resp);
                     }
                 }
-                Ok(self.send(lane, Method::GET, &shape, session, fwd).await?.0)
+                Ok(self.send(p, Method::GET).await?.0)
             }
             Ok(Fill::TooLarge) | Err(_) => {
                 if let Err(err) = &fill {
                     tracing::warn!(error = %err, "cache fill could not start; proxying");
                 }
                 self.count("pass");
-                Ok(self.send(lane, Method::GET, &shape, session, fwd).await?.0)
+                Ok(self.send(p, Method::GET).await?.0)
             }
         }
+    }
+
+    /// Asks the upstream (`HEAD`, with the client's own token) whether this client may pull
+    /// `target`: on `200` records the grant and gives the answer (`Ok`); else the refusal
+    /// (`Err`).
+    async fn authorize(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+    ) -> Result<Result<Response<ProxyBody>, Response<ProxyBody>>, Error> {
+        let (check, token) = self.send(p, Method::HEAD).await?;
+        if check.status() != StatusCode::OK {
+            self.count("denied");
+            return Ok(Err(check));
+        }
+        p.grant(target, &token);
+        Ok(Ok(check))
     }
 
     /// The cached answer, or `None` when it cannot be served from the cache after all.
     async fn serve_hit(
         &self,
-        cache: &PullCache,
+        p: &Pull<'_>,
         target: &Target,
-        head: bool,
-        shape: &Shape,
         outcome: &'static str,
     ) -> Option<Response<ProxyBody>> {
-        let hit = cache.store.lookup(&target.digest)?;
-        match cache.hit_response(&hit, target, head, &shape.headers).await {
+        let hit = p.cache.store.lookup(&target.digest)?;
+        let head = p.head();
+        match p
+            .cache
+            .hit_response(&hit, target, head, &p.shape.headers)
+            .await
+        {
             Ok(Some(resp)) => {
                 self.count(outcome);
                 if !head {
@@ -285,34 +316,35 @@ impl App {
         }
     }
 
-    /// A bodiless request of `session` upstream, retried once with a new token when the
-    /// registry calls the token invalid; also returns the token it went with.
+    /// A bodiless request of the pull's session upstream, retried once with a new token when
+    /// the registry calls the token invalid; also returns the token it went with.
     async fn send(
         &self,
-        lane: &Lane,
+        p: &Pull<'_>,
         method: Method,
-        shape: &Shape,
-        session: &Session,
-        fwd: &Forward<'_>,
     ) -> Result<(Response<ProxyBody>, UpstreamToken), Error> {
-        let path = shape.uri.path();
-        let token = lane
+        let (lane, session, fwd) = (p.lane, p.session, p.fwd);
+        let path = p.shape.uri.path();
+        let mut token = lane
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
             .await?;
-        let resp =
-            proxy::forward(&lane.upstream, shape.request(method.clone(), &token), fwd).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED || token_error(resp.headers()).is_none() {
-            return Ok((resp, token));
+        let mut retried = false;
+        loop {
+            let req = p.shape.request(method.clone(), &token);
+            let resp = proxy::forward(&lane.upstream, req, fwd).await?;
+            let refused =
+                resp.status() == StatusCode::UNAUTHORIZED && token_error(resp.headers()).is_some();
+            if !refused || retried {
+                return Ok((resp, token));
+            }
+            lane.access.invalidate(session, &token);
+            token = lane
+                .access
+                .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
+                .await?;
+            retried = true;
         }
-        lane.access.invalidate(session, &token);
-        drop(resp);
-        let token = lane
-            .access
-            .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
-            .await?;
-        let resp = proxy::forward(&lane.upstream, shape.request(method, &token), fwd).await?;
-        Ok((resp, token))
     }
 
     fn count(&self, outcome: &'static str) {
@@ -332,23 +364,4 @@ fn unreachable(err: &Error) -> bool {
             | Error::UpstreamFailed { .. }
             | Error::Mint(MintFailure::Failed { .. } | MintFailure::Timeout { .. })
     )
-}
-
-/// What a `200` with `token` proved: this principal may pull the repository (until the token
-/// expires), and the upstream serves this digest there.
-fn grant(
-    cache: &PullCache,
-    principal: &str,
-    upstream: &str,
-    target: &Target,
-    token: &UpstreamToken,
-) {
-    let now = Instant::now();
-    cache.grants.grant(
-        principal,
-        upstream,
-        &target.repo,
-        now + token.remaining(now),
-    );
-    cache.grants.seen(upstream, &target.repo, &target.digest);
 }

@@ -95,6 +95,17 @@ impl TagRef {
     }
 }
 
+impl TagRef {
+    /// The manifest this tag names, by digest.
+    pub fn manifest(&self, digest: Digest) -> Target {
+        Target {
+            repo: self.repo.clone(),
+            kind: Kind::Manifest,
+            digest,
+        }
+    }
+}
+
 /// Who is asking, as the grants know them: a hash of the credential a session carries (never
 /// the credential), or `anonymous`. Two sessions of the same credential are one principal.
 pub fn principal(session: &Session) -> String {
