@@ -41,7 +41,7 @@ use support::gitlab::with_developer_pat;
 const REPO: &str = "bench/blob";
 const USER: &str = "bench";
 const PAT: &str = "glpat-bench-0000000000";
-const ALL_CASES: [&str; 7] = [
+const ALL_CASES: [&str; 8] = [
     "plain",
     "registry",
     "tls",
@@ -49,6 +49,7 @@ const ALL_CASES: [&str; 7] = [
     "concurrent",
     "small",
     "session",
+    "cache",
 ];
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -73,6 +74,7 @@ struct Settings {
     wrk_threads: usize,
     sessions: usize,
     warm: usize,
+    cache_mib: u64,
     out: PathBuf,
 }
 
@@ -125,6 +127,7 @@ impl Settings {
             wrk_threads: env_or("BENCH_WRK_THREADS", 1usize).max(1),
             sessions: env_or("BENCH_SESSIONS", 50usize).max(1),
             warm: env_or("BENCH_WARM", 500usize).max(1),
+            cache_mib: env_or("BENCH_CACHE_MIB", blob_mib).max(1),
             out: std::env::var("BENCH_OUT")
                 .map(PathBuf::from)
                 .unwrap_or(default_out),
@@ -139,7 +142,7 @@ impl Settings {
         format!(
             "cases {}; fronts {}; blob {} MiB × {} rounds; TLS {} MiB; RTT {} ms, {} MiB × {} rounds, \
              window {} MiB; concurrent {} × {} MiB × {} rounds; wrk {} connections, {} thread(s), {} s; \
-             sessions {} cold, {} warm",
+             sessions {} cold, {} warm; cache {} MiB × {} rounds",
             self.cases.join(","),
             self.fronts.join(","),
             self.blob_mib,
@@ -156,7 +159,9 @@ impl Settings {
             self.wrk_threads,
             self.wrk_secs,
             self.sessions,
-            self.warm
+            self.warm,
+            self.cache_mib,
+            self.rounds
         )
     }
 }
@@ -388,7 +393,7 @@ async fn run(s: Settings) -> Result<(), String> {
     let work = work_dir.path().to_owned();
 
     // The blobs: prefixes of one buffer, as files (curl uploads them) and served by the origin.
-    let mut sizes = vec![s.blob_mib, s.tls_mib, s.rtt_mib, s.conc_mib, 1];
+    let mut sizes = vec![s.blob_mib, s.tls_mib, s.rtt_mib, s.conc_mib, s.cache_mib, 1];
     sizes.sort_unstable();
     sizes.dedup();
     let max = *sizes.last().unwrap();
@@ -416,7 +421,7 @@ async fn run(s: Settings) -> Result<(), String> {
 
     // The real registry and its token service.
     let gitlab = with_developer_pat(USER, PAT, "bench", Duration::from_secs(3600)).await;
-    let needs_registry = s.runs("registry") || s.runs("session");
+    let needs_registry = s.runs("registry") || s.runs("session") || s.runs("cache");
     let registry = (needs_registry && procs::have("docker-registry"))
         .then(|| support::Registry::start_in(&gitlab.realm(), shm.is_dir().then_some(shm)));
 
@@ -475,6 +480,12 @@ async fn run(s: Settings) -> Result<(), String> {
                 "docker-registry is not installed",
             ),
             "session" => cases::session(&b).await,
+            "cache" if registry.is_none() => Case::skip(
+                "cache",
+                "7. Pull-through cache, real registry",
+                "docker-registry is not installed",
+            ),
+            "cache" => cases::cache(&b).await,
             _ => unreachable!(),
         };
         if let Some(why) = &case.skipped {

@@ -5,14 +5,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::{Method, Request, StatusCode};
 
 use crate::client::{self, Endpoint, Proto};
-use crate::report::{Case, Cpu, Measurement};
+use crate::report::{Case, Cpu, Goal, Measurement};
 use crate::support::upstream::drain;
 use crate::{delay, procs, support};
 use crate::{http, https, Blob, Front, Settings, GIB, MIB, PAT, REPO, USER};
@@ -75,15 +75,19 @@ impl Tally {
         }
     }
 
-    fn measurement(mut self, metric: &str, lane: &Lane) -> Measurement {
-        let value = median(&mut self.rates);
-        let mut m = Measurement::new(
-            format!("{}{metric}", lane.prefix),
-            "MB/s",
+    fn measurement(self, metric: &str, lane: &Lane) -> Measurement {
+        self.figure(
+            &format!("{}{metric}", lane.prefix),
             &lane.path,
-            value,
-        );
-        if lane.pid.is_some() && self.bytes > 0 {
+            lane.pid.is_some(),
+        )
+    }
+
+    /// The median rate as `metric` of `path`, with the CPU per GiB when `metered` (a front).
+    fn figure(mut self, metric: &str, path: &str, metered: bool) -> Measurement {
+        let value = median(&mut self.rates);
+        let mut m = Measurement::new(metric, "MB/s", path, value);
+        if metered && self.bytes > 0 {
             m.cpu = Some(Cpu::PerGib(self.cpu / (self.bytes as f64 / GIB)));
         }
         if !self.errors.is_empty() {
@@ -242,6 +246,7 @@ pub async fn plain(b: &Bench) -> Case {
                 origin serves from memory and discards uploads, so the front is the only real cost."
                 .into(),
         measurements: ms,
+        baseline: None,
         skipped: None,
     }
 }
@@ -289,6 +294,7 @@ pub async fn registry(b: &Bench) -> Case {
                 request); the other paths carry the GitLab token itself."
             .into(),
         measurements: ms,
+        baseline: None,
         skipped: None,
     }
 }
@@ -378,6 +384,7 @@ pub async fn tls(b: &Bench) -> Case {
                 measured in the same rounds, so `× direct` includes the whole cost of TLS."
             .into(),
         measurements: arrange(ms, &proto_metrics(), &b.front_names()),
+        baseline: None,
         skipped: None,
     }
 }
@@ -428,6 +435,7 @@ pub async fn rtt(b: &Bench) -> Case {
             window as f64 / 1e6 / rtt.as_secs_f64()
         ),
         measurements: arrange(ms, &proto_metrics(), &b.front_names()),
+        baseline: None,
         skipped: None,
     }
 }
@@ -485,6 +493,7 @@ pub async fn concurrent(b: &Bench) -> Case {
              over wall time. Peak RSS shows what a front holds per concurrent transfer."
         ),
         measurements: ms,
+        baseline: None,
         skipped: None,
     }
 }
@@ -588,6 +597,7 @@ pub async fn small(b: &Bench) -> Case {
             b.s.wrk_threads, b.s.wrk_conn, b.s.wrk_secs
         ),
         measurements: arrange(ms, &metrics, &b.front_names()),
+        baseline: None,
         skipped: None,
     }
 }
@@ -714,6 +724,308 @@ pub async fn session(b: &Bench) -> Case {
                 the cached GitLab token used). CPU is regrelay's per first request / warm request."
                 .into(),
         measurements: arrange(ms, &metrics, &["direct", "regrelay"]),
+        baseline: None,
+        skipped: None,
+    }
+}
+
+/// The paths of case 7 beside `direct` and `regrelay` (the one without a cache).
+const HIT: &str = "regrelay+cache hit";
+const MISS: &str = "regrelay+cache miss";
+
+/// Figures of one path of case 7 over its rounds.
+#[derive(Default)]
+struct Pulls {
+    down: Tally,
+    /// Times to first byte, ms.
+    ttfb: Vec<f64>,
+    /// Peak RSS, MiB (the largest over the path's processes).
+    rss: f64,
+}
+
+impl Pulls {
+    /// Adds one download of `len` bytes (or its error) and the front's CPU over it.
+    fn add(&mut self, r: Result<client::Reply, String>, cpu: f64, len: u64) {
+        if let Ok(reply) = &r {
+            self.ttfb.push(reply.ttfb * 1e3);
+        }
+        self.down.add(r.map(|reply| (len, reply.secs)), cpu);
+    }
+}
+
+/// Starts a regrelay with `--cache-dir cache` in front of `registry` and logs in through its
+/// `/jwt/auth` (a session of its own: a new process has a new sealing key). The endpoint
+/// carries the session.
+async fn cache_relay(
+    b: &Bench,
+    name: &str,
+    registry: SocketAddr,
+    cache: &Path,
+    max_bytes: u64,
+) -> Result<(procs::Proc, Endpoint), String> {
+    let (proc, addr) = procs::regrelay(
+        &support::regrelay_bin(),
+        name,
+        &b.work,
+        &http(registry),
+        &[
+            "--cache-dir",
+            &cache.display().to_string(),
+            "--cache-max-bytes",
+            &max_bytes.to_string(),
+        ],
+    )?;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PAT}"));
+    let url = format!(
+        "{}/jwt/auth?service=container_registry&scope=repository:{REPO}:pull",
+        http(addr)
+    );
+    let token = get_token(&support::upstream::client(), &url, &basic).await?;
+    let ep = Endpoint {
+        base: http(addr),
+        proto: Proto::H1,
+        auth: Some(format!("Bearer {token}")),
+    };
+    Ok((proc, ep))
+}
+
+/// Waits until `blob` is committed in the cache directory `cache` (`blobs/sha256/<hex>`, renamed
+/// there after the digest check and the fsync, which may follow the client's last byte).
+async fn committed(cache: &Path, blob: &Blob) -> Result<(), String> {
+    let hex = blob.digest.trim_start_matches("sha256:");
+    let file = cache.join("blobs/sha256").join(hex);
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::fs::metadata(&file).is_ok_and(|m| m.len() == blob.len) {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err("the miss did not fill the cache within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// GET of `blob` through `ep`, checked to be answered from regrelay's cache (`hit`) or not;
+/// on a miss with `fill`, until the blob is committed in that cache directory. With the CPU
+/// seconds of `pid` meanwhile.
+async fn pull(
+    b: &Bench,
+    ep: &Endpoint,
+    pid: Option<u32>,
+    blob: &Blob,
+    hit: bool,
+    fill: Option<&Path>,
+) -> (Result<client::Reply, String>, f64) {
+    b.metered(pid, async {
+        let reply = client::download(ep, REPO, &blob.digest, blob.len).await?;
+        if (reply.cache == "hit") != hit {
+            return Err(format!(
+                "GET blob: X-Regrelay-Cache {:?} (wanted {})",
+                reply.cache,
+                if hit { "hit" } else { "none: a miss" }
+            ));
+        }
+        if let Some(dir) = fill {
+            committed(dir, blob).await?;
+        }
+        Ok(reply)
+    })
+    .await
+}
+
+/// Case 7 (`cache`): regrelay's pull-through cache against the real registry: warm hits and
+/// cold misses beside the direct download and regrelay without a cache.
+pub async fn cache(b: &Bench) -> Case {
+    let title = format!(
+        "7. Pull-through cache, real registry (tmpfs, token auth): {} MiB blob, median of {}",
+        b.s.cache_mib, b.s.rounds
+    );
+    let Some(relay) = b
+        .fronts
+        .iter()
+        .find(|f| f.name == "regrelay")
+        .and_then(|f| f.registry)
+    else {
+        return Case::skip("cache", title, "regrelay is not among the fronts");
+    };
+    let Some(direct) = b
+        .fronts
+        .iter()
+        .find(|f| f.name == "direct")
+        .and_then(|f| f.registry)
+    else {
+        return Case::skip("cache", title, "no registry");
+    };
+    let Some(session) = &b.session else {
+        return Case::skip("cache", title, "no regrelay session");
+    };
+    let blob = b.blob(b.s.cache_mib);
+    let direct_ep = Endpoint {
+        base: http(direct.addr),
+        proto: Proto::H1,
+        auth: Some(format!("Bearer {}", b.jwt)),
+    };
+    let relay_ep = Endpoint {
+        base: http(relay.addr),
+        proto: Proto::H1,
+        auth: Some(format!("Bearer {session}")),
+    };
+    if let Err(e) = client::upload(&direct_ep, REPO, &blob.file, blob.len, &blob.digest).await {
+        return Case::skip("cache", title, format!("cannot push the blob: {e}"));
+    }
+    // Room for the blob twice over: nothing is evicted.
+    let max_bytes = (2 * blob.len).max(16 * MIB);
+    let fresh_dir =
+        || tempfile::tempdir_in(&b.work).map_err(|e| format!("{}: {e}", b.work.display()));
+    // The warm cache: filled once by a miss; each round's hits run on it.
+    let warm = match fresh_dir() {
+        Ok(d) => d,
+        Err(e) => return Case::skip("cache", title, e),
+    };
+    let filled = async {
+        let (_proc, ep) = cache_relay(
+            b,
+            "regrelay-cache-fill",
+            direct.addr,
+            warm.path(),
+            max_bytes,
+        )
+        .await?;
+        pull(b, &ep, None, blob, false, Some(warm.path())).await.0
+    };
+    if let Err(e) = filled.await {
+        return Case::skip("cache", title, format!("cannot fill the cache: {e}"));
+    }
+    if let Some(pid) = relay.pid {
+        procs::reset_peak_rss(pid);
+    }
+    // direct, regrelay (no cache), hit, miss.
+    let mut t: [Pulls; 4] = Default::default();
+    let mut first_hit = vec![];
+    for round in 0..b.s.rounds {
+        for k in 0..t.len() {
+            let i = (k + round) % t.len();
+            match i {
+                0 => {
+                    let (r, _) = pull(b, &direct_ep, None, blob, false, None).await;
+                    t[0].add(r, 0.0, blob.len);
+                }
+                1 => {
+                    let (r, cpu) = pull(b, &relay_ep, relay.pid, blob, false, None).await;
+                    t[1].add(r, cpu, blob.len);
+                }
+                // A new regrelay on the warm cache: its first GET holds no grant yet (regrelay
+                // asks the registry with a HEAD, then serves the file); the second is the hit.
+                2 => {
+                    let name = format!("regrelay-cache-hit-{round}");
+                    match cache_relay(b, &name, direct.addr, warm.path(), max_bytes).await {
+                        Err(e) => t[2].down.add(Err(e), 0.0),
+                        Ok((proc, ep)) => {
+                            procs::reset_peak_rss(proc.pid());
+                            match pull(b, &ep, None, blob, true, None).await.0 {
+                                Ok(reply) => first_hit.push(reply.ttfb * 1e3),
+                                Err(e) => t[2].down.add(Err(e), 0.0),
+                            }
+                            let (r, cpu) = pull(b, &ep, Some(proc.pid()), blob, true, None).await;
+                            t[2].add(r, cpu, blob.len);
+                            t[2].rss = t[2].rss.max(procs::peak_rss_mib(proc.pid()));
+                        }
+                    }
+                }
+                // A new regrelay on an empty cache: the cold miss, until the blob is committed.
+                _ => {
+                    let name = format!("regrelay-cache-miss-{round}");
+                    let dir = match fresh_dir() {
+                        Ok(d) => d,
+                        Err(e) => {
+                            t[3].down.add(Err(e), 0.0);
+                            continue;
+                        }
+                    };
+                    match cache_relay(b, &name, direct.addr, dir.path(), max_bytes).await {
+                        Err(e) => t[3].down.add(Err(e), 0.0),
+                        Ok((proc, ep)) => {
+                            procs::reset_peak_rss(proc.pid());
+                            let pid = Some(proc.pid());
+                            let (r, cpu) = pull(b, &ep, pid, blob, false, Some(dir.path())).await;
+                            t[3].add(r, cpu, blob.len);
+                            t[3].rss = t[3].rss.max(procs::peak_rss_mib(proc.pid()));
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("  round {}/{} done", round + 1, b.s.rounds);
+    }
+    if let Some(pid) = relay.pid {
+        t[1].rss = procs::peak_rss_mib(pid);
+    }
+    let mut ms = vec![];
+    let paths = ["direct", "regrelay", HIT, MISS];
+    for (path, mut p) in paths.into_iter().zip(t) {
+        let metered = path != "direct";
+        let rss = metered.then_some(p.rss);
+        let mut down = p.down.figure("download", path, metered);
+        let mut ttfb = Measurement::new("time to first byte", "ms", path, median(&mut p.ttfb));
+        down.peak_rss_mib = rss;
+        ttfb.peak_rss_mib = rss;
+        match path {
+            HIT => {
+                down.goal = Some(Goal::AtLeast {
+                    vs: "direct",
+                    ratio: 1.0,
+                })
+            }
+            MISS => {
+                down.goal = Some(Goal::AtLeast {
+                    vs: "regrelay",
+                    ratio: 0.9,
+                });
+                ttfb.goal = Some(Goal::Below(1000.0));
+            }
+            _ => {}
+        }
+        ms.extend([down, ttfb]);
+        if path == HIT {
+            let mut first = Measurement::new(
+                "time to first byte, first GET of a client",
+                "ms",
+                path,
+                median(&mut first_hit),
+            );
+            first.peak_rss_mib = rss;
+            ms.push(first);
+        }
+    }
+    let metrics: Vec<String> = [
+        "download",
+        "time to first byte",
+        "time to first byte, first GET of a client",
+    ]
+    .map(String::from)
+    .to_vec();
+    Case {
+        id: "cache",
+        title,
+        about: format!(
+            "regrelay with --cache-dir (on tmpfs, --cache-max-bytes {} MiB) in front of the real \
+             registry, beside the direct download and regrelay without a cache; one blob pushed \
+             directly first, then pulled (GET, curl) through each path, the paths taking turns \
+             each round. Each regrelay with a cache is a new process with its own session (from \
+             its /jwt/auth). Hit: a regrelay on a cache filled before the rounds; its first GET \
+             holds no grant yet (regrelay asks the registry with a HEAD and this client's token, \
+             then serves the file: the `first GET of a client` row), the second is the hit \
+             measured. Miss: a regrelay on an empty cache dir, the blob streamed from the \
+             registry while written to the cache; timed to the client's last byte, its CPU until \
+             the blob is committed (digest checked, fsync, rename). Answers are checked to be \
+             hits (X-Regrelay-Cache: hit) or not. Time to first byte: from the request's first \
+             byte (curl's time_starttransfer - time_pretransfer). The time-to-first-byte goal is \
+             stated for 1 GiB. `× regrelay`: relative to regrelay without a cache.",
+            max_bytes / MIB
+        ),
+        measurements: arrange(ms, &metrics, &paths),
+        baseline: Some("regrelay"),
         skipped: None,
     }
 }

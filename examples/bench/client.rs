@@ -57,29 +57,38 @@ pub struct Reply {
     /// Seconds from the first request byte to the last response byte (`time_total -
     /// time_pretransfer`: DNS, TCP and TLS handshakes excluded).
     pub secs: f64,
+    /// Seconds from the first request byte to the first response byte (`time_starttransfer -
+    /// time_pretransfer`).
+    pub ttfb: f64,
     /// Body bytes received.
     pub down: u64,
     /// Body bytes sent.
     pub up: u64,
     /// HTTP version used.
     pub version: String,
+    /// regrelay's `X-Regrelay-Cache` header (`hit` for an answer from its cache; may be empty).
+    pub cache: String,
     /// `Location` of the answer (may be empty).
     pub location: String,
 }
 
-const WRITE_OUT: &str = "%{http_code} %{time_total} %{time_pretransfer} %{size_download} %{size_upload} %{http_version} %header{location}\\n";
+// `cache=` keeps the field there when the header is not.
+const WRITE_OUT: &str = "%{http_code} %{time_total} %{time_pretransfer} %{time_starttransfer} %{size_download} %{size_upload} %{http_version} cache=%header{x-regrelay-cache} %header{location}\\n";
 
 fn parse_reply(line: &str) -> Option<Reply> {
     let mut f = line.split_whitespace();
     let code = f.next()?.parse().ok()?;
     let total: f64 = f.next()?.parse().ok()?;
     let pre: f64 = f.next()?.parse().ok()?;
+    let start: f64 = f.next()?.parse().ok()?;
     Some(Reply {
         code,
         secs: (total - pre).max(1e-6),
+        ttfb: (start - pre).max(0.0),
         down: f.next()?.parse().ok()?,
         up: f.next()?.parse().ok()?,
         version: f.next()?.to_owned(),
+        cache: f.next()?.strip_prefix("cache=")?.to_owned(),
         location: f.next().unwrap_or("").to_owned(),
     })
 }
@@ -519,6 +528,15 @@ mod tests {
         let l = parse_wrk(text).unwrap();
         assert_eq!((l.p50_ms, l.p99_ms, l.requests), (0.312, 2.5, 100000));
         assert!((l.rps - 20000.12).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reads_replies() {
+        let r = parse_reply("200 1.5 0.5 0.75 10 0 1.1 cache=hit").unwrap();
+        assert_eq!((r.code, r.secs, r.ttfb, r.down), (200, 1.0, 0.25, 10));
+        assert_eq!((r.cache.as_str(), r.location.as_str()), ("hit", ""));
+        let r = parse_reply("202 1 0 0.5 0 0 1.1 cache= /v2/x?a=b").unwrap();
+        assert_eq!((r.cache.as_str(), r.location.as_str()), ("", "/v2/x?a=b"));
     }
 
     #[test]

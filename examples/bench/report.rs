@@ -15,6 +15,21 @@ pub enum Cpu {
     PerRequestUs(f64),
 }
 
+/// What a figure should reach, stated in its row and checked against the run.
+#[derive(Clone, Copy, Debug)]
+pub enum Goal {
+    /// At least `ratio` times the figure of path `vs` for the same metric (a ratio as in the
+    /// table: above 1 is better, so for a latency `vs`'s figure over this one).
+    AtLeast {
+        /// The other path.
+        vs: &'static str,
+        /// The least ratio.
+        ratio: f64,
+    },
+    /// Below this value, in the figure's unit.
+    Below(f64),
+}
+
 /// One figure of one path in one case.
 #[derive(Clone, Debug)]
 pub struct Measurement {
@@ -32,6 +47,8 @@ pub struct Measurement {
     pub peak_rss_mib: Option<f64>,
     /// A failure or a caveat.
     pub note: String,
+    /// What the figure should reach, if anything.
+    pub goal: Option<Goal>,
 }
 
 impl Measurement {
@@ -50,6 +67,7 @@ impl Measurement {
             cpu: None,
             peak_rss_mib: None,
             note: String::new(),
+            goal: None,
         }
     }
 
@@ -69,6 +87,8 @@ pub struct Case {
     pub about: String,
     /// Its figures.
     pub measurements: Vec<Measurement>,
+    /// The path of the second ratio column instead of the best peer (a case without peers).
+    pub baseline: Option<&'static str>,
     /// Why it was skipped, if it was.
     pub skipped: Option<String>,
 }
@@ -81,6 +101,7 @@ impl Case {
             title: title.into(),
             about: String::new(),
             measurements: vec![],
+            baseline: None,
             skipped: Some(why.into()),
         }
     }
@@ -95,10 +116,18 @@ fn ratio(m: &Measurement, reference: Option<f64>) -> Option<f64> {
     Some(if m.higher_is_better() { v / r } else { r / v })
 }
 
+/// The figure of `path` for the metric of `m` in `case`.
+fn figure_of(case: &Case, m: &Measurement, path: &str) -> Option<f64> {
+    case.measurements
+        .iter()
+        .find(|o| o.metric == m.metric && o.path == path)
+        .and_then(|o| o.value)
+}
+
 /// For each measurement of `case`: its ratio to the direct path and to the best peer.
 pub fn ratios(case: &Case, m: &Measurement) -> (Option<f64>, Option<f64>) {
     let same = || case.measurements.iter().filter(|o| o.metric == m.metric);
-    let direct = same().find(|o| o.path == "direct").and_then(|o| o.value);
+    let direct = figure_of(case, m, "direct");
     let peers: Vec<f64> = same()
         .filter(|o| PEERS.contains(&o.path.as_str()))
         .filter_map(|o| o.value)
@@ -109,6 +138,34 @@ pub fn ratios(case: &Case, m: &Measurement) -> (Option<f64>, Option<f64>) {
         peers.iter().cloned().reduce(f64::min)
     };
     (ratio(m, direct), ratio(m, best))
+}
+
+/// `m` relative to the figure of the case's baseline path, if it has one.
+fn vs_baseline(case: &Case, m: &Measurement) -> Option<f64> {
+    ratio(m, figure_of(case, m, case.baseline?))
+}
+
+/// The goal of `m` as the report states it, and whether the run reached it (`None`: no figure).
+pub fn goal(case: &Case, m: &Measurement) -> Option<(String, Option<bool>)> {
+    Some(match m.goal? {
+        Goal::AtLeast { vs, ratio: least } => (
+            format!("≥ {least:.2}× {vs}"),
+            ratio(m, figure_of(case, m, vs)).map(|r| r >= least),
+        ),
+        Goal::Below(max) => (
+            format!("< {} {}", num(max), m.unit),
+            m.value.map(|v| v < max),
+        ),
+    })
+}
+
+fn goal_text(g: Option<(String, Option<bool>)>) -> String {
+    match g {
+        None => "–".into(),
+        Some((text, Some(true))) => format!("{text}: met"),
+        Some((text, Some(false))) => format!("{text}: **missed**"),
+        Some((text, None)) => format!("{text}: no figure"),
+    }
 }
 
 fn num(v: f64) -> String {
@@ -156,11 +213,21 @@ pub fn markdown(meta: &[(String, String)], cases: &[Case]) -> String {
         if !case.about.is_empty() {
             let _ = writeln!(out, "{}\n", case.about);
         }
-        out.push_str("| metric | path | value | × direct | × best peer | front CPU | peak RSS |\n");
-        out.push_str("|---|---|--:|--:|--:|--:|--:|\n");
+        let second = case.baseline.unwrap_or("best peer");
+        let goals = case.measurements.iter().any(|m| m.goal.is_some());
+        let _ = write!(
+            out,
+            "| metric | path | value | × direct | × {second} | front CPU | peak RSS |{}\n\
+             |---|---|--:|--:|--:|--:|--:|{}\n",
+            if goals { " goal |" } else { "" },
+            if goals { "---|" } else { "" },
+        );
         let mut notes = vec![];
         for m in &case.measurements {
-            let (vs_direct, vs_peer) = ratios(case, m);
+            let (vs_direct, mut vs_peer) = ratios(case, m);
+            if case.baseline.is_some() {
+                vs_peer = vs_baseline(case, m);
+            }
             let mut value = opt(m.value, num);
             if m.value.is_none() {
                 value = "FAIL".into();
@@ -178,7 +245,7 @@ pub fn markdown(meta: &[(String, String)], cases: &[Case]) -> String {
             }
             let _ = writeln!(
                 out,
-                "| {} {} | {} | {} | {} | {} | {} | {} |",
+                "| {} {} | {} | {} | {} | {} | {} | {} |{}",
                 m.metric,
                 m.unit,
                 m.path,
@@ -187,6 +254,11 @@ pub fn markdown(meta: &[(String, String)], cases: &[Case]) -> String {
                 opt(vs_peer, |r| format!("{r:.2}")),
                 cpu_text(m.cpu),
                 opt(m.peak_rss_mib, |r| format!("{r:.0} MiB")),
+                if goals {
+                    format!(" {} |", goal_text(goal(case, m)))
+                } else {
+                    String::new()
+                },
             );
         }
         for (i, n) in notes.iter().enumerate() {
@@ -206,6 +278,7 @@ pub fn json(meta: &[(String, String)], cases: &[Case]) -> serde_json::Value {
                 .iter()
                 .map(|m| {
                     let (vs_direct, vs_peer) = ratios(case, m);
+                    let goal = goal(case, m);
                     let (cpu_s_per_gib, cpu_us_per_req) = match m.cpu {
                         Some(Cpu::PerGib(s)) => (Some(s), None),
                         Some(Cpu::PerRequestUs(us)) => (None, Some(us)),
@@ -219,6 +292,9 @@ pub fn json(meta: &[(String, String)], cases: &[Case]) -> serde_json::Value {
                         "value": m.value,
                         "vs_direct": vs_direct,
                         "vs_best_peer": vs_peer,
+                        "vs_baseline": vs_baseline(case, m),
+                        "goal": goal.as_ref().map(|(text, _)| text),
+                        "goal_met": goal.and_then(|(_, met)| met),
                         "cpu_s_per_gib": cpu_s_per_gib,
                         "cpu_us_per_request": cpu_us_per_req,
                         "peak_rss_mib": m.peak_rss_mib,
@@ -230,6 +306,7 @@ pub fn json(meta: &[(String, String)], cases: &[Case]) -> serde_json::Value {
                 "id": case.id,
                 "title": case.title,
                 "about": case.about,
+                "baseline": case.baseline,
                 "skipped": case.skipped,
                 "measurements": ms,
             })
@@ -246,6 +323,8 @@ fn color(path: &str) -> &'static str {
     match path {
         "direct" => "#8c8c8c",
         "regrelay" => "#d62728",
+        "regrelay+cache hit" => "#e377c2",
+        "regrelay+cache miss" => "#8c564b",
         "nginx" => "#2ca02c",
         "haproxy" => "#1f77b4",
         "caddy" => "#ff7f0e",
