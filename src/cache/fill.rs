@@ -14,49 +14,15 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinHandle};
 
 use super::read::CacheBody;
-use super::store::{blocking_soon, join_error, random_name, unlink, Flight, Hit, Inner, Store};
+use super::store::{
+    blocking_soon, join_error, random_name, unlink, Failure, Flight, FlightState, Hit, Inner,
+    Progress, Store,
+};
 use super::{CacheError, Digest};
 
 /// Chunks are written in batches of about this many bytes: one blocking task per batch rather
 /// than per frame (a thread hop costs about as much as writing 64 KiB to the page cache).
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
-
-/// What a fill has done so far, as its followers see it.
-#[derive(Clone, Default)]
-pub(super) struct Progress {
-    /// The temporary file, once created.
-    pub(super) file: Option<Arc<File>>,
-    /// Bytes written (all of them once committed).
-    pub(super) written: u64,
-    pub(super) state: FlightState,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) enum FlightState {
-    #[default]
-    Writing,
-    /// All written and the digest checked: readers may finish (the file is being made durable
-    /// and moved into `blobs/`).
-    Verified,
-    /// In the index.
-    Stored,
-    Failed(Failure),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Failure {
-    Aborted,
-    Mismatch(Digest),
-}
-
-impl Failure {
-    pub(super) fn error(self, digest: Digest) -> CacheError {
-        match self {
-            Failure::Aborted => CacheError::Aborted,
-            Failure::Mismatch(got) => CacheError::DigestMismatch { digest, got },
-        }
-    }
-}
 
 impl Store {
     /// Starts filling `digest`, or joins the fill under way: the first caller gets the

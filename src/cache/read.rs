@@ -7,17 +7,18 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
-use super::fill::{FlightState, Progress};
-use super::store::{Inner, PinGuard, CHUNK_BYTES};
+use super::store::{join_error, FlightState, Hit, Inner, PinGuard, Progress, CHUNK_BYTES};
 use super::{CacheError, Digest};
 
 type Next = Pin<Box<dyn Future<Output = (Reader, Option<Result<Bytes, CacheError>>)> + Send>>;
@@ -194,4 +195,59 @@ impl Body for CacheBody {
             None => SizeHint::default(),
         }
     }
+}
+
+impl Hit {
+    /// A body streaming the content, or bytes `start..=end` of it, from the file in chunks of
+    /// [`CHUNK_BYTES`]. Opens the file now, so a missing or damaged file is an error here (the
+    /// entry is then dropped: serve from the upstream), not in the middle of the body.
+    pub async fn body(&self, range: Option<(u64, u64)>) -> Result<CacheBody, CacheError> {
+        let (start, end) = match range {
+            None => (0, self.len),
+            Some((start, end)) if start <= end && end < self.len => (start, end + 1),
+            Some((start, end)) => {
+                return Err(CacheError::RangeNotSatisfiable {
+                    start,
+                    end,
+                    len: self.len,
+                })
+            }
+        };
+        let (path, len, pin) = (self.path.clone(), self.len, self.pin.clone());
+        let file = tokio::task::spawn_blocking(move || {
+            let opened = open_checked(&path, len);
+            if let Err(e) = &opened {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) {
+                    pin.store.discard(&pin.digest, pin.id);
+                }
+            }
+            opened
+        })
+        .await
+        .map_err(join_error)??;
+        let store = self.pin.store.clone();
+        Ok(CacheBody::fixed(
+            store,
+            Arc::new(file),
+            start,
+            end,
+            self.pin.clone(),
+        ))
+    }
+}
+
+/// Opens a committed file, checks its length, and records the use in its mtime (so the LRU
+/// order survives a restart; best effort).
+fn open_checked(path: &Path, len: u64) -> io::Result<File> {
+    let file = File::open(path)?;
+    let actual = file.metadata()?.len();
+    if actual != len {
+        let msg = format!("cache file has {actual} bytes, the index {len}");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+    }
+    let _ = file.set_modified(SystemTime::now());
+    Ok(file)
 }

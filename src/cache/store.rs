@@ -13,8 +13,6 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio::task::JoinError;
 
-use super::fill::Progress;
-use super::read::CacheBody;
 use super::{CacheError, Digest};
 
 /// The most a body of the cache reads from disk at once (and so holds in memory per reader).
@@ -208,7 +206,7 @@ impl Inner {
     }
 
     /// Blocking: drops entry `id`, whose file is gone or has another length than indexed.
-    fn discard(&self, digest: &Digest, id: u64) {
+    pub(super) fn discard(&self, digest: &Digest, id: u64) {
         let trash = {
             let mut index = self.lock();
             if !matches!(index.entries.get(digest), Some(e) if e.id == id) {
@@ -393,14 +391,14 @@ pub struct Hit {
     pub path: PathBuf,
     /// Its length in bytes.
     pub len: u64,
-    pin: Arc<PinGuard>,
+    pub(super) pin: Arc<PinGuard>,
 }
 
 /// Keeps an entry from eviction until dropped.
 pub(super) struct PinGuard {
-    store: Arc<Inner>,
+    pub(super) store: Arc<Inner>,
     pub(super) digest: Digest,
-    id: u64,
+    pub(super) id: u64,
 }
 
 impl Drop for PinGuard {
@@ -422,57 +420,41 @@ impl Hit {
             }),
         }
     }
-
-    /// A body streaming the content, or bytes `start..=end` of it, from the file in chunks of
-    /// [`CHUNK_BYTES`]. Opens the file now, so a missing or damaged file is an error here (the
-    /// entry is then dropped: serve from the upstream), not in the middle of the body.
-    pub async fn body(&self, range: Option<(u64, u64)>) -> Result<CacheBody, CacheError> {
-        let (start, end) = match range {
-            None => (0, self.len),
-            Some((start, end)) if start <= end && end < self.len => (start, end + 1),
-            Some((start, end)) => {
-                return Err(CacheError::RangeNotSatisfiable {
-                    start,
-                    end,
-                    len: self.len,
-                })
-            }
-        };
-        let (path, len, pin) = (self.path.clone(), self.len, self.pin.clone());
-        let file = tokio::task::spawn_blocking(move || {
-            let opened = open_checked(&path, len);
-            if let Err(e) = &opened {
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
-                ) {
-                    pin.store.discard(&pin.digest, pin.id);
-                }
-            }
-            opened
-        })
-        .await
-        .map_err(join_error)??;
-        let store = self.pin.store.clone();
-        Ok(CacheBody::fixed(
-            store,
-            Arc::new(file),
-            start,
-            end,
-            self.pin.clone(),
-        ))
-    }
 }
 
-/// Opens a committed file, checks its length, and records the use in its mtime (so the LRU
-/// order survives a restart; best effort).
-fn open_checked(path: &Path, len: u64) -> io::Result<File> {
-    let file = File::open(path)?;
-    let actual = file.metadata()?.len();
-    if actual != len {
-        let msg = format!("cache file has {actual} bytes, the index {len}");
-        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+/// What a fill has done so far, as its followers see it.
+#[derive(Clone, Default)]
+pub(super) struct Progress {
+    /// The temporary file, once created.
+    pub(super) file: Option<Arc<File>>,
+    /// Bytes written (all of them once committed).
+    pub(super) written: u64,
+    pub(super) state: FlightState,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum FlightState {
+    #[default]
+    Writing,
+    /// All written and the digest checked: readers may finish (the file is being made durable
+    /// and moved into `blobs/`).
+    Verified,
+    /// In the index.
+    Stored,
+    Failed(Failure),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Failure {
+    Aborted,
+    Mismatch(Digest),
+}
+
+impl Failure {
+    pub(super) fn error(self, digest: Digest) -> CacheError {
+        match self {
+            Failure::Aborted => CacheError::Aborted,
+            Failure::Mismatch(got) => CacheError::DigestMismatch { digest, got },
+        }
     }
-    let _ = file.set_modified(SystemTime::now());
-    Ok(file)
 }
