@@ -48,9 +48,20 @@ async fn nothing_secret_reaches_trace_logs_or_answers() {
     let mut keys = tempfile::NamedTempFile::new().unwrap();
     writeln!(keys, "{key}").unwrap();
     let keys_path = keys.path().display().to_string();
+    // The pull-through cache and metrics are on, so their paths are swept too.
+    let cache = tempfile::tempdir().unwrap();
     let px = Regrelay::start_with_prefix(
         &["env", "REGRELAY_LOG=trace"],
-        &["--registry", &reg.url(), "--session-key-file", &keys_path],
+        &[
+            "--registry",
+            &reg.url(),
+            "--session-key-file",
+            &keys_path,
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     let base = px.url();
     let host = px.addr.to_string();
