@@ -85,6 +85,11 @@ impl Rig {
         for (i, extra) in extra.iter().enumerate() {
             rig.replicas[i] = Some(rig.replica(i, extra));
         }
+        // HAProxy holds a server back until it passed its checks (`rise 2`): until then every
+        // request would go to the backup.
+        for r in rig.replicas.iter().flatten() {
+            wait_checked(r).await;
+        }
         rig
     }
 
@@ -165,6 +170,21 @@ impl Rig {
         let mut secrets = self.gl.issued();
         secrets.push(PAT.to_owned());
         assert_no_secrets(&self.logs(), USER, &secrets);
+    }
+}
+
+/// Waits until HAProxy's health checks have found `replica` ready three times.
+async fn wait_checked(replica: &Regrelay) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while replica
+        .output
+        .text()
+        .matches("path=/-/ready status=200")
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < end, "HAProxy never checked the replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -261,7 +281,8 @@ fn assert_no_client_error(out: &Output) {
     }
 }
 
-const ROLLING: &[&str] = &["--shutdown-delay-secs", "2"];
+/// Longer than HAProxy takes to mark a replica down (3 checks 500 ms apart).
+const ROLLING: &[&str] = &["--shutdown-delay-secs", "3"];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_replica_restarted_in_turn_mid_push_skopeo_completes() {
@@ -412,8 +433,8 @@ async fn without_redispatch_the_shutdown_delay_keeps_clients_free_of_errors() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     rig.restart(1, ROLLING, gap);
     let (sent_control, failed_control) = probe.await.unwrap();
-    // The new replica 1 is up and checked.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The new replica 1 is up and checked (two good checks 500 ms apart).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     // With the delay: not ready first, still serving, then closed.
     let probe = tokio::spawn(failures_during(rig.lb.addr, Duration::from_millis(4500)));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -421,7 +442,7 @@ async fn without_redispatch_the_shutdown_delay_keeps_clients_free_of_errors() {
     let (sent, failed) = probe.await.unwrap();
     eprintln!(
         "without redispatch: {failed_control}/{sent_control} failed with no shutdown delay, \
-         {failed}/{sent} with a 2 s delay"
+         {failed}/{sent} with a 3 s delay"
     );
     assert_eq!(
         failed,
@@ -439,7 +460,7 @@ async fn without_redispatch_the_shutdown_delay_keeps_clients_free_of_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_cut_at_the_drain_deadline_is_answered_and_retried_elsewhere() {
     // Replica 0 carries everything while it is up; its upload drain is 6 s.
-    let short_drain: &[&str] = &["--shutdown-delay-secs", "1", "--upload-drain-secs", "6"];
+    let short_drain: &[&str] = &["--shutdown-delay-secs", "3", "--upload-drain-secs", "6"];
     let mut rig = Rig::start([short_drain, ROLLING], true, Refused::Redispatch).await;
     let image = OciImage::random(143, &[30 << 20]);
     let started = Instant::now();
@@ -484,7 +505,7 @@ async fn an_upload_cut_at_the_drain_deadline_docker_pushes_the_layer_again_elsew
             "no Docker daemon (`docker info` fails)",
         );
     }
-    let short_drain: &[&str] = &["--shutdown-delay-secs", "1", "--upload-drain-secs", "6"];
+    let short_drain: &[&str] = &["--shutdown-delay-secs", "3", "--upload-drain-secs", "6"];
     let mut rig = Rig::start([short_drain, ROLLING], true, Refused::Redispatch).await;
     let config = tempfile::tempdir().unwrap();
     let image = format!("{}/ci/app:v1", rig.public);
@@ -545,8 +566,17 @@ async fn a_sigkilled_carrier_leaves_no_blob_and_the_retry_succeeds() {
     let said = text(&out);
     eprintln!("skopeo when its carrier was SIGKILLed:\n{said}");
     assert!(
+        carrier
+            .output
+            .text()
+            .contains("method=POST path=/v2/ci/app/blobs/uploads/ status=202"),
+        "the killed replica carried the upload:\n{}",
+        carrier.output.text()
+    );
+    assert!(
         !out.status.success(),
-        "the push cannot survive a SIGKILL: {said}"
+        "the push cannot survive a SIGKILL: {said}\n{}",
+        carrier.output.text()
     );
     // The registry holds nothing under the layer's digest.
     let layer = &image.layers[0].0;

@@ -1,5 +1,6 @@
 //! A real HAProxy (Debian's) as the balancer in front of regrelay replicas: HTTP mode,
-//! round-robin, health checks on `/-/ready` every 500 ms, on a free 127.0.0.1 port; ended on drop.
+//! round-robin, health checks on `/-/ready` every 500 ms (down after 3 failures, so a loaded
+//! machine's slow answer does not move traffic to the backup), on a free 127.0.0.1 port; ended on drop.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -53,10 +54,10 @@ impl Haproxy {
         let mut conf = format!(
             "global\n    maxconn 1000\n\
              defaults\n    mode http\n    timeout connect 1s\n    timeout client 10m\n    \
-             timeout server 10m\n    timeout check 1s\n    {retries}\n\
+             timeout server 10m\n    timeout check 2s\n    {retries}\n\
              frontend fe\n    bind {addr}\n    default_backend be\n\
              backend be\n    balance roundrobin\n    option httpchk GET /-/ready\n    \
-             http-check expect status 200\n    default-server inter 500ms fall 1 rise 1\n"
+             http-check expect status 200\n    default-server inter 500ms fall 3 rise 2\n"
         );
         for (i, s) in servers.iter().enumerate() {
             let backup = if s.backup { " backup" } else { "" };
