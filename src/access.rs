@@ -267,6 +267,10 @@ impl Access {
         method: &Method,
         path: &str,
     ) -> Option<Error> {
+        // Every registry request passes here: pulls leave before any parsing.
+        if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            return None;
+        }
         let scope = crate::challenge::required_scope(method, path)?;
         let (name, actions) = scope.strip_prefix("repository:")?.rsplit_once(':')?;
         if !actions.split(',').any(|a| a == "push") {

@@ -201,24 +201,23 @@ pub fn jwt_exp(token: &str) -> Option<u64> {
 /// The `iat` and `exp` claims of a JWT (unverified). Their difference is the token's lifetime
 /// as its issuer's clock counts it, whatever the local clock says.
 pub fn jwt_times(token: &str) -> (Option<u64>, Option<u64>) {
-    let claims = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let claims = jwt_claims(token);
     let claim = |name: &str| claims.as_ref().and_then(|c| c.get(name)?.as_u64());
     (claim("iat"), claim("exp"))
+}
+
+/// The payload of a JWT as JSON, unverified.
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The actions a registry JWT grants on `repository:<name>` (its `access` claim, unverified):
 /// GitLab drops the actions a credential may not have without an error, so this is how regrelay
 /// learns that a push was not granted.
 pub fn jwt_granted(token: &str, name: &str) -> Vec<String> {
-    let claims = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let claims = jwt_claims(token);
     let Some(access) = claims
         .as_ref()
         .and_then(|c| c.get("access")?.as_array().cloned())
