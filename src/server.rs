@@ -78,6 +78,11 @@ struct Protocols {
     timeouts: Timeouts,
 }
 
+/// HTTP/2 flow-control window per stream that regrelay advertises to clients.
+const H2_STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window per connection that regrelay advertises to clients.
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+
 impl Protocols {
     fn new(app: &App) -> Protocols {
         let cfg = app.config();
@@ -88,11 +93,16 @@ impl Protocols {
             .max_header_size(limits.max_header_bytes)
             .max_headers(limits.max_headers);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        // Flow-control windows sized from the measured bandwidth-delay product: hyper's fixed
-        // 1 MiB default held an h2 upload over a 50 ms round trip to 0.32x of HTTP/1.1's speed;
-        // adaptive windows measured 0.92x (bench/README.md), without a fixed 8-16 MiB per stream.
+        // Flow-control windows for uploads over long round trips: hyper's 1 MiB default held an
+        // h2 upload over 50 ms to 0.32x of HTTP/1.1's speed. Adaptive windows start at 64 KiB
+        // and double per measured round trip up to 16 MiB, so a 64 MiB layer over 50 ms spent
+        // most of its time ramping up (0.68x); fixed windows of what nginx and HAProxy are
+        // tuned to (8 MiB per stream, 16 MiB per connection: adaptive's own ceiling) start
+        // there (bench/README.md, "Levers"). A window is a promise, not a buffer: data waits in
+        // it only while the upstream reads slower than the client sends.
         h2.timer(TokioTimer::new())
-            .adaptive_window(true)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(timeouts.h2_keepalive)

@@ -135,3 +135,57 @@ async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
         "the idle connection was closed"
     );
 }
+
+/// HTTP/2 uploads over long round trips need large flow-control windows from the start: regrelay
+/// advertises 8 MiB per stream (SETTINGS_INITIAL_WINDOW_SIZE) and raises the connection window to
+/// 16 MiB (WINDOW_UPDATE on stream 0), where hyper's defaults (or adaptive windows, which start
+/// at 64 KiB) held a 64 MiB upload over 50 ms to 0.68x of HTTP/1.1's speed.
+#[tokio::test]
+async fn http2_advertises_large_flow_control_windows() {
+    let origin = sink().await;
+    let px = Regrelay::start(&["--registry", &origin.url()]);
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    // Prior-knowledge HTTP/2 (h2c): the preface and an empty SETTINGS frame.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let (mut stream_window, mut conn_increment) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stream_window.is_none() || conn_increment.is_none() {
+        assert!(Instant::now() < deadline, "no SETTINGS/WINDOW_UPDATE seen");
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("a frame within 5 s")
+            .expect("the server's frames");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        match kind {
+            // SETTINGS (not the ACK): 6-byte entries, id 0x4 = INITIAL_WINDOW_SIZE.
+            0x4 if flags & 0x1 == 0 => {
+                for e in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([e[0], e[1]]) == 0x4 {
+                        stream_window = Some(u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+                    }
+                }
+                stream_window.get_or_insert(65_535);
+            }
+            // WINDOW_UPDATE on the connection.
+            0x8 if stream == 0 => {
+                let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                conn_increment = Some(inc & 0x7fff_ffff);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(stream_window, Some(8 << 20), "stream window");
+    // The connection window starts at 65,535 and is raised by the update.
+    assert_eq!(
+        conn_increment.map(|i| u64::from(i) + 65_535),
+        Some(16 << 20),
+        "connection window"
+    );
+}
