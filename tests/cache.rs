@@ -351,8 +351,15 @@ async fn with_the_registry_down_a_tag_is_served_stale_only_under_a_grant() {
     assert_eq!(stale, fresh);
     let (status, _) = get(&px.url(), &tag, Some(&bob), false).await;
     assert_eq!(status, 502, "bob holds no grant: the upstream's failure");
-    assert!(px
-        .output
-        .text()
-        .contains("manifest served stale from the cache"));
+    // The WARN line is written before the answer, but read from regrelay's stderr by another
+    // thread: wait for it rather than race it.
+    assert!(
+        px.output
+            .wait_for(
+                "manifest served stale from the cache",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "no WARN line for the stale answer"
+    );
 }

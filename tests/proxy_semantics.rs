@@ -326,7 +326,13 @@ async fn unreachable_upstream_is_a_502_naming_it_only_in_the_log_and_not_ready()
         !msg.contains(&port.to_string()),
         "no internal address in the body: {msg}"
     );
-    assert!(px.output.text().contains(&upstream), "the log names it");
+    // Logged before the answer, read from stderr by another thread: wait, not race.
+    assert!(
+        px.output
+            .wait_for(&upstream, Duration::from_secs(5))
+            .is_some(),
+        "the log names it"
+    );
     let (resp, _) = send(
         Request::get(format!("{}/-/ready", px.url()))
             .body(body::empty())
