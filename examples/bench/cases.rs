@@ -602,11 +602,12 @@ pub async fn small(b: &Bench) -> Case {
     }
 }
 
-/// Case 6 (`session`): a first request (token request with Basic credentials, then a registry
-/// request) vs a warm one (the token again), through regrelay and directly.
 /// Case 6's path of a client that brings its own GitLab token through regrelay.
 const OWN_TOKEN: &str = "regrelay, own GitLab token";
 
+/// Case 6 (`session`): a first request (token request with Basic credentials, then a registry
+/// request) vs a warm one (the token again), directly, through regrelay with a session, and
+/// through regrelay with the client's own GitLab token ([`OWN_TOKEN`]).
 pub async fn session(b: &Bench) -> Case {
     let title = format!(
         "6. Session cost, real registry + token service: {} first requests, {} warm ones",
