@@ -207,7 +207,7 @@ pub fn jwt_times(token: &str) -> (Option<u64>, Option<u64>) {
 }
 
 /// The payload of a JWT as JSON, unverified.
-fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     serde_json::from_slice(&bytes).ok()

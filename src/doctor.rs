@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
 use http::uri::Authority;
@@ -1375,12 +1375,9 @@ impl Doctor {
         if let Some(r) = v["refresh_token"].as_str() {
             self.report.redactor.add(r);
         }
-        let claims = raw
-            .split('.')
-            .nth(1)
-            .filter(|_| raw.split('.').count() == 3)
-            .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        let claims = Some(raw)
+            .filter(|raw| raw.split('.').count() == 3)
+            .and_then(challenge::jwt_claims)
             .filter(|c| c.is_object());
         Some(Token {
             opaque: claims.is_none(),
