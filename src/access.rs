@@ -11,6 +11,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Method;
 
@@ -32,7 +33,54 @@ pub enum Credentials {
     /// No regrelay session: forwarded untouched (anonymous, or a token regrelay did not issue).
     Untouched,
     /// A valid regrelay session.
-    Session(Box<Session>),
+    Session(Arc<Session>),
+}
+
+/// A session opened earlier, under the ring and for the name it was opened with.
+struct Opened {
+    ring: Arc<KeyRing>,
+    name: String,
+    session: Arc<Session>,
+}
+
+/// Sessions opened recently, by the SHA-256 of their sealed token (the token itself is not
+/// kept): a client sends the same token on every request of a pull or push, and a warm request
+/// then skips base64, the AEAD and the JSON of opening it again. An entry serves only while
+/// its session is unexpired, for the same public name, under the same key ring (a reload that
+/// drops a key ends its sessions here as on a fresh open). At most `max` entries: when full,
+/// expired ones go, and if none had, all.
+struct OpenedCache {
+    map: DashMap<[u8; 32], Opened>,
+    max: usize,
+}
+
+impl OpenedCache {
+    fn key(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    fn get(
+        &self,
+        key: &[u8; 32],
+        ring: &Arc<KeyRing>,
+        name: &str,
+        now: u64,
+    ) -> Option<Arc<Session>> {
+        let hit = self.map.get(key)?;
+        (Arc::ptr_eq(&hit.ring, ring) && hit.name == name && hit.session.exp > now)
+            .then(|| hit.session.clone())
+    }
+
+    fn insert(&self, key: [u8; 32], opened: Opened, now: u64) {
+        if self.map.len() >= self.max {
+            self.map.retain(|_, o| o.session.exp > now);
+            if self.map.len() >= self.max {
+                self.map.clear();
+            }
+        }
+        self.map.insert(key, opened);
+    }
 }
 
 /// Sessions and their upstream tokens.
@@ -46,6 +94,7 @@ pub struct Access {
     canonical: Option<String>,
     service: RwLock<String>,
     tokens: TokenStore,
+    opened: OpenedCache,
     minter: Arc<Minter>,
     metrics: Arc<Metrics>,
 }
@@ -66,6 +115,10 @@ impl Access {
             canonical,
             service: RwLock::new(DEFAULT_SERVICE.to_owned()),
             tokens: TokenStore::new(cache_max_entries),
+            opened: OpenedCache {
+                map: DashMap::new(),
+                max: cache_max_entries.max(1),
+            },
             minter,
             metrics,
         }
@@ -103,6 +156,29 @@ impl Access {
             .keys
             .current()
             .open(token, &self.seal_name(public), unix_now());
+        self.count_open(opened)
+    }
+
+    /// Opens a sealed token of this deployment's public name, or finds it opened already.
+    fn open_cached(&self, token: &str, public: &Origin) -> Result<Arc<Session>, OpenError> {
+        let (ring, name, now) = (self.keys.current(), self.seal_name(public), unix_now());
+        let key = OpenedCache::key(token);
+        if let Some(session) = self.opened.get(&key, &ring, &name, now) {
+            self.metrics.session_open("ok");
+            return Ok(session);
+        }
+        let session = Arc::new(self.count_open(ring.open(token, &name, now))?);
+        let opened = Opened {
+            ring,
+            name,
+            session: session.clone(),
+        };
+        self.opened.insert(key, opened, now);
+        Ok(session)
+    }
+
+    /// Counts the outcome of opening a session.
+    fn count_open(&self, opened: Result<Session, OpenError>) -> Result<Session, OpenError> {
         self.metrics.session_open(match &opened {
             Ok(_) => "ok",
             Err(OpenError::Malformed) => "malformed",
@@ -210,7 +286,7 @@ impl Access {
             reason: reason.to_string(),
             challenge: self.challenge_for(method, path, public),
         };
-        let session = self.open(token, public).map_err(refuse)?;
+        let session = self.open_cached(token, public).map_err(refuse)?;
         if session.kind != Kind::Access {
             return Err(refuse(OpenError::Malformed));
         }
@@ -220,7 +296,7 @@ impl Access {
                 challenge: self.challenge_for(method, path, public),
             });
         }
-        Ok(Credentials::Session(Box::new(session)))
+        Ok(Credentials::Session(session))
     }
 
     /// A GitLab token for `session`, fresh now (cached, or minted once for all waiters). GitLab
@@ -349,5 +425,65 @@ mod tests {
             HeaderValue::from_static("Basic YTpi"),
         );
         assert_eq!(bearer_token(&h), None);
+    }
+
+    fn opened(ring: &Arc<KeyRing>, name: &str, exp: u64) -> Opened {
+        let mut session = Session::new(
+            Kind::Access,
+            Some(b"Basic YTpi".to_vec()),
+            "container_registry".into(),
+            vec!["repository:g/p:pull".into()],
+            std::time::Duration::from_secs(60),
+        );
+        session.exp = exp;
+        Opened {
+            ring: ring.clone(),
+            name: name.into(),
+            session: Arc::new(session),
+        }
+    }
+
+    #[test]
+    fn an_opened_session_serves_only_unexpired_for_its_ring_and_name() {
+        let cache = OpenedCache {
+            map: DashMap::new(),
+            max: 2,
+        };
+        let ring = Arc::new(KeyRing::from_keys(&[[1; 32]]));
+        let (a, b) = (OpenedCache::key("rr1.k.a"), OpenedCache::key("rr1.k.b"));
+        cache.insert(a, opened(&ring, "https://r", 100), 10);
+        let hit = cache.get(&a, &ring, "https://r", 10).expect("a hit");
+        assert!(Arc::ptr_eq(
+            &hit,
+            &cache.get(&a, &ring, "https://r", 99).unwrap()
+        ));
+        // Another token, name, ring (a reload, even of the same keys) or the expiry: a miss.
+        assert!(cache.get(&b, &ring, "https://r", 10).is_none());
+        assert!(cache.get(&a, &ring, "https://other", 10).is_none());
+        let reloaded = Arc::new(KeyRing::from_keys(&[[1; 32]]));
+        assert!(cache.get(&a, &reloaded, "https://r", 10).is_none());
+        assert!(cache.get(&a, &ring, "https://r", 100).is_none());
+    }
+
+    #[test]
+    fn the_opened_cache_stays_within_its_bound() {
+        let cache = OpenedCache {
+            map: DashMap::new(),
+            max: 2,
+        };
+        let ring = Arc::new(KeyRing::from_keys(&[[1; 32]]));
+        let key = |n: u32| OpenedCache::key(&format!("rr1.k.{n}"));
+        cache.insert(key(1), opened(&ring, "n", 20), 10);
+        cache.insert(key(2), opened(&ring, "n", 100), 10);
+        // Full: the expired one goes, the live one stays.
+        cache.insert(key(3), opened(&ring, "n", 100), 50);
+        assert_eq!(cache.map.len(), 2);
+        assert!(cache.get(&key(2), &ring, "n", 50).is_some());
+        // Full of live ones: all go.
+        cache.insert(key(4), opened(&ring, "n", 100), 50);
+        assert_eq!(cache.map.len(), 1);
+        assert!(cache.get(&key(4), &ring, "n", 50).is_some());
+        // The key is a digest: no token is kept.
+        assert_ne!(&key(1)[..7], b"rr1.k.1");
     }
 }

@@ -356,7 +356,7 @@ impl App {
                         tracing::debug!(upstream = %lane.config.name, "pull with injected credentials");
                         Some(session)
                     }
-                    (None, Credentials::Session(session)) => Some(*session),
+                    (None, Credentials::Session(session)) => Some(session),
                     (None, Credentials::Untouched) => None,
                 };
                 let mut resp = match session {
@@ -424,7 +424,7 @@ impl App {
         lane: &Lane,
         req: &Request<Incoming>,
         conn: ConnInfo,
-    ) -> Option<Session> {
+    ) -> Option<Arc<Session>> {
         let injected = lane.injected.as_ref()?;
         if !self.may_inject(lane, conn.peer.ip())
             || !matches!(*req.method(), Method::GET | Method::HEAD)
@@ -455,7 +455,7 @@ impl App {
         );
         session.id = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
         session.upstream = lane.session_name.clone();
-        Some(session)
+        Some(Arc::new(session))
     }
 
     /// Forwards a request of a sealed session with a GitLab token valid on arrival. A registry

@@ -208,9 +208,45 @@ async fn sighup_swaps_certificate_and_keys_mid_push_without_dropping_it() {
     .unwrap();
     assert!(pull.status.success(), "{}", text(&pull));
     assert_same_blobs(&image, pulled.path());
+
+    // A session opened (and so remembered opened) under the old key stops at the reload that
+    // drops that key; one sealed with the new key goes on.
+    let tags = "/v2/ci/app/tags/list";
+    assert_eq!(registry_get(px.addr, &before, tags).await.0, 200);
+    write_private(&ring_path, format!("{}\n", key_line(2)).as_bytes());
+    hangup(&px);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while px.output.text().matches("session key ring re-read").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", px.output.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = registry_get(px.addr, &before, tags).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("a key this replica does not have"), "{body}");
+    assert_eq!(registry_get(px.addr, &after, tags).await.0, 200);
+
     let mut secrets = gl.issued();
     secrets.push(PAT.to_owned());
     assert_no_secrets(&px.output.text(), USER, &secrets);
+}
+
+/// Status and body of a GET of `path` with a session token, over a new TLS connection.
+async fn registry_get(addr: SocketAddr, token: &str, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tls = tls_connect(addr).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", format!("localhost:{}", addr.port()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A session token from regrelay's realm over a new TLS connection (Basic credentials).
