@@ -1,7 +1,8 @@
 //! Bodies read out of the store: a committed file (a hit), or the file a writer is still
-//! writing (a follower). One chunk of at most [`CHUNK_BYTES`] is in memory at a time; each read
-//! is a positional read (`pread`) in a blocking task, so readers never share a file offset and
-//! never block the async threads.
+//! writing (a follower). Each read is a positional read (`pread`) in a blocking task, so readers
+//! never share a file offset and never block the async threads. A follower holds one chunk of
+//! at most [`CHUNK_BYTES`] at a time; a hit reads ahead, one chunk of [`HIT_CHUNK_BYTES`] read
+//! while the one before it is sent (two in memory per reader).
 
 use std::fs::File;
 use std::future::Future;
@@ -21,12 +22,17 @@ use tokio::sync::watch;
 use super::store::{join_error, FlightState, Hit, Inner, PinGuard, Progress, CHUNK_BYTES};
 use super::{CacheError, Digest};
 
+/// The chunk a hit reads from its file at once.
+pub const HIT_CHUNK_BYTES: usize = 256 * 1024;
+
 type Next = Pin<Box<dyn Future<Output = (Reader, Option<Result<Bytes, CacheError>>)> + Send>>;
 
 /// A body read from the store (see [`super::Hit::body`] and [`super::Follower::body`]). Its
 /// error is a [`CacheError`]; box it into a `ProxyBody` with
 /// `body.map_err(Into::into).boxed_unsync()`.
 pub struct CacheBody {
+    /// A committed file (a hit), read ahead.
+    fixed: Option<Fixed>,
     reader: Option<Reader>,
     next: Option<Next>,
     /// Bytes still to come, when known.
@@ -43,7 +49,6 @@ struct Reader {
     end: Option<u64>,
     /// The fill being followed, until it commits.
     progress: Option<watch::Receiver<Progress>>,
-    _pin: Option<Arc<PinGuard>>,
 }
 
 impl CacheBody {
@@ -55,17 +60,16 @@ impl CacheBody {
         end: u64,
         pin: Arc<PinGuard>,
     ) -> CacheBody {
-        let digest = pin.digest;
         CacheBody {
-            reader: Some(Reader {
+            fixed: Some(Fixed {
                 store,
-                digest,
-                file: Some(file),
+                file,
                 pos: start,
-                end: Some(end),
-                progress: None,
-                _pin: Some(pin),
+                end,
+                inflight: None,
+                _pin: pin,
             }),
+            reader: None,
             next: None,
             remaining: Some(end - start),
         }
@@ -79,6 +83,7 @@ impl CacheBody {
         expected_len: Option<u64>,
     ) -> CacheBody {
         CacheBody {
+            fixed: None,
             reader: Some(Reader {
                 store,
                 digest,
@@ -86,11 +91,65 @@ impl CacheBody {
                 pos: 0,
                 end: None,
                 progress: Some(progress),
-                _pin: None,
             }),
             next: None,
             remaining: expected_len,
         }
+    }
+}
+
+/// A committed file read in chunks of [`HIT_CHUNK_BYTES`], the next chunk's read started as
+/// soon as the one before it is handed on (the disk and the socket work at once).
+struct Fixed {
+    store: Arc<Inner>,
+    file: Arc<File>,
+    /// The first byte not yet asked for.
+    pos: u64,
+    end: u64,
+    inflight: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
+    _pin: Arc<PinGuard>,
+}
+
+impl Fixed {
+    /// Starts reading the next chunk, unless one is being read or none is left.
+    fn read_ahead(&mut self) {
+        if self.inflight.is_some() || self.pos >= self.end {
+            return;
+        }
+        let n = (self.end - self.pos).min(HIT_CHUNK_BYTES as u64) as usize;
+        let (file, pos) = (self.file.clone(), self.pos);
+        self.pos += n as u64;
+        self.inflight = Some(tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+        }));
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, CacheError>>> {
+        self.read_ahead();
+        let Some(reading) = self.inflight.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = ready!(Pin::new(reading).poll(cx));
+        self.inflight = None;
+        match read.map_err(io::Error::other).and_then(|r| r) {
+            Ok(data) => {
+                let counters = &self.store.counters;
+                counters
+                    .bytes_served
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.read_ahead();
+                Poll::Ready(Some(Ok(data)))
+            }
+            Err(e) => {
+                self.pos = self.end;
+                Poll::Ready(Some(Err(e.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inflight.is_none() && self.pos >= self.end
     }
 }
 
@@ -161,6 +220,13 @@ impl Body for CacheBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, CacheError>>> {
         let this = &mut *self;
+        if let Some(fixed) = this.fixed.as_mut() {
+            let item = ready!(fixed.poll_chunk(cx));
+            if let (Some(Ok(data)), Some(r)) = (&item, this.remaining.as_mut()) {
+                *r = r.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(item.map(|r| r.map(Frame::data)));
+        }
         if this.next.is_none() {
             let Some(reader) = this.reader.take() else {
                 return Poll::Ready(None);
@@ -184,6 +250,9 @@ impl Body for CacheBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(fixed) = &self.fixed {
+            return fixed.is_end_stream();
+        }
         let idle = self.next.is_none();
         let fixed_done = self.reader.as_ref().is_some_and(|r| r.end == Some(r.pos));
         idle && (self.reader.is_none() || fixed_done)
@@ -199,7 +268,7 @@ impl Body for CacheBody {
 
 impl Hit {
     /// A body streaming the content, or bytes `start..=end` of it, from the file in chunks of
-    /// [`CHUNK_BYTES`]. Opens the file now, so a missing or damaged file is an error here (the
+    /// [`HIT_CHUNK_BYTES`], read ahead. Opens the file now, so a missing or damaged file is an error here (the
     /// entry is then dropped: serve from the upstream), not in the middle of the body.
     pub async fn body(&self, range: Option<(u64, u64)>) -> Result<CacheBody, CacheError> {
         let (start, end) = match range {

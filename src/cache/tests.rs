@@ -143,7 +143,7 @@ async fn commit_then_lookup_streams_the_content() {
     assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
     let (read, largest) = read_all(body).await.unwrap();
     assert!(read == data, "streamed content differs");
-    assert_eq!(largest, CHUNK_BYTES);
+    assert_eq!(largest, super::read::HIT_CHUNK_BYTES);
 
     let stats = store.stats();
     assert_eq!((stats.hits, stats.misses, stats.fills), (1, 1, 1));
