@@ -75,6 +75,8 @@ struct Settings {
     sessions: usize,
     warm: usize,
     cache_mib: u64,
+    cache_link_rtt_ms: u64,
+    cache_link_window_mib: u64,
     out: PathBuf,
 }
 
@@ -128,6 +130,8 @@ impl Settings {
             sessions: env_or("BENCH_SESSIONS", 50usize).max(1),
             warm: env_or("BENCH_WARM", 500usize).max(1),
             cache_mib: env_or("BENCH_CACHE_MIB", blob_mib).max(1),
+            cache_link_rtt_ms: env_or("BENCH_CACHE_LINK_RTT_MS", 20),
+            cache_link_window_mib: env_or("BENCH_CACHE_LINK_WINDOW_MIB", 4).max(1),
             out: std::env::var("BENCH_OUT")
                 .map(PathBuf::from)
                 .unwrap_or(default_out),
@@ -142,7 +146,7 @@ impl Settings {
         format!(
             "cases {}; fronts {}; blob {} MiB × {} rounds; TLS {} MiB; RTT {} ms, {} MiB × {} rounds, \
              window {} MiB; concurrent {} × {} MiB × {} rounds; wrk {} connections, {} thread(s), {} s; \
-             sessions {} cold, {} warm; cache {} MiB × {} rounds",
+             sessions {} cold, {} warm; cache {} MiB × {} rounds, link {} ms, window {} MiB",
             self.cases.join(","),
             self.fronts.join(","),
             self.blob_mib,
@@ -161,7 +165,9 @@ impl Settings {
             self.sessions,
             self.warm,
             self.cache_mib,
-            self.rounds
+            self.rounds,
+            self.cache_link_rtt_ms,
+            self.cache_link_window_mib
         )
     }
 }

@@ -605,6 +605,21 @@ pub async fn small(b: &Bench) -> Case {
 /// Case 6's path of a client that brings its own GitLab token through regrelay.
 const OWN_TOKEN: &str = "regrelay, own GitLab token";
 
+/// Case 6's warm requests per path in a row, before the next path's turn.
+const SESSION_BLOCK: usize = 50;
+
+/// One path of case 6: its token, and its first and warm requests' latencies (ms) and CPU (s).
+struct SessionPath {
+    path: &'static str,
+    pid: Option<u32>,
+    blob_url: String,
+    token: String,
+    cold: Vec<f64>,
+    cold_cpu: f64,
+    warm: Vec<f64>,
+    warm_cpu: f64,
+}
+
 /// Case 6 (`session`): a first request (token request with Basic credentials, then a registry
 /// request) vs a warm one (the token again), directly, through regrelay with a session, and
 /// through regrelay with the client's own GitLab token ([`OWN_TOKEN`]).
@@ -645,7 +660,10 @@ pub async fn session(b: &Bench) -> Case {
     if let Some(pid) = relay.pid {
         procs::reset_peak_rss(pid);
     }
-    let mut ms = vec![];
+    // First requests, path after path; then the warm HEADs of all paths interleaved in blocks
+    // (rotating which path goes first), so that the drift of a shared 2-core machine (the
+    // registry's garbage collector, other processes) falls on every path alike.
+    let mut paths = vec![];
     for (path, realm, registry, pid) in [
         ("direct", b.gitlab_realm.clone(), http(direct.addr), None),
         (
@@ -685,38 +703,63 @@ pub async fn session(b: &Bench) -> Case {
         for _ in 0..10 {
             let _ = head(&hyper, &blob_url, &token).await;
         }
-        let (warm, warm_cpu) = b
-            .metered(pid, async {
-                let mut lat = vec![];
-                for _ in 0..b.s.warm {
-                    let t = Instant::now();
-                    head(&hyper, &blob_url, &token).await?;
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                Ok(lat)
-            })
-            .await;
-        let warm = match warm {
-            Ok(v) => v,
-            Err(e) => return Case::skip("session", title, format!("{path}: {e}")),
-        };
+        paths.push(SessionPath {
+            path,
+            pid,
+            blob_url,
+            token,
+            cold,
+            cold_cpu,
+            warm: vec![],
+            warm_cpu: 0.0,
+        });
+    }
+    let (blocks, n_paths) = (b.s.warm.div_ceil(SESSION_BLOCK), paths.len());
+    for block in 0..blocks {
+        let n = SESSION_BLOCK.min(b.s.warm - block * SESSION_BLOCK);
+        for k in 0..paths.len() {
+            let p = &mut paths[(k + block) % n_paths];
+            let (warm, cpu) = b
+                .metered(p.pid, async {
+                    let mut lat = vec![];
+                    for _ in 0..n {
+                        let t = Instant::now();
+                        head(&hyper, &p.blob_url, &p.token).await?;
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok(lat)
+                })
+                .await;
+            match warm {
+                Ok(lat) => p.warm.extend(lat),
+                Err(e) => return Case::skip("session", title, format!("{}: {e}", p.path)),
+            }
+            p.warm_cpu += cpu;
+        }
+    }
+    let mut ms = vec![];
+    for p in paths {
         for (name, mut lat, cpu) in [
-            ("first request (token + HEAD)", cold, cold_cpu),
-            ("warm HEAD", warm, warm_cpu),
+            ("first request (token + HEAD)", p.cold, p.cold_cpu),
+            ("warm HEAD", p.warm, p.warm_cpu),
         ] {
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let n = lat.len();
-            for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
-                let mut m =
-                    Measurement::new(format!("{name} {p}"), "ms", path, Some(percentile(&lat, q)));
-                if (path, name, p) == ("regrelay", "warm HEAD", "p50") {
+            for (q_name, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let mut m = Measurement::new(
+                    format!("{name} {q_name}"),
+                    "ms",
+                    p.path,
+                    Some(percentile(&lat, q)),
+                );
+                if (p.path, name, q_name) == ("regrelay", "warm HEAD", "p50") {
                     // At most 5 % slower than the same request without a session.
                     m.goal = Some(Goal::AtLeast {
                         vs: OWN_TOKEN,
                         ratio: 1.0 / 1.05,
                     });
                 }
-                if let (Some(pid), "p50") = (pid, p) {
+                if let (Some(pid), "p50") = (p.pid, q_name) {
                     m.cpu = Some(Cpu::PerRequestUs(cpu * 1e6 / n as f64));
                     m.peak_rss_mib = Some(procs::peak_rss_mib(pid));
                 }
@@ -740,7 +783,8 @@ pub async fn session(b: &Bench) -> Case {
                 Basic credentials (through regrelay: its /jwt/auth, which asks GitLab and seals a \
                 session; directly: GitLab's realm) and a HEAD of a blob with the token just got. \
                 Warm: the HEAD again with the same token (through regrelay: the session opened and \
-                the cached GitLab token used). `regrelay, own GitLab token`: the token from GitLab's \
+                the cached GitLab token used), the paths taking turns in blocks of 50. \
+                `regrelay, own GitLab token`: the token from GitLab's \
                 realm, the HEAD through regrelay, which passes that token through (no session, no \
                 token cache). Goal: a warm HEAD through a session at most 5 % slower (p50) than \
                 that. CPU is regrelay's per first request / warm request."
@@ -754,6 +798,8 @@ pub async fn session(b: &Bench) -> Case {
 /// The paths of case 7 beside `direct` and `regrelay` (the one without a cache).
 const HIT: &str = "regrelay+cache hit";
 const MISS: &str = "regrelay+cache miss";
+const LINK: &str = "regrelay, registry over a link";
+const LINK_MISS: &str = "regrelay+cache miss, registry over a link";
 
 /// Figures of one path of case 7 over its rounds.
 #[derive(Default)]
@@ -785,17 +831,29 @@ async fn cache_relay(
     cache: &Path,
     max_bytes: u64,
 ) -> Result<(procs::Proc, Endpoint), String> {
+    let args = [
+        "--cache-dir".to_owned(),
+        cache.display().to_string(),
+        "--cache-max-bytes".to_owned(),
+        max_bytes.to_string(),
+    ];
+    relay_with_session(b, name, registry, &args).await
+}
+
+/// A new regrelay (`args` beside `--registry`) and an endpoint with a session of its own.
+async fn relay_with_session(
+    b: &Bench,
+    name: &str,
+    registry: SocketAddr,
+    args: &[String],
+) -> Result<(procs::Proc, Endpoint), String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (proc, addr) = procs::regrelay(
         &support::regrelay_bin(),
         name,
         &b.work,
         &http(registry),
-        &[
-            "--cache-dir",
-            &cache.display().to_string(),
-            "--cache-max-bytes",
-            &max_bytes.to_string(),
-        ],
+        &args,
     )?;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PAT}"));
     let url = format!(
@@ -854,6 +912,58 @@ async fn pull(
         Ok(reply)
     })
     .await
+}
+
+/// Case 7's paths to the registry over a delay line of `rtt`: regrelay without a cache, and a
+/// cold miss (a new regrelay on an empty cache each round), taking turns.
+async fn cache_over_link(
+    b: &Bench,
+    registry: SocketAddr,
+    blob: &Blob,
+    max_bytes: u64,
+    rtt: Duration,
+) -> [Pulls; 2] {
+    let mut t: [Pulls; 2] = Default::default();
+    let window = (b.s.cache_link_window_mib * MIB) as usize;
+    let line = delay::DelayLine::start(registry, rtt, window).await;
+    let plain = relay_with_session(b, "regrelay-link", line.addr, &[]).await;
+    for round in 0..b.s.rounds {
+        for k in 0..t.len() {
+            let i = (k + round) % t.len();
+            if i == 0 {
+                match &plain {
+                    Err(e) => t[0].down.add(Err(e.clone()), 0.0),
+                    Ok((proc, ep)) => {
+                        let (r, cpu) = pull(b, ep, Some(proc.pid()), blob, false, None).await;
+                        t[0].add(r, cpu, blob.len);
+                        t[0].rss = t[0].rss.max(procs::peak_rss_mib(proc.pid()));
+                    }
+                }
+                continue;
+            }
+            let dir = match tempfile::tempdir_in(&b.work) {
+                Ok(d) => d,
+                Err(e) => {
+                    t[1].down
+                        .add(Err(format!("{}: {e}", b.work.display())), 0.0);
+                    continue;
+                }
+            };
+            let name = format!("regrelay-link-miss-{round}");
+            match cache_relay(b, &name, line.addr, dir.path(), max_bytes).await {
+                Err(e) => t[1].down.add(Err(e), 0.0),
+                Ok((proc, ep)) => {
+                    procs::reset_peak_rss(proc.pid());
+                    let pid = Some(proc.pid());
+                    let (r, cpu) = pull(b, &ep, pid, blob, false, Some(dir.path())).await;
+                    t[1].add(r, cpu, blob.len);
+                    t[1].rss = t[1].rss.max(procs::peak_rss_mib(proc.pid()));
+                }
+            }
+        }
+        eprintln!("  over the link: round {}/{} done", round + 1, b.s.rounds);
+    }
+    t
 }
 
 /// Case 7 (`cache`): regrelay's pull-through cache against the real registry: warm hits and
@@ -983,8 +1093,15 @@ pub async fn cache(b: &Bench) -> Case {
     if let Some(pid) = relay.pid {
         t[1].rss = procs::peak_rss_mib(pid);
     }
+    let link = match b.s.cache_link_rtt_ms {
+        0 => None,
+        ms => {
+            Some(cache_over_link(b, direct.addr, blob, max_bytes, Duration::from_millis(ms)).await)
+        }
+    };
     let mut ms = vec![];
-    let paths = ["direct", "regrelay", HIT, MISS];
+    let paths = ["direct", "regrelay", HIT, MISS, LINK, LINK_MISS];
+    let t = t.into_iter().chain(link.into_iter().flatten());
     for (path, mut p) in paths.into_iter().zip(t) {
         let metered = path != "direct";
         let rss = metered.then_some(p.rss);
@@ -1002,6 +1119,13 @@ pub async fn cache(b: &Bench) -> Case {
             MISS => {
                 down.goal = Some(Goal::AtLeast {
                     vs: "regrelay",
+                    ratio: 0.9,
+                });
+                ttfb.goal = Some(Goal::Below(1000.0));
+            }
+            LINK_MISS => {
+                down.goal = Some(Goal::AtLeast {
+                    vs: LINK,
                     ratio: 0.9,
                 });
                 ttfb.goal = Some(Goal::Below(1000.0));
@@ -1043,8 +1167,17 @@ pub async fn cache(b: &Bench) -> Case {
              the blob is committed (digest checked, fsync, rename). Answers are checked to be \
              hits (X-Regrelay-Cache: hit) or not. Time to first byte: from the request's first \
              byte (curl's time_starttransfer - time_pretransfer). The time-to-first-byte goal is \
-             stated for 1 GiB. `× regrelay`: relative to regrelay without a cache.",
-            max_bytes / MIB
+             stated for 1 GiB. `× regrelay`: relative to regrelay without a cache. The last two \
+             paths reach the registry over a link ({} ms round trip, {} MiB in flight: at most \
+             {:.0} MB/s, a registry across a network rather than on the same two cores): \
+             regrelay without a cache and a cold miss, taking turns; the miss's goal is against \
+             the first of them.",
+            max_bytes / MIB,
+            b.s.cache_link_rtt_ms,
+            b.s.cache_link_window_mib,
+            (b.s.cache_link_window_mib * MIB) as f64
+                / 1e6
+                / (b.s.cache_link_rtt_ms.max(1) as f64 / 1e3)
         ),
         measurements: arrange(ms, &metrics, &paths),
         baseline: Some("regrelay"),
