@@ -98,7 +98,15 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
 #[tokio::test]
 async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
     let origin = sink().await;
-    let px = Regrelay::start(&["--registry", &origin.url(), "--max-connections", "1"]);
+    let px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--max-connections",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let maddr = support::metrics::addr(&px);
     let get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 512];
     // The only slot is busy: an upload whose body is still coming.
@@ -134,6 +142,72 @@ async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
         matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
         "the idle connection was closed"
     );
+    // Counted as what it was: one idle connection shed, none cut for stalling.
+    let (_, _, text) = support::metrics::scrape(maddr).await;
+    let shed = |outcome: &str| {
+        let label = format!("outcome=\"{outcome}\"");
+        support::metrics::value(&text, "regrelay_connections_shed_total", &[&label])
+    };
+    assert_eq!((shed("idle"), shed("stalled")), (1.0, 0.0), "{text}");
+}
+
+/// A client that stops reading its response holds a slot only until someone waits for one: at
+/// the limit it is cut (reset) after `SHED_STALLED_AFTER`, and the newcomer is served.
+#[tokio::test]
+async fn a_connection_not_reading_its_response_is_cut_for_a_waiting_one() {
+    let big = bytes::Bytes::from(vec![7u8; 64 << 20]);
+    let origin = upstream::serve(move |_req: Request<hyper::body::Incoming>| {
+        let big = big.clone();
+        async move { Response::new(body::full(big)) }
+    })
+    .await;
+    let px = Regrelay::start(&[
+        "--registry",
+        &origin.url(),
+        "--max-connections",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let maddr = support::metrics::addr(&px);
+    // 64 MiB asked for and never read: regrelay's writes stall once the socket buffers are full.
+    let mut reader = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    reader
+        .write_all(b"GET /v2/g/p/blobs/sha256:0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut newcomer = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    newcomer
+        .write_all(b"HEAD /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), newcomer.read(&mut buf))
+        .await
+        .expect("the stalled connection was cut for a waiting one")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The stalled connection was reset: reading it ends short of 64 MiB.
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok() && got < 64 << 20, "read {got} bytes");
+    let (_, _, text) = support::metrics::scrape(maddr).await;
+    let stalled = support::metrics::value(
+        &text,
+        "regrelay_connections_shed_total",
+        &["outcome=\"stalled\""],
+    );
+    assert_eq!(stalled, 1.0, "{text}");
 }
 
 /// HTTP/2 uploads over long round trips need large flow-control windows from the start: regrelay

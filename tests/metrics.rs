@@ -6,58 +6,15 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use support::gitlab::with_developer_pat;
+use support::metrics::{addr as metrics_addr, scrape, value};
 use support::relay::Relay;
 use support::*;
 
 const USER: &str = "builder";
 const PAT: &str = "glpat-Mt4nWq8ZtVc5LmXp2HsR";
-
-/// The metrics address regrelay logged.
-fn metrics_addr(px: &Regrelay) -> SocketAddr {
-    let line = px
-        .output
-        .wait_for("metrics on", Duration::from_secs(5))
-        .expect("metrics listener logged");
-    line.split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("addr= field")
-        .parse()
-        .expect("an address")
-}
-
-async fn scrape(addr: SocketAddr) -> (http::StatusCode, String, String) {
-    let resp = upstream::client()
-        .request(
-            http::Request::get(format!("http://{addr}/metrics"))
-                .body(regrelay::body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let ctype = resp.headers()[http::header::CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, ctype, String::from_utf8(body.to_vec()).unwrap())
-}
-
-/// The value of the sample `name{labels…}` whose labels include every one of `with`.
-fn value(text: &str, name: &str, with: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| with.iter().all(|w| l.contains(w)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
 
 /// Sample names the exposition can carry, from its `# TYPE` lines.
 fn exported_names(text: &str) -> BTreeSet<String> {

@@ -8,6 +8,7 @@
 pub mod containerd;
 pub mod gitlab;
 pub mod haproxy;
+pub mod metrics;
 pub mod nginx;
 pub mod relay;
 pub mod upstream;
