@@ -36,9 +36,10 @@ pub enum Credentials {
     Session(Arc<Session>),
 }
 
-/// A session opened earlier, under the ring and for the name it was opened with.
+/// A session opened earlier, under the ring (its generation: the ring itself, old keys
+/// included, is not kept alive) and for the name it was opened with.
 struct Opened {
-    ring: Arc<KeyRing>,
+    ring: u64,
     name: String,
     session: Arc<Session>,
 }
@@ -60,16 +61,9 @@ impl OpenedCache {
         sha2::Sha256::digest(token.as_bytes()).into()
     }
 
-    fn get(
-        &self,
-        key: &[u8; 32],
-        ring: &Arc<KeyRing>,
-        name: &str,
-        now: u64,
-    ) -> Option<Arc<Session>> {
+    fn get(&self, key: &[u8; 32], ring: u64, name: &str, now: u64) -> Option<Arc<Session>> {
         let hit = self.map.get(key)?;
-        (Arc::ptr_eq(&hit.ring, ring) && hit.name == name && hit.session.exp > now)
-            .then(|| hit.session.clone())
+        (hit.ring == ring && hit.name == name && hit.session.exp > now).then(|| hit.session.clone())
     }
 
     fn insert(&self, key: [u8; 32], opened: Opened, now: u64) {
@@ -163,13 +157,13 @@ impl Access {
     fn open_cached(&self, token: &str, public: &Origin) -> Result<Arc<Session>, OpenError> {
         let (ring, name, now) = (self.keys.current(), self.seal_name(public), unix_now());
         let key = OpenedCache::key(token);
-        if let Some(session) = self.opened.get(&key, &ring, &name, now) {
+        if let Some(session) = self.opened.get(&key, ring.generation(), &name, now) {
             self.metrics.session_open("ok");
             return Ok(session);
         }
         let session = Arc::new(self.count_open(ring.open(token, &name, now))?);
         let opened = Opened {
-            ring,
+            ring: ring.generation(),
             name,
             session: session.clone(),
         };
@@ -427,7 +421,7 @@ mod tests {
         assert_eq!(bearer_token(&h), None);
     }
 
-    fn opened(ring: &Arc<KeyRing>, name: &str, exp: u64) -> Opened {
+    fn opened(ring: &KeyRing, name: &str, exp: u64) -> Opened {
         let mut session = Session::new(
             Kind::Access,
             Some(b"Basic YTpi".to_vec()),
@@ -437,7 +431,7 @@ mod tests {
         );
         session.exp = exp;
         Opened {
-            ring: ring.clone(),
+            ring: ring.generation(),
             name: name.into(),
             session: Arc::new(session),
         }
@@ -449,20 +443,24 @@ mod tests {
             map: DashMap::new(),
             max: 2,
         };
-        let ring = Arc::new(KeyRing::from_keys(&[[1; 32]]));
+        let ring = KeyRing::from_keys(&[[1; 32]]);
+        let r = ring.generation();
         let (a, b) = (OpenedCache::key("rr1.k.a"), OpenedCache::key("rr1.k.b"));
         cache.insert(a, opened(&ring, "https://r", 100), 10);
-        let hit = cache.get(&a, &ring, "https://r", 10).expect("a hit");
+        let hit = cache.get(&a, r, "https://r", 10).expect("a hit");
         assert!(Arc::ptr_eq(
             &hit,
-            &cache.get(&a, &ring, "https://r", 99).unwrap()
+            &cache.get(&a, r, "https://r", 99).unwrap()
         ));
         // Another token, name, ring (a reload, even of the same keys) or the expiry: a miss.
-        assert!(cache.get(&b, &ring, "https://r", 10).is_none());
-        assert!(cache.get(&a, &ring, "https://other", 10).is_none());
-        let reloaded = Arc::new(KeyRing::from_keys(&[[1; 32]]));
-        assert!(cache.get(&a, &reloaded, "https://r", 10).is_none());
-        assert!(cache.get(&a, &ring, "https://r", 100).is_none());
+        assert!(cache.get(&b, r, "https://r", 10).is_none());
+        assert!(cache.get(&a, r, "https://other", 10).is_none());
+        let reloaded = KeyRing::from_keys(&[[1; 32]]);
+        assert_ne!(reloaded.generation(), r);
+        assert!(cache
+            .get(&a, reloaded.generation(), "https://r", 10)
+            .is_none());
+        assert!(cache.get(&a, r, "https://r", 100).is_none());
     }
 
     #[test]
@@ -471,18 +469,19 @@ mod tests {
             map: DashMap::new(),
             max: 2,
         };
-        let ring = Arc::new(KeyRing::from_keys(&[[1; 32]]));
+        let ring = KeyRing::from_keys(&[[1; 32]]);
+        let r = ring.generation();
         let key = |n: u32| OpenedCache::key(&format!("rr1.k.{n}"));
         cache.insert(key(1), opened(&ring, "n", 20), 10);
         cache.insert(key(2), opened(&ring, "n", 100), 10);
         // Full: the expired one goes, the live one stays.
         cache.insert(key(3), opened(&ring, "n", 100), 50);
         assert_eq!(cache.map.len(), 2);
-        assert!(cache.get(&key(2), &ring, "n", 50).is_some());
+        assert!(cache.get(&key(2), r, "n", 50).is_some());
         // Full of live ones: all go.
         cache.insert(key(4), opened(&ring, "n", 100), 50);
         assert_eq!(cache.map.len(), 1);
-        assert!(cache.get(&key(4), &ring, "n", 50).is_some());
+        assert!(cache.get(&key(4), r, "n", 50).is_some());
         // The key is a digest: no token is kept.
         assert_ne!(&key(1)[..7], b"rr1.k.1");
     }

@@ -176,6 +176,8 @@ pub const OPEN_ONLY: &str = "open-only";
 pub struct KeyRing {
     keys: Vec<SealingKey>,
     ephemeral: bool,
+    /// Unique per ring built in this process: what was opened under one ring is known by it.
+    generation: u64,
 }
 
 /// The key ring in force, replaceable while serving ([`Keys::reload`], on SIGHUP): sessions
@@ -254,10 +256,17 @@ impl KeyRing {
                 }
             })
             .collect();
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         KeyRing {
             keys,
             ephemeral: false,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// This ring's number, unique in the process (a reload builds a new ring, a new number).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// One random key for this process only: sessions die with it.
