@@ -437,12 +437,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_opened_session_serves_only_unexpired_for_its_ring_and_name() {
-        let cache = OpenedCache {
+    fn two_entries() -> OpenedCache {
+        OpenedCache {
             map: DashMap::new(),
             max: 2,
-        };
+        }
+    }
+
+    #[test]
+    fn an_opened_session_serves_only_unexpired_for_its_ring_and_name() {
+        let cache = two_entries();
         let ring = KeyRing::from_keys(&[[1; 32]]);
         let r = ring.generation();
         let (a, b) = (OpenedCache::key("rr1.k.a"), OpenedCache::key("rr1.k.b"));
@@ -465,10 +469,7 @@ mod tests {
 
     #[test]
     fn the_opened_cache_stays_within_its_bound() {
-        let cache = OpenedCache {
-            map: DashMap::new(),
-            max: 2,
-        };
+        let cache = two_entries();
         let ring = KeyRing::from_keys(&[[1; 32]]);
         let r = ring.generation();
         let key = |n: u32| OpenedCache::key(&format!("rr1.k.{n}"));

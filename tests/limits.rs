@@ -95,9 +95,8 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
     );
 }
 
-#[tokio::test]
-async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
-    let origin = sink().await;
+/// regrelay in front of `origin` with room for one client connection, and its metrics address.
+fn one_connection(origin: &upstream::Origin) -> (Regrelay, std::net::SocketAddr) {
     let px = Regrelay::start(&[
         "--registry",
         &origin.url(),
@@ -107,6 +106,19 @@ async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
         "127.0.0.1:0",
     ]);
     let maddr = support::metrics::addr(&px);
+    (px, maddr)
+}
+
+/// Connections shed at the limit for `outcome` (`idle` or `stalled`), from a metrics scrape.
+fn shed(text: &str, outcome: &str) -> f64 {
+    let label = format!("outcome=\"{outcome}\"");
+    support::metrics::value(text, "regrelay_connections_shed_total", &[&label])
+}
+
+#[tokio::test]
+async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
+    let origin = sink().await;
+    let (px, maddr) = one_connection(&origin);
     let get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 512];
     // The only slot is busy: an upload whose body is still coming.
@@ -144,11 +156,11 @@ async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
     );
     // Counted as what it was: one idle connection shed, none cut for stalling.
     let (_, _, text) = support::metrics::scrape(maddr).await;
-    let shed = |outcome: &str| {
-        let label = format!("outcome=\"{outcome}\"");
-        support::metrics::value(&text, "regrelay_connections_shed_total", &[&label])
-    };
-    assert_eq!((shed("idle"), shed("stalled")), (1.0, 0.0), "{text}");
+    assert_eq!(
+        (shed(&text, "idle"), shed(&text, "stalled")),
+        (1.0, 0.0),
+        "{text}"
+    );
 }
 
 /// A client that stops reading its response holds a slot only until someone waits for one: at
@@ -161,15 +173,7 @@ async fn a_connection_not_reading_its_response_is_cut_for_a_waiting_one() {
         async move { Response::new(body::full(big)) }
     })
     .await;
-    let px = Regrelay::start(&[
-        "--registry",
-        &origin.url(),
-        "--max-connections",
-        "1",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
-    let maddr = support::metrics::addr(&px);
+    let (px, maddr) = one_connection(&origin);
     // 64 MiB asked for and never read: regrelay's writes stall once the socket buffers are full.
     let mut reader = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     reader
@@ -202,12 +206,7 @@ async fn a_connection_not_reading_its_response_is_cut_for_a_waiting_one() {
     .await;
     assert!(ended.is_ok() && got < 64 << 20, "read {got} bytes");
     let (_, _, text) = support::metrics::scrape(maddr).await;
-    let stalled = support::metrics::value(
-        &text,
-        "regrelay_connections_shed_total",
-        &["outcome=\"stalled\""],
-    );
-    assert_eq!(stalled, 1.0, "{text}");
+    assert_eq!(shed(&text, "stalled"), 1.0, "{text}");
 }
 
 /// HTTP/2 uploads over long round trips need large flow-control windows from the start: regrelay

@@ -914,6 +914,37 @@ async fn pull(
     .await
 }
 
+/// A directory for a cache under the bench's work directory.
+fn fresh_cache_dir(b: &Bench) -> Result<tempfile::TempDir, String> {
+    tempfile::tempdir_in(&b.work).map_err(|e| format!("{}: {e}", b.work.display()))
+}
+
+/// One cold miss into `into`: a new regrelay `name` on an empty cache in front of `registry`,
+/// timed to the client's last byte, its CPU until the blob is committed.
+async fn cold_miss(
+    b: &Bench,
+    name: &str,
+    registry: SocketAddr,
+    blob: &Blob,
+    max_bytes: u64,
+    into: &mut Pulls,
+) {
+    let dir = match fresh_cache_dir(b) {
+        Ok(d) => d,
+        Err(e) => return into.down.add(Err(e), 0.0),
+    };
+    match cache_relay(b, name, registry, dir.path(), max_bytes).await {
+        Err(e) => into.down.add(Err(e), 0.0),
+        Ok((proc, ep)) => {
+            procs::reset_peak_rss(proc.pid());
+            let pid = Some(proc.pid());
+            let (r, cpu) = pull(b, &ep, pid, blob, false, Some(dir.path())).await;
+            into.add(r, cpu, blob.len);
+            into.rss = into.rss.max(procs::peak_rss_mib(proc.pid()));
+        }
+    }
+}
+
 /// Case 7's paths to the registry over a delay line of `rtt`: regrelay without a cache, and a
 /// cold miss (a new regrelay on an empty cache each round), taking turns.
 async fn cache_over_link(
@@ -941,25 +972,8 @@ async fn cache_over_link(
                 }
                 continue;
             }
-            let dir = match tempfile::tempdir_in(&b.work) {
-                Ok(d) => d,
-                Err(e) => {
-                    t[1].down
-                        .add(Err(format!("{}: {e}", b.work.display())), 0.0);
-                    continue;
-                }
-            };
             let name = format!("regrelay-link-miss-{round}");
-            match cache_relay(b, &name, line.addr, dir.path(), max_bytes).await {
-                Err(e) => t[1].down.add(Err(e), 0.0),
-                Ok((proc, ep)) => {
-                    procs::reset_peak_rss(proc.pid());
-                    let pid = Some(proc.pid());
-                    let (r, cpu) = pull(b, &ep, pid, blob, false, Some(dir.path())).await;
-                    t[1].add(r, cpu, blob.len);
-                    t[1].rss = t[1].rss.max(procs::peak_rss_mib(proc.pid()));
-                }
-            }
+            cold_miss(b, &name, line.addr, blob, max_bytes, &mut t[1]).await;
         }
         eprintln!("  over the link: round {}/{} done", round + 1, b.s.rounds);
     }
@@ -1008,10 +1022,8 @@ pub async fn cache(b: &Bench) -> Case {
     }
     // Room for the blob twice over: nothing is evicted.
     let max_bytes = (2 * blob.len).max(16 * MIB);
-    let fresh_dir =
-        || tempfile::tempdir_in(&b.work).map_err(|e| format!("{}: {e}", b.work.display()));
     // The warm cache: filled once by a miss; each round's hits run on it.
-    let warm = match fresh_dir() {
+    let warm = match fresh_cache_dir(b) {
         Ok(d) => d,
         Err(e) => return Case::skip("cache", title, e),
     };
@@ -1068,23 +1080,7 @@ pub async fn cache(b: &Bench) -> Case {
                 // A new regrelay on an empty cache: the cold miss, until the blob is committed.
                 _ => {
                     let name = format!("regrelay-cache-miss-{round}");
-                    let dir = match fresh_dir() {
-                        Ok(d) => d,
-                        Err(e) => {
-                            t[3].down.add(Err(e), 0.0);
-                            continue;
-                        }
-                    };
-                    match cache_relay(b, &name, direct.addr, dir.path(), max_bytes).await {
-                        Err(e) => t[3].down.add(Err(e), 0.0),
-                        Ok((proc, ep)) => {
-                            procs::reset_peak_rss(proc.pid());
-                            let pid = Some(proc.pid());
-                            let (r, cpu) = pull(b, &ep, pid, blob, false, Some(dir.path())).await;
-                            t[3].add(r, cpu, blob.len);
-                            t[3].rss = t[3].rss.max(procs::peak_rss_mib(proc.pid()));
-                        }
-                    }
+                    cold_miss(b, &name, direct.addr, blob, max_bytes, &mut t[3]).await;
                 }
             }
         }

@@ -117,12 +117,8 @@ impl Fixed {
             return;
         }
         let n = (self.end - self.pos).min(HIT_CHUNK_BYTES as u64) as usize;
-        let (file, pos) = (self.file.clone(), self.pos);
+        self.inflight = Some(pread(self.file.clone(), self.pos, n));
         self.pos += n as u64;
-        self.inflight = Some(tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        }));
     }
 
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, CacheError>>> {
@@ -134,10 +130,7 @@ impl Fixed {
         self.inflight = None;
         match read.map_err(io::Error::other).and_then(|r| r) {
             Ok(data) => {
-                let counters = &self.store.counters;
-                counters
-                    .bytes_served
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                served(&self.store, &data);
                 self.read_ahead();
                 Poll::Ready(Some(Ok(data)))
             }
@@ -197,18 +190,27 @@ impl Reader {
         }
         let n = (available - self.pos).min(CHUNK_BYTES as u64) as usize;
         let file = self.file.clone().ok_or(CacheError::Aborted)?;
-        let pos = self.pos;
-        let data = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let data = pread(file, self.pos, n).await.map_err(io::Error::other)??;
         self.pos += n as u64;
-        let counters = &self.store.counters;
-        counters.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+        served(&self.store, &data);
         Ok(Some(data))
     }
+}
+
+/// Reads `n` bytes at `pos` of `file` in a blocking task.
+fn pread(file: Arc<File>, pos: u64, n: usize) -> tokio::task::JoinHandle<io::Result<Bytes>> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+    })
+}
+
+/// Counts `data` as served from the store.
+fn served(store: &Inner, data: &Bytes) {
+    let counters = &store.counters;
+    counters
+        .bytes_served
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
 }
 
 impl Body for CacheBody {
