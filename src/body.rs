@@ -195,6 +195,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn each_wait_gets_the_whole_idle_time_and_no_more() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut body = std::pin::pin!(Watched::new(ChannelBody(rx), Duration::from_secs(5), None));
+        let feeder = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        // Ten waits of 3 s each: 30 s in all, far past the first timer's 5 s, none idle.
+        for _ in 0..10 {
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        let last = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(is_idle_timeout(err.as_ref()), "{err}");
+        assert_eq!(last.elapsed(), Duration::from_secs(5));
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn back_pressure_does_not_count_as_idle() {
         let (tx, rx) = mpsc::channel(4);
         let bytes = Arc::new(AtomicU64::new(0));
