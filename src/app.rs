@@ -31,6 +31,7 @@ use crate::router::{self, Route};
 use crate::session::{Keys, Kind, Session};
 use crate::telemetry::{AccessLog, Logged};
 use crate::tls;
+use crate::token::UpstreamToken;
 use crate::upload::{self, Uploader};
 use crate::upstream::Upstream;
 
@@ -465,7 +466,7 @@ impl App {
     async fn forward_with_session(
         &self,
         lane: &Lane,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         session: &Session,
         fwd: &Forward<'_>,
     ) -> Result<Response<ProxyBody>, Error> {
@@ -500,29 +501,10 @@ impl App {
             return Err(denied);
         }
         let retry = ends.then(|| bodiless_copy(&req));
-        req.headers_mut()
-            .insert(header::AUTHORIZATION, token.header.clone());
-        let resp = proxy::forward(&lane.upstream, req, fwd).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
-        }
-        let Some(error) = token_error(resp.headers()) else {
-            return Ok(resp);
-        };
-        lane.access.invalidate(session, &token);
-        let Some(mut retry) = retry else {
-            return Ok(resp);
-        };
-        drop(resp);
-        tracing::info!(path = %path, error, "registry refused the session's token; minting again");
-        let token = lane
-            .access
-            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
+        let (resp, _) = lane
+            .send_refreshing(session, fwd, req, token, retry)
             .await?;
-        retry
-            .headers_mut()
-            .insert(header::AUTHORIZATION, token.header.clone());
-        proxy::forward(&lane.upstream, retry, fwd).await
+        Ok(resp)
     }
 
     /// The origin clients use: the configured public URL; else, from a trusted proxy, its
@@ -596,6 +578,50 @@ impl App {
                 json(StatusCode::SERVICE_UNAVAILABLE, err.registry_body())
             }
         }
+    }
+}
+
+impl Lane {
+    /// Sends `req` upstream with `token`. When the registry calls the token invalid, the token
+    /// is forgotten and, when `retry` (a bodiless copy of `req`) is given, the copy goes once
+    /// more with a token minted again. Returns the response and the token it went with.
+    async fn send_refreshing<B>(
+        &self,
+        session: &Session,
+        fwd: &Forward<'_>,
+        mut req: Request<B>,
+        token: UpstreamToken,
+        retry: Option<Request<ProxyBody>>,
+    ) -> Result<(Response<ProxyBody>, UpstreamToken), Error>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::error::BoxError>,
+    {
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, token.header.clone());
+        let resp = proxy::forward(&self.upstream, req, fwd).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok((resp, token));
+        }
+        let Some(error) = token_error(resp.headers()) else {
+            return Ok((resp, token));
+        };
+        self.access.invalidate(session, &token);
+        let Some(mut retry) = retry else {
+            return Ok((resp, token));
+        };
+        drop(resp);
+        tracing::info!(path = %path, error, "registry refused the session's token; minting again");
+        let token = self
+            .access
+            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
+            .await?;
+        retry
+            .headers_mut()
+            .insert(header::AUTHORIZATION, token.header.clone());
+        let resp = proxy::forward(&self.upstream, retry, fwd).await?;
+        Ok((resp, token))
     }
 }
 

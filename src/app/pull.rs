@@ -10,13 +10,13 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{token_error, App, Lane};
+use super::{App, Lane};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::{Fill, Tee};
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
-use crate::proxy::{self, Forward};
+use crate::proxy::Forward;
 use crate::session::Session;
 use crate::token::UpstreamToken;
 
@@ -325,26 +325,14 @@ impl App {
     ) -> Result<(Response<ProxyBody>, UpstreamToken), Error> {
         let (lane, session, fwd) = (p.lane, p.session, p.fwd);
         let path = p.shape.uri.path();
-        let mut token = lane
+        let token = lane
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
             .await?;
-        let mut retried = false;
-        loop {
-            let req = p.shape.request(method.clone(), &token);
-            let resp = proxy::forward(&lane.upstream, req, fwd).await?;
-            let refused =
-                resp.status() == StatusCode::UNAUTHORIZED && token_error(resp.headers()).is_some();
-            if !refused || retried {
-                return Ok((resp, token));
-            }
-            lane.access.invalidate(session, &token);
-            token = lane
-                .access
-                .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
-                .await?;
-            retried = true;
-        }
+        let req = p.shape.request(method.clone(), &token);
+        let retry = p.shape.request(method, &token);
+        lane.send_refreshing(session, fwd, req, token, Some(retry))
+            .await
     }
 
     fn count(&self, outcome: &'static str) {
