@@ -502,7 +502,7 @@ impl App {
         }
         let retry = ends.then(|| bodiless_copy(&req));
         let (resp, _) = lane
-            .send_refreshing(session, fwd, req, token, retry)
+            .send_refreshing(session, fwd, req, token, retry.map(|r| move || r))
             .await?;
         Ok(resp)
     }
@@ -583,21 +583,22 @@ impl App {
 
 impl Lane {
     /// Sends `req` upstream with `token`. When the registry calls the token invalid, the token
-    /// is forgotten and, when `retry` (a bodiless copy of `req`) is given, the copy goes once
-    /// more with a token minted again. Returns the response and the token it went with.
-    async fn send_refreshing<B>(
+    /// is forgotten and, when `retry` is given (it makes a bodiless copy of `req`, only then),
+    /// the copy goes once more with a token minted again. Returns the response and the token
+    /// it went with.
+    async fn send_refreshing<B, R>(
         &self,
         session: &Session,
         fwd: &Forward<'_>,
         mut req: Request<B>,
         token: UpstreamToken,
-        retry: Option<Request<ProxyBody>>,
+        retry: Option<R>,
     ) -> Result<(Response<ProxyBody>, UpstreamToken), Error>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<crate::error::BoxError>,
+        R: FnOnce() -> Request<ProxyBody>,
     {
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
         let resp = proxy::forward(&self.upstream, req, fwd).await?;
@@ -608,14 +609,16 @@ impl Lane {
             return Ok((resp, token));
         };
         self.access.invalidate(session, &token);
-        let Some(mut retry) = retry else {
+        let Some(retry) = retry else {
             return Ok((resp, token));
         };
         drop(resp);
+        let mut retry = retry();
+        let (method, path) = (retry.method(), retry.uri().path());
         tracing::info!(path = %path, error, "registry refused the session's token; minting again");
         let token = self
             .access
-            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
+            .upstream_token(session, &fwd.forwarded_for, method, path, fwd.public)
             .await?;
         retry
             .headers_mut()

@@ -36,14 +36,13 @@ impl Shape {
         }
     }
 
-    fn request(&self, method: Method, token: &UpstreamToken) -> Request<ProxyBody> {
+    /// The bodiless request; its token is set where it is sent ([`Lane::send_refreshing`]).
+    fn request(&self, method: Method) -> Request<ProxyBody> {
         let mut req = Request::new(body::empty());
         *req.method_mut() = method;
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        req.headers_mut()
-            .insert(header::AUTHORIZATION, token.header.clone());
         req
     }
 }
@@ -329,9 +328,8 @@ impl App {
             .access
             .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
             .await?;
-        let req = p.shape.request(method.clone(), &token);
-        let retry = p.shape.request(method, &token);
-        lane.send_refreshing(session, fwd, req, token, Some(retry))
+        let req = p.shape.request(method.clone());
+        lane.send_refreshing(session, fwd, req, token, Some(|| p.shape.request(method)))
             .await
     }
 
