@@ -561,6 +561,18 @@ async fn gitlab_permission_outcomes_match_and_refused_pushes_say_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bodiless_request_refused_as_invalid_token_is_re_minted_and_retried_once() {
+    refused_once_then_retried(&[]).await;
+}
+
+/// The pull-through cache sends its own upstream requests: the same one retry applies to them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_pull_refused_as_invalid_token_is_re_minted_and_retried_once() {
+    let cache = tempfile::tempdir().unwrap();
+    refused_once_then_retried(&["--cache-dir", cache.path().to_str().unwrap()]).await;
+}
+
+/// A manifest GET whose first token the registry calls invalid: one new mint, one retry, 200.
+async fn refused_once_then_retried(args: &[&str]) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let gl = token_service(300).await;
@@ -594,7 +606,8 @@ async fn a_bodiless_request_refused_as_invalid_token_is_re_minted_and_retried_on
         }
     })
     .await;
-    let px = Regrelay::start(&["--registry", &origin.url()]);
+    let url = origin.url();
+    let px = Regrelay::start(&[&["--registry", url.as_str()], args].concat());
     let (status, _, _) = call(Method::GET, &format!("{}/v2/", px.url()), &[], None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let q = "service=container_registry&scope=repository:group/project:pull";
