@@ -5,25 +5,32 @@
 //!   when tampered with, expired, or sealed with an unknown key) and never forwarded; the
 //!   upstream request carries a GitLab token for exactly its scopes ([`TokenStore`], minted by
 //!   [`Minter`]). Anything else passes untouched.
+//! - What a session's token may do is known before it is sent: a request for a repository the
+//!   session never asked for, or one the token service refused it ([`crate::token::Grants`]), is
+//!   answered here (`401 insufficient_scope`, or `403 DENIED` with the reason for a push) with no
+//!   mint and no registry request; a refusal is remembered with a backoff, after which one
+//!   request asks the token service again.
 //! - Every `WWW-Authenticate: Bearer` challenge from the registry gets `realm=<public>/jwt/auth`,
 //!   so clients ask regrelay for tokens on the registry's own host and keep `Authorization`.
 //!   The `service` is learnt from those challenges; the realm never is (see [`crate::mint`]).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Method;
 
-use crate::challenge::{self, Challenge};
+use crate::challenge::{self, Challenge, Scope};
 use crate::config::Origin;
 use crate::error::{Error, MintFailure};
 use crate::metrics::Metrics;
 use crate::mint::{Caller, Minter};
 use crate::mirror::Routed;
+use crate::proxy::Forward;
 use crate::router::TOKEN_PATH;
 use crate::session::{unix_now, KeyRing, Keys, Kind, OpenError, Session, TOKEN_PREFIX};
-use crate::token::{MintFuture, TokenStore, UpstreamToken};
+use crate::token::{Counters, MintFuture, Refused, TokenStore, UpstreamToken};
 
 /// Service named in challenges regrelay makes itself, until the registry told us its own.
 pub const DEFAULT_SERVICE: &str = "container_registry";
@@ -48,11 +55,24 @@ struct Opened {
 /// kept): a client sends the same token on every request of a pull or push, and a warm request
 /// then skips base64, the AEAD and the JSON of opening it again. An entry serves only while
 /// its session is unexpired, for the same public name, under the same key ring (a reload that
-/// drops a key ends its sessions here as on a fresh open). At most `max` entries: when full,
-/// expired ones go, and if none had, all.
+/// drops a key ends its sessions here as on a fresh open). At most `max` entries and `max_bytes`
+/// bytes (roughly): when full, expired ones go, and if that is not enough, arbitrary ones down to
+/// 90 %.
 struct OpenedCache {
     map: DashMap<[u8; 32], Opened>,
     max: usize,
+    max_bytes: u64,
+    /// Bytes held (shared with the metrics).
+    counters: Arc<Counters>,
+}
+
+/// Bytes of an opened entry beyond its session's heap: the map slot, the `Arc`, the name.
+const OPENED_OVERHEAD: u64 = 160;
+
+impl Opened {
+    fn bytes(&self) -> u64 {
+        OPENED_OVERHEAD + (self.name.len() + self.session.heap_bytes()) as u64
+    }
 }
 
 impl OpenedCache {
@@ -61,19 +81,62 @@ impl OpenedCache {
         sha2::Sha256::digest(token.as_bytes()).into()
     }
 
+    fn bytes(&self) -> u64 {
+        self.counters.opened_bytes.load(Ordering::Relaxed)
+    }
+
     fn get(&self, key: &[u8; 32], ring: u64, name: &str, now: u64) -> Option<Arc<Session>> {
         let hit = self.map.get(key)?;
         (hit.ring == ring && hit.name == name && hit.session.exp > now).then(|| hit.session.clone())
     }
 
     fn insert(&self, key: [u8; 32], opened: Opened, now: u64) {
-        if self.map.len() >= self.max {
-            self.map.retain(|_, o| o.session.exp > now);
-            if self.map.len() >= self.max {
-                self.map.clear();
+        let size = opened.bytes();
+        if self.map.len() >= self.max || self.bytes() + size > self.max_bytes {
+            self.evict(now, size);
+        }
+        self.counters
+            .opened_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        if let Some(old) = self.map.insert(key, opened) {
+            self.counters
+                .opened_bytes
+                .fetch_sub(old.bytes(), Ordering::Relaxed);
+        }
+    }
+
+    /// Makes room for an entry of `size`: expired entries go, then arbitrary ones until the
+    /// cache is at 90 % of its bounds.
+    fn evict(&self, now: u64, size: u64) {
+        let gone = |o: &Opened| {
+            self.counters
+                .opened_bytes
+                .fetch_sub(o.bytes(), Ordering::Relaxed);
+        };
+        self.map.retain(|_, o| {
+            let keep = o.session.exp > now;
+            if !keep {
+                gone(o);
+            }
+            keep
+        });
+        let target = self.max - self.max / 10;
+        let byte_target = (self.max_bytes - self.max_bytes / 10).saturating_sub(size);
+        let (mut len, mut bytes) = (self.map.len(), self.bytes());
+        let mut excess = Vec::new();
+        for e in self.map.iter() {
+            if len < target && bytes <= byte_target {
+                break;
+            }
+            len -= 1;
+            bytes = bytes.saturating_sub(e.bytes());
+            excess.push(*e.key());
+        }
+        for k in excess {
+            if let Some((_, o)) = self.map.remove(&k) {
+                gone(&o);
             }
         }
-        self.map.insert(key, opened);
     }
 }
 
@@ -94,24 +157,30 @@ pub struct Access {
 }
 
 impl Access {
-    /// Builds the session state; `realm_ns` names a non-default upstream.
+    /// Builds the session state; `realm_ns` names a non-default upstream. Its token cache and
+    /// opened-session cache hold at most `cache_max_entries` each, and `cache_max_bytes`
+    /// together (half each).
     pub fn new(
         keys: Arc<Keys>,
         minter: Arc<Minter>,
-        cache_max_entries: usize,
+        (cache_max_entries, cache_max_bytes): (usize, u64),
         realm_ns: Option<String>,
         canonical: Option<String>,
         metrics: Arc<Metrics>,
     ) -> Access {
+        let tokens = TokenStore::new(cache_max_entries).with_max_bytes(cache_max_bytes / 2);
+        let counters = tokens.shared_counters();
         Access {
             keys,
             realm_ns,
             canonical,
             service: RwLock::new(DEFAULT_SERVICE.to_owned()),
-            tokens: TokenStore::new(cache_max_entries),
+            tokens,
             opened: OpenedCache {
                 map: DashMap::new(),
                 max: cache_max_entries.max(1),
+                max_bytes: (cache_max_bytes / 2).max(1),
+                counters,
             },
             minter,
             metrics,
@@ -224,8 +293,11 @@ impl Access {
                 continue;
             };
             if let Some(service) = c.get("service") {
-                if *self.service.read().expect("lock") != service {
-                    *self.service.write().expect("lock") = service.to_owned();
+                let known = self.service.read().unwrap_or_else(PoisonError::into_inner);
+                if *known != service {
+                    drop(known);
+                    *self.service.write().unwrap_or_else(PoisonError::into_inner) =
+                        service.to_owned();
                 }
             }
             error = c.error().map(str::to_owned);
@@ -248,15 +320,23 @@ impl Access {
         error
     }
 
-    /// A fresh challenge for a request regrelay refuses itself.
+    /// A fresh challenge for a request regrelay refuses itself: its token is not valid
+    /// (`invalid_token`: log in again).
     pub fn challenge_for(&self, method: &Method, path: &str, public: &Origin) -> String {
+        self.challenge_with(method, path, public, "invalid_token")
+    }
+
+    /// A fresh challenge with `error` (`invalid_token`, `insufficient_scope`).
+    fn challenge_with(&self, method: &Method, path: &str, public: &Origin, error: &str) -> String {
         let mut c = Challenge { params: vec![] };
         c.set("realm", &self.public_realm(public));
-        c.set("service", &self.service.read().expect("lock"));
+        let service = self.service.read().unwrap_or_else(PoisonError::into_inner);
+        c.set("service", &service);
+        drop(service);
         if let Some(scope) = challenge::required_scope(method, path) {
             c.set("scope", &scope);
         }
-        c.set("error", "invalid_token");
+        c.set("error", error);
         c.to_string()
     }
 
@@ -293,94 +373,143 @@ impl Access {
         Ok(Credentials::Session(session))
     }
 
-    /// A GitLab token for `session`, fresh now (cached, or minted once for all waiters). GitLab
-    /// refusing the credentials (revoked, lost permission) is the client's 401 with a fresh
-    /// challenge and GitLab's message, so it logs in again; a busy or unreachable token service
-    /// stays what it is (429/503/502/504).
+    /// A GitLab token for `session` to send `method path` with, fresh now (cached, or minted
+    /// once for all waiters). GitLab refusing the credentials (revoked, lost permission) is the
+    /// client's 401 with a fresh challenge and GitLab's message, so it logs in again; a busy or
+    /// unreachable token service stays what it is (429/503/502/504).
+    ///
+    /// What the request needs is checked first: a repository the session never asked for is
+    /// the client's `401 insufficient_scope` (it asks for a token with that scope, as the
+    /// registry would make it), and one the token service refused this session is answered the
+    /// same (a push: `403 DENIED` with why) without a mint or a registry request, while the
+    /// refusal is remembered ([`TokenStore::refuse`]); after its backoff, one request re-mints
+    /// to ask again.
     pub async fn upstream_token(
         &self,
         session: &Session,
-        forwarded_for: &str,
+        fwd: &Forward<'_>,
         method: &Method,
         path: &str,
-        public: &Origin,
     ) -> Result<UpstreamToken, Error> {
-        let (minter, xff) = (self.minter.clone(), forwarded_for.to_owned());
-        let mint = || -> MintFuture {
+        let needed = challenge::required_scope(method, path);
+        let need = needed.as_deref().and_then(Scope::parse);
+        if let Some(need) = &need {
+            if !challenge::covered(&session.scopes, need) {
+                self.tokens
+                    .counters()
+                    .scope_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(self.not_granted(session, need, method, path, fwd.public, false));
+            }
+        }
+        let mint = self.mint_for(session, fwd);
+        let token = match self.tokens.get(session.id, session.exp, &mint).await {
+            Ok(token) => token,
+            Err(failure) => return Err(self.mint_error(failure, method, path, fwd.public)),
+        };
+        let (Some(need), Some(key)) = (need, needed.as_deref()) else {
+            return Ok(token);
+        };
+        if token.grants.allow(&need) != Some(false) {
+            return Ok(token);
+        }
+        // The token service left this scope out of the session's token.
+        match self.tokens.refusal(session.id, key) {
+            Refused::Remembered => {
+                return Err(self.not_granted(session, &need, method, path, fwd.public, true));
+            }
+            Refused::Expired => {
+                let fresh = self
+                    .tokens
+                    .remint(session.id, session.exp, &token, &mint)
+                    .await
+                    .map_err(|failure| self.mint_error(failure, method, path, fwd.public))?;
+                if fresh.grants.allow(&need) != Some(false) {
+                    self.tokens.grant(session.id, key);
+                    return Ok(fresh);
+                }
+            }
+            Refused::No => {}
+        }
+        let backoff = self.tokens.refuse(session.id, session.exp, key);
+        tracing::info!(
+            scope = key,
+            backoff_secs = backoff.as_secs(),
+            "the token service refused the session this scope; answering it without asking again for the backoff"
+        );
+        Err(self.not_granted(session, &need, method, path, fwd.public, true))
+    }
+
+    /// The mint of `session`'s token, for the token cache (it may run in a background task).
+    fn mint_for(&self, session: &Session, fwd: &Forward<'_>) -> impl Fn() -> MintFuture {
+        let (minter, xff) = (self.minter.clone(), fwd.forwarded_for.clone());
+        let (session, client) = (session.clone(), fwd.client.clone());
+        move || -> MintFuture {
             let (minter, session, xff) = (minter.clone(), session.clone(), xff.clone());
+            let client = client.clone();
             Box::pin(async move {
                 let caller = Caller {
                     forwarded_for: &xff,
                     user_agent: None,
+                    client: client.as_ref(),
                 };
                 minter.mint(&session, &caller).await
             })
-        };
-        match self.tokens.get(session.id, session.exp, mint).await {
-            Ok(token) => Ok(token),
-            Err(MintFailure::Refused { message, .. }) => Err(Error::Unauthorized {
-                reason: format!("the token service refused this session's credentials: {message}"),
-                challenge: self.challenge_for(method, path, public),
-            }),
-            Err(other) => Err(Error::Mint(other)),
         }
     }
 
-    /// A push GitLab did not grant, explained: `Some` when the request needs push on its
-    /// repository, the session asked GitLab for push there, and the token came back without it
-    /// (GitLab drops what a credential may not do without an error; the registry would answer
-    /// a bare `401 insufficient_scope`, which Docker reports as "unauthorized"). A session that
-    /// never asked for push is left alone: its client gets the registry's challenge and asks.
-    pub fn push_not_granted(
-        session: &Session,
-        token: &UpstreamToken,
+    fn mint_error(
+        &self,
+        failure: MintFailure,
         method: &Method,
         path: &str,
-    ) -> Option<Error> {
-        // Every registry request passes here: pulls leave before any parsing.
-        if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-            return None;
+        public: &Origin,
+    ) -> Error {
+        match failure {
+            MintFailure::Refused { message, .. } => Error::Unauthorized {
+                reason: format!("the token service refused this session's credentials: {message}"),
+                challenge: self.challenge_for(method, path, public),
+            },
+            other => Error::Mint(other),
         }
-        let scope = crate::challenge::required_scope(method, path)?;
-        let (name, actions) = scope.strip_prefix("repository:")?.rsplit_once(':')?;
-        if !actions.split(',').any(|a| a == "push") {
-            return None;
+    }
+
+    /// The answer for a request whose token cannot do what it needs: a push is `403 DENIED`
+    /// with why (Docker reports a bare `401` as "unauthorized"); anything else the registry's
+    /// `401 insufficient_scope`, so the client asks for a token with the scope. `refused`: the
+    /// token service left the scope out (else the session never asked for it).
+    fn not_granted(
+        &self,
+        session: &Session,
+        need: &Scope<'_>,
+        method: &Method,
+        path: &str,
+        public: &Origin,
+        refused: bool,
+    ) -> Error {
+        let push = need.actions().any(|a| a == "push");
+        if refused && push {
+            return Error::Denied {
+                reason: push_denied_reason(session, need.name),
+            };
         }
-        let asked = session.scopes.iter().any(|s| {
-            s.strip_prefix("repository:")
-                .and_then(|r| r.rsplit_once(':'))
-                .is_some_and(|(n, a)| n == name && a.split(',').any(|x| x == "push" || x == "*"))
-        });
-        let jwt = token.header.to_str().ok()?.strip_prefix("Bearer ")?;
-        let granted = crate::challenge::jwt_granted(jwt, name);
-        if !asked || granted.iter().any(|a| a == "push" || a == "*") {
-            return None;
-        }
-        let user = session
-            .authorization
-            .as_deref()
-            .and_then(crate::challenge::basic_username);
-        let reason = match user.as_deref() {
-            None => format!(
-                "push denied: anonymous sessions cannot push to {name}; `docker login` first"
-            ),
-            Some("gitlab-ci-token") => format!(
-                "push denied: GitLab granted this CI job token no push on {name}: a job token \
-                 pushes only to its own project's registry"
-            ),
-            Some(u) if u.starts_with("gitlab+deploy-token") => format!(
-                "push denied: GitLab granted deploy token {u} no push on {name}: a deploy token \
-                 needs the write_registry scope (read_registry ones are read-only) and pushes \
-                 only to its own project"
-            ),
-            Some(u) => format!(
-                "push denied: GitLab granted {u} no push on {name}: the credential needs the \
-                 write_registry (or api) scope and its user the Developer role or higher there \
-                 (deploy tokens without write_registry are read-only; job tokens push only to \
-                 their own project)"
-            ),
+        let reason = if refused {
+            format!(
+                "the token service granted this session no {} on {}: the credential may not \
+                 (or the repository does not exist)",
+                need.actions, need.name
+            )
+        } else {
+            format!(
+                "this session's token was not issued for {} on {}; ask /jwt/auth for a token \
+                 with that scope",
+                need.actions, need.name
+            )
         };
-        Some(Error::Denied { reason })
+        Error::Unauthorized {
+            reason,
+            challenge: self.challenge_with(method, path, public, "insufficient_scope"),
+        }
     }
 
     /// Caches the token a session was opened with.
@@ -391,6 +520,36 @@ impl Access {
     /// Forgets a token the registry refused (`invalid_token` or `insufficient_scope`).
     pub fn invalidate(&self, session: &Session, token: &UpstreamToken) {
         self.tokens.invalidate(session.id, token);
+    }
+}
+
+/// Why GitLab granted no push on `name` to `session`'s credential (never a secret): GitLab drops
+/// what a credential may not do without an error, so the kind of credential tells the likely
+/// cause.
+fn push_denied_reason(session: &Session, name: &str) -> String {
+    let user = session
+        .authorization
+        .as_deref()
+        .and_then(crate::challenge::basic_username);
+    match user.as_deref() {
+        None => {
+            format!("push denied: anonymous sessions cannot push to {name}; `docker login` first")
+        }
+        Some("gitlab-ci-token") => format!(
+            "push denied: GitLab granted this CI job token no push on {name}: a job token \
+             pushes only to its own project's registry"
+        ),
+        Some(u) if u.starts_with("gitlab+deploy-token") => format!(
+            "push denied: GitLab granted deploy token {u} no push on {name}: a deploy token \
+             needs the write_registry scope (read_registry ones are read-only) and pushes \
+             only to its own project"
+        ),
+        Some(u) => format!(
+            "push denied: GitLab granted {u} no push on {name}: the credential needs the \
+             write_registry (or api) scope and its user the Developer role or higher there \
+             (deploy tokens without write_registry are read-only; job tokens push only to \
+             their own project)"
+        ),
     }
 }
 
@@ -441,6 +600,8 @@ mod tests {
         OpenedCache {
             map: DashMap::new(),
             max: 2,
+            max_bytes: u64::MAX,
+            counters: Arc::default(),
         }
     }
 
@@ -479,11 +640,40 @@ mod tests {
         cache.insert(key(3), opened(&ring, "n", 100), 50);
         assert_eq!(cache.map.len(), 2);
         assert!(cache.get(&key(2), r, "n", 50).is_some());
-        // Full of live ones: all go.
+        // Full of live ones: arbitrary ones go to make room.
         cache.insert(key(4), opened(&ring, "n", 100), 50);
-        assert_eq!(cache.map.len(), 1);
+        assert_eq!(cache.map.len(), 2);
         assert!(cache.get(&key(4), r, "n", 50).is_some());
         // The key is a digest: no token is kept.
         assert_ne!(&key(1)[..7], b"rr1.k.1");
+    }
+
+    #[test]
+    fn the_opened_cache_stays_within_its_bytes() {
+        let one = opened(&KeyRing::from_keys(&[[1; 32]]), "n", 100).bytes();
+        let cache = OpenedCache {
+            map: DashMap::new(),
+            max: 1000,
+            max_bytes: 10 * one,
+            counters: Arc::default(),
+        };
+        let ring = KeyRing::from_keys(&[[1; 32]]);
+        for n in 0..100u32 {
+            cache.insert(
+                OpenedCache::key(&format!("rr1.k.{n}")),
+                opened(&ring, "n", 100),
+                50,
+            );
+            assert!(
+                cache.bytes() <= 10 * one,
+                "{} > {}",
+                cache.bytes(),
+                10 * one
+            );
+        }
+        // What is counted is what is held.
+        let held: u64 = cache.map.iter().map(|e| e.bytes()).sum();
+        assert_eq!(held, cache.bytes());
+        assert!(cache.map.len() >= 8);
     }
 }

@@ -8,6 +8,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -20,6 +22,7 @@ use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::PullCache;
 use crate::challenge::{self, Challenge};
+use crate::clients::{ClientAddress, ClientHandle, Clients, Shares};
 use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
 use crate::injected::InjectedCredentials;
@@ -44,6 +47,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// Whether the connection is HTTP/2.
+    pub h2: bool,
 }
 
 /// One upstream and everything regrelay keeps for it.
@@ -78,7 +83,24 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// The pull-through cache, when on.
     cache: Option<PullCache>,
+    /// What each client holds of the shared pools.
+    clients: Clients,
+    /// Signalled when request slots or upstream connections are exhausted: requests whose
+    /// clients take none of their responses are shed ([`crate::server`]).
+    pressure: Arc<Notify>,
+    /// Readiness: its own small client, and its last answer (probed at most once a second).
+    ready: Readiness,
 }
+
+/// `/-/ready`'s upstream probe, outside every client budget and cached briefly, so a flood of
+/// health checks costs the upstream at most one request a second.
+struct Readiness {
+    probe: Upstream,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Result<StatusCode, String>)>>,
+}
+
+/// How long a readiness answer is reused.
+const READY_CACHE: Duration = Duration::from_secs(1);
 
 /// Distinct unknown `Host`s remembered for the once-per-host warning.
 const MAX_UNKNOWN_HOSTS: usize = 1024;
@@ -97,17 +119,23 @@ impl App {
         let server_tls = server_cert.clone().map(tls::server_config).transpose()?;
         let keys = Arc::new(Keys::new(config.session_key_file.as_deref())?);
         let metrics = Arc::new(Metrics::new());
+        let pressure = Arc::new(Notify::new());
         let mut lanes = Vec::with_capacity(config.upstreams.len());
+        // The session-cache budget is shared evenly by the upstreams.
+        let cache_bytes = (config.session_cache_max_bytes / config.upstreams.len().max(1)) as u64;
         for (i, u) in config.upstreams.iter().enumerate() {
             let tls = tls::client_config(u.ca.as_deref())?;
             let upstream = Upstream::new(&config, tls.clone(), u.origin.clone())
-                .observed_by(metrics.clone(), &u.name);
+                .observed_by(metrics.clone(), &u.name)
+                .pressing(pressure.clone());
             let token_origin = u
                 .token_realm
                 .as_ref()
                 .and_then(Origin::of)
                 .unwrap_or_else(|| u.origin.clone());
-            let client = Upstream::new(&config, tls, token_origin);
+            let client = Upstream::new(&config, tls, token_origin)
+                .observed_by(metrics.clone(), &u.name)
+                .pressing(pressure.clone());
             let minter = Arc::new(Minter::new(&config, u, upstream.clone(), client));
             let session_name = if i == 0 {
                 String::new()
@@ -118,7 +146,7 @@ impl App {
             let access = Access::new(
                 keys.clone(),
                 minter,
-                config.token_cache_max_entries,
+                (config.token_cache_max_entries, cache_bytes),
                 realm_ns,
                 config.public_url.as_ref().map(ToString::to_string),
                 metrics.clone(),
@@ -160,8 +188,16 @@ impl App {
             .chain(&config.public_aliases)
             .cloned()
             .collect();
+        let probe_tls = tls::client_config(config.upstreams[0].ca.as_deref())?;
+        let ready = Readiness {
+            probe: Upstream::probe_client(&config, probe_tls, config.upstreams[0].origin.clone()),
+            last: tokio::sync::Mutex::new(None),
+        };
         Ok(App {
             auth: Auth::new(config.session_lifetime),
+            clients: Clients::new(Shares::of(&config.limits)),
+            pressure,
+            ready,
             config,
             server_tls,
             server_cert,
@@ -263,16 +299,25 @@ impl App {
         self.server_tls.clone()
     }
 
-    /// The quick answer when `--max-requests` are in flight: 503 with `Retry-After`, logged.
-    pub fn overloaded(
+    /// What each client holds of the shared pools.
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
+    /// Signalled when request slots or upstream connections are exhausted.
+    pub fn pressure(&self) -> &Notify {
+        &self.pressure
+    }
+
+    /// The quick answer when a bound (`what`) is reached: 503 with `Retry-After`, logged.
+    pub fn refuse(
         &self,
         req: &Request<Incoming>,
         conn: ConnInfo,
+        what: &'static str,
     ) -> Response<Logged<ProxyBody>> {
-        let err = Error::Overloaded {
-            what: "requests in flight",
-        };
-        tracing::warn!(path = %req.uri().path(), error = %err, "request refused");
+        let err = Error::Overloaded { what };
+        tracing::warn!(path = %req.uri().path(), peer = %conn.peer.ip(), error = %err, "request refused");
         self.metrics.requests_overloaded.inc();
         let mut log = AccessLog::new(req, conn.peer.ip(), self.metrics.clone());
         let resp = error_response(&err);
@@ -311,6 +356,15 @@ impl App {
     ) -> Result<Response<ProxyBody>, Error> {
         let route = router::route(req.method(), req.uri(), req.version(), &self.publics)?;
         let trusted = self.config.is_trusted_proxy(conn.peer.ip());
+        // Who asks decides injected credentials: behind a trusted front, the client it names.
+        let client = match req.extensions().get::<ClientHandle>() {
+            Some(handle) => handle.address,
+            None => crate::clients::client_address(
+                req.headers(),
+                conn.peer.ip(),
+                &self.config.trusted_proxies,
+            ),
+        };
         match route {
             Route::Healthy => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())),
             Route::Ready => Ok(self.ready().await),
@@ -319,7 +373,7 @@ impl App {
                 let xff = proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted);
                 let resp = self
                     .auth
-                    .token_endpoint(req, self, &public, &xff, conn.peer.ip())
+                    .token_endpoint(req, self, &public, &xff, client.known())
                     .await?;
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
@@ -335,6 +389,7 @@ impl App {
                     public: &public,
                     idle: self.config.timeouts.body_idle,
                     bytes_in: log.bytes_in.clone(),
+                    client: req.extensions().get::<ClientHandle>().cloned(),
                 };
                 let creds = lane.access.credentials(
                     req.method(),
@@ -349,7 +404,7 @@ impl App {
                 };
                 retarget(&mut req, &routed.path)?;
                 let injected = match anonymous {
-                    true => self.injected_session(lane, &req, conn).await,
+                    true => self.injected_session(lane, &req, client).await,
                     false => None,
                 };
                 let session = match (injected, creds) {
@@ -404,15 +459,19 @@ impl App {
         Ok(routed)
     }
 
-    /// True when regrelay holds pull credentials for `lane` and `peer` may use them
-    /// (`--inject-credentials-for`).
-    fn may_inject(&self, lane: &Lane, peer: std::net::IpAddr) -> bool {
+    /// True when regrelay holds pull credentials for `lane` and `client` may use them
+    /// (`--inject-credentials-for`): a client whose address is unknown (a trusted front
+    /// forwarded garbage) may not.
+    fn may_inject(&self, lane: &Lane, client: Option<std::net::IpAddr>) -> bool {
+        let Some(ip) = client else {
+            return false;
+        };
         lane.injected.is_some()
             && self
                 .config
                 .inject_credentials_for
                 .iter()
-                .any(|c| c.contains(peer))
+                .any(|c| c.contains(ip))
     }
 
     /// A session for regrelay's own pull credentials of `lane`, when the request may use them:
@@ -424,10 +483,10 @@ impl App {
         &self,
         lane: &Lane,
         req: &Request<Incoming>,
-        conn: ConnInfo,
+        client: ClientAddress,
     ) -> Option<Arc<Session>> {
         let injected = lane.injected.as_ref()?;
-        if !self.may_inject(lane, conn.peer.ip())
+        if !self.may_inject(lane, client.known())
             || !matches!(*req.method(), Method::GET | Method::HEAD)
         {
             return None;
@@ -491,15 +550,12 @@ impl App {
             };
             return uploader.forward(req, session).await;
         }
+        // A scope the session lacks or GitLab refused it is answered here, a push not granted
+        // with why ([`Access::upstream_token`]).
         let token = lane
             .access
-            .upstream_token(session, &fwd.forwarded_for, &method, &path, fwd.public)
+            .upstream_token(session, fwd, &method, &path)
             .await?;
-        // Every push starts with a POST (or a HEAD, then a POST): the one place to explain a
-        // push GitLab did not grant.
-        if let Some(denied) = Access::push_not_granted(session, &token, &method, &path) {
-            return Err(denied);
-        }
         let retry = ends.then(|| bodiless_copy(&req));
         let (resp, _) = lane
             .send_refreshing(session, fwd, req, token, retry.map(|r| move || r))
@@ -559,13 +615,28 @@ impl App {
 
     /// `/-/ready`: 200 when the upstream answers HTTP at all, else 503 ("not ready" is not a
     /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]). It names
-    /// no upstream address.
+    /// no upstream address. The probe has its own connections and its answer is reused for
+    /// [`READY_CACHE`], so readiness answers at every limit and costs the upstream little.
     async fn ready(&self) -> Response<ProxyBody> {
         if self.draining.load(std::sync::atomic::Ordering::Acquire) {
             let body = serde_json::json!({ "status": "draining" });
             return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
         }
-        match self.lanes[0].upstream.probe().await {
+        let probed = {
+            let mut last = self.ready.last.lock().await;
+            match &*last {
+                Some((at, probed)) if at.elapsed() < READY_CACHE => probed.clone(),
+                _ => {
+                    let probed = self.ready.probe.probe().await.map_err(|err| {
+                        tracing::warn!(error = %err.chain(), "not ready");
+                        err.registry_body()
+                    });
+                    *last = Some((std::time::Instant::now(), probed.clone()));
+                    probed
+                }
+            }
+        };
+        match probed {
             Ok(status) => {
                 let body = serde_json::json!({
                     "status": "ready",
@@ -573,10 +644,7 @@ impl App {
                 });
                 json(StatusCode::OK, body.to_string())
             }
-            Err(err) => {
-                tracing::warn!(error = %err.chain(), "not ready");
-                json(StatusCode::SERVICE_UNAVAILABLE, err.registry_body())
-            }
+            Err(body) => json(StatusCode::SERVICE_UNAVAILABLE, body),
         }
     }
 }
@@ -618,7 +686,7 @@ impl Lane {
         tracing::info!(path = %path, error, "registry refused the session's token; minting again");
         let token = self
             .access
-            .upstream_token(session, &fwd.forwarded_for, method, path, fwd.public)
+            .upstream_token(session, fwd, method, path)
             .await?;
         retry
             .headers_mut()
@@ -633,7 +701,7 @@ impl Lanes for App {
         &self,
         scopes: &[String],
         ns: Option<&str>,
-        peer: std::net::IpAddr,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Picked<'_>, Error> {
         let cfg = &self.config;
         let fallback = match ns {
@@ -663,7 +731,7 @@ impl Lanes for App {
         let lane = &self.lanes[i];
         Ok(Picked {
             access: &lane.access,
-            injectable: self.may_inject(lane, peer),
+            injectable: self.may_inject(lane, client),
             upstream: lane.session_name.clone(),
             translated: i != 0 || upstream_scopes.as_slice() != scopes,
             scopes: upstream_scopes,
@@ -731,6 +799,9 @@ fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
+    if let Some(client) = req.extensions().get::<ClientHandle>() {
+        copy.extensions_mut().insert(client.clone());
+    }
     copy
 }
 

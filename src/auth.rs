@@ -8,6 +8,16 @@
 //!   GitLab's GET with Basic; refresh tokens live no longer than the configured session lifetime.
 //! - A successful answer becomes a sealed [`Session`] whose GitLab token seeds the cache.
 //!
+//! What a token request may carry is bounded before anything is asked of the token service:
+//! its query ([`MAX_TOKEN_QUERY_BYTES`]), its scopes ([`challenge::session_scopes`]: at most
+//! 32 of at most 512 bytes, types the token service ignores dropped), its credentials
+//! ([`MAX_CREDENTIAL_BYTES`]) and an OAuth2 form ([`MAX_FORM_BYTES`], else 413): a session is
+//! sealed into every token and kept in memory, so its size is the client's to keep small.
+//!
+//! Refresh tokens, like sessions, are bound to their upstream and the canonical public name: one
+//! issued for one upstream is refused for another, so the credentials it carries never reach
+//! another upstream's token service.
+//!
 //! Secrets never reach a log line, an error or `Debug`: only whether `Authorization` arrived, its
 //! scheme and the Basic username are logged.
 
@@ -19,19 +29,48 @@ use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use zeroize::Zeroizing;
 
 use crate::access::{bearer_token, Access};
 use crate::body::{self, ProxyBody};
 use crate::challenge;
+use crate::clients::ClientHandle;
 use crate::config::Origin;
 use crate::error::Error;
-use crate::mint::{read_small, sensitive_header, token_from_answer, upstream_token, Caller};
+use crate::mint::{sensitive_header, token_from_answer, upstream_token, Caller};
 use crate::proxy;
 use crate::session::{Kind, Session, TOKEN_PREFIX};
 use crate::upstream::UpstreamBody;
+
+/// Longest token request query (`GET /jwt/auth?…`): 32 scopes of 512 bytes, percent-encoded, fit.
+pub const MAX_TOKEN_QUERY_BYTES: usize = 32 * 1024;
+/// Longest OAuth2 token form (`POST /jwt/auth`); a longer one is 413.
+pub const MAX_FORM_BYTES: usize = 64 * 1024;
+/// Longest credentials (`Authorization`, or an OAuth2 form's username and password) a session
+/// keeps: GitLab's tokens, JWT job tokens included, are far shorter.
+pub const MAX_CREDENTIAL_BYTES: usize = 8 * 1024;
+
+/// The scopes a token request may carry, in a session ([`challenge::session_scopes`]).
+fn bounded_scopes(asked: Vec<String>) -> Result<Vec<String>, Error> {
+    challenge::session_scopes(asked).map_err(|e| Error::BadTokenRequest {
+        reason: e.to_string(),
+    })
+}
+
+/// Refuses credentials longer than [`MAX_CREDENTIAL_BYTES`].
+fn bounded_credentials(len: usize) -> Result<(), Error> {
+    if len > MAX_CREDENTIAL_BYTES {
+        return Err(Error::BadTokenRequest {
+            reason: format!(
+                "credentials of {len} bytes; at most {MAX_CREDENTIAL_BYTES} are accepted (GitLab \
+                 tokens are far shorter: check what the client sends)"
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// The upstream a token request is for, as [`Lanes::pick`] decides it.
 pub struct Picked<'a> {
@@ -53,8 +92,14 @@ pub struct Picked<'a> {
 
 /// Picks the upstream of a token request from its scopes and `ns` (see [`crate::mirror`]).
 pub trait Lanes {
-    /// The upstream for `scopes` (client form) and the realm's `ns`, if any, asked by `peer`.
-    fn pick(&self, scopes: &[String], ns: Option<&str>, peer: IpAddr) -> Result<Picked<'_>, Error>;
+    /// The upstream for `scopes` (client form) and the realm's `ns`, if any, asked by `client`
+    /// (`None`: a client whose address is unknown).
+    fn pick(
+        &self,
+        scopes: &[String],
+        ns: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Picked<'_>, Error>;
 }
 
 /// The `/jwt/auth` endpoint.
@@ -75,15 +120,23 @@ impl Auth {
         lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
-        peer: IpAddr,
+        client: Option<IpAddr>,
     ) -> Result<Response<ProxyBody>, Error> {
         if req.method() == Method::POST {
-            return self.oauth(req, lanes, public, forwarded_for, peer).await;
+            return self.oauth(req, lanes, public, forwarded_for, client).await;
         }
         let client_query = req.uri().query().unwrap_or("").to_owned();
+        if client_query.len() > MAX_TOKEN_QUERY_BYTES {
+            return Err(Error::BadTokenRequest {
+                reason: format!(
+                    "a token request query of {} bytes; at most {MAX_TOKEN_QUERY_BYTES} are accepted",
+                    client_query.len()
+                ),
+            });
+        }
         let ns = crate::mirror::ns_param(Some(&client_query));
-        let scopes = challenge::scopes_from_query(&client_query);
-        let picked = lanes.pick(&scopes, ns.as_deref(), peer)?;
+        let scopes = bounded_scopes(challenge::scopes_from_query(&client_query))?;
+        let picked = lanes.pick(&scopes, ns.as_deref(), client)?;
         let access = picked.access;
         let client_service = challenge::query_values(&client_query, "service")
             .into_iter()
@@ -101,6 +154,7 @@ impl Auth {
             tracing::debug!("dropping a regrelay session token presented to /jwt/auth");
             authorization = None;
         }
+        bounded_credentials(authorization.as_ref().map_or(0, HeaderValue::len))?;
         log_token_request("GET", authorization.as_ref());
         if authorization.is_none() && picked.injectable {
             let mut session = Session::new(
@@ -116,9 +170,11 @@ impl Auth {
             );
             return Ok(sealed_answer(access, &session, public, None));
         }
+        let handle = req.extensions().get::<ClientHandle>().cloned();
         let caller = Caller {
             forwarded_for,
             user_agent: req.headers().get(header::USER_AGENT),
+            client: handle.as_ref(),
         };
         let resp = access
             .minter()
@@ -146,18 +202,16 @@ impl Auth {
         lanes: &impl Lanes,
         public: &Origin,
         forwarded_for: &str,
-        peer: IpAddr,
+        client: Option<IpAddr>,
     ) -> Result<Response<ProxyBody>, Error> {
         let ns = crate::mirror::ns_param(req.uri().query());
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
-        let form = read_small(req.into_body())
-            .await
-            .map_err(|_| Error::BadTokenRequest {
-                reason: "unreadable or oversized form".into(),
-            })?;
+        let handle = req.extensions().get::<ClientHandle>().cloned();
+        let form = read_form(req).await?;
         let form = Zeroizing::new(String::from_utf8_lossy(&form).into_owned());
         let field = |k: &str| challenge::query_values(&form, k).into_iter().next();
-        let picked = lanes.pick(&challenge::scopes_from_query(&form), ns.as_deref(), peer)?;
+        let scopes = bounded_scopes(challenge::scopes_from_query(&form))?;
+        let picked = lanes.pick(&scopes, ns.as_deref(), client)?;
         let access = picked.access;
         let scopes = picked.scopes;
         let mut service = field("service").unwrap_or_default();
@@ -171,14 +225,17 @@ impl Auth {
                 let pass = Zeroizing::new(field("password").unwrap_or_default());
                 let basic = Zeroizing::new(format!("{user}:{}", pass.as_str()));
                 let value = Zeroizing::new(format!("Basic {}", STANDARD.encode(basic.as_bytes())));
-                // The refresh token carries the credentials no longer than a session may live.
-                let refresh = Session::new(
+                bounded_credentials(value.len())?;
+                // The refresh token carries the credentials no longer than a session may live,
+                // and only to this upstream (under the name it is sealed for).
+                let mut refresh = Session::new(
                     Kind::Refresh,
                     Some(value.as_bytes().to_vec()),
                     service.clone(),
                     vec![],
                     self.session_lifetime,
                 );
+                refresh.upstream = picked.upstream.clone();
                 (
                     Some(value.as_bytes().to_vec()),
                     access.seal(&refresh, public),
@@ -194,6 +251,15 @@ impl Auth {
                         reason: "invalid refresh token".into(),
                         challenge: access.challenge_for(&Method::GET, "/v2/", public),
                     })?;
+                if refresh.upstream != picked.upstream {
+                    // Its credentials were given for another upstream: they never go elsewhere.
+                    return Err(Error::Unauthorized {
+                        reason: "this refresh token was issued for another upstream; log in to \
+                                 this one with its own credentials"
+                            .into(),
+                        challenge: access.challenge_for(&Method::GET, "/v2/", public),
+                    });
+                }
                 (refresh.authorization.clone(), presented.to_string())
             }
             other => {
@@ -208,6 +274,7 @@ impl Auth {
         let caller = Caller {
             forwarded_for,
             user_agent: user_agent.as_ref(),
+            client: handle.as_ref(),
         };
         let resp = access
             .minter()
@@ -226,6 +293,31 @@ impl Auth {
         );
         session.upstream = picked.upstream;
         answer(access, session, &jwt, public, Some(refresh_token))
+    }
+}
+
+/// An OAuth2 form, at most [`MAX_FORM_BYTES`]: a longer one (by `Content-Length` or as it
+/// streams) is 413, a body that fails the client's.
+async fn read_form(req: Request<Incoming>) -> Result<Bytes, Error> {
+    let too_large = || Error::TooLarge {
+        what: "an OAuth2 token form",
+        limit: MAX_FORM_BYTES,
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_FORM_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_FORM_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(source) => Err(Error::ClientBody { source }),
     }
 }
 

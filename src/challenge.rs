@@ -192,6 +192,102 @@ pub fn required_scope(method: &Method, path: &str) -> Option<String> {
     Some(format!("repository:{name}:{actions}"))
 }
 
+/// Most scopes one token request may carry. Docker, containerd and BuildKit ask for one to a
+/// few (a repository, plus the sources of cross-repository mounts); a session carries its scopes
+/// in every token regrelay hands out and caches, so their number is bounded.
+pub const MAX_SCOPES: usize = 32;
+/// Longest scope accepted: a repository name is at most 255 bytes (distribution's
+/// `NameTotalLengthMax`), plus its type and actions.
+pub const MAX_SCOPE_BYTES: usize = 512;
+
+/// A `type:name:actions` scope, borrowed from its string (the name may hold `:` and `/`; the
+/// actions are after the last `:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// `repository`, `registry`, `repository(plugin)`…
+    pub kind: &'a str,
+    /// The resource: a repository path, or `catalog`.
+    pub name: &'a str,
+    /// Comma-separated actions.
+    pub actions: &'a str,
+}
+
+impl<'a> Scope<'a> {
+    /// Parses `type:name:actions`.
+    pub fn parse(s: &'a str) -> Option<Scope<'a>> {
+        let (kind, rest) = s.split_once(':')?;
+        let (name, actions) = rest.rsplit_once(':')?;
+        (!kind.is_empty() && !name.is_empty()).then_some(Scope {
+            kind,
+            name,
+            actions,
+        })
+    }
+
+    /// Its actions.
+    pub fn actions(&self) -> impl Iterator<Item = &'a str> {
+        self.actions.split(',').filter(|a| !a.is_empty())
+    }
+
+    /// True when this scope asks for every action of `need` on the same resource (`*` is every
+    /// action).
+    pub fn covers(&self, need: &Scope<'_>) -> bool {
+        self.kind == need.kind
+            && self.name == need.name
+            && need
+                .actions()
+                .all(|a| self.actions().any(|x| x == a || x == "*"))
+    }
+}
+
+/// True when one of `scopes` asks for everything `need` needs.
+pub fn covered(scopes: &[String], need: &Scope<'_>) -> bool {
+    scopes
+        .iter()
+        .filter_map(|s| Scope::parse(s))
+        .any(|s| s.covers(need))
+}
+
+/// Why a token request's scopes are refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// More than [`MAX_SCOPES`].
+    #[error(
+        "the token request asks for {0} scopes; at most {MAX_SCOPES} are accepted (registry \
+         clients ask for one per repository they use)"
+    )]
+    TooMany(usize),
+    /// A scope longer than [`MAX_SCOPE_BYTES`].
+    #[error(
+        "a scope of {0} bytes; at most {MAX_SCOPE_BYTES} are accepted (repository names are at \
+         most 255 bytes)"
+    )]
+    TooLong(usize),
+}
+
+/// The scopes a session keeps of what a token request asked: at most [`MAX_SCOPES`] of at most
+/// [`MAX_SCOPE_BYTES`] (else the request is refused), without scope types the token service
+/// ignores (GitLab's `container_registry_authentication_service.rb` reads `repository` and
+/// `registry` only; `repository(plugin)` stays for other registries) and without repeats.
+pub fn session_scopes(asked: Vec<String>) -> Result<Vec<String>, ScopeError> {
+    if asked.len() > MAX_SCOPES {
+        return Err(ScopeError::TooMany(asked.len()));
+    }
+    if let Some(long) = asked.iter().find(|s| s.len() > MAX_SCOPE_BYTES) {
+        return Err(ScopeError::TooLong(long.len()));
+    }
+    let mut kept: Vec<String> = Vec::with_capacity(asked.len());
+    for scope in asked {
+        let known = Scope::parse(&scope).is_some_and(|s| {
+            matches!(s.kind, "repository" | "registry") || s.kind.starts_with("repository(")
+        });
+        if known && !kept.contains(&scope) {
+            kept.push(scope);
+        }
+    }
+    Ok(kept)
+}
+
 /// The `exp` claim of a JWT, read from its payload without verifying anything: regrelay uses it
 /// only to know when to mint again.
 pub fn jwt_exp(token: &str) -> Option<u64> {
@@ -251,6 +347,63 @@ pub fn basic_username(authorization: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_cover_what_a_request_needs() {
+        let need = |s| Scope::parse(s).unwrap();
+        let cases = [
+            ("repository:g/p:pull,push", "repository:g/p:pull", true),
+            ("repository:g/p:pull", "repository:g/p:pull,push", false),
+            ("repository:g/p:*", "repository:g/p:delete", true),
+            ("repository:g/p:pull", "repository:g/q:pull", false),
+            ("repository:g/p:pull", "repository:g/p/x:pull", false),
+            ("registry:catalog:*", "repository:catalog:pull", false),
+            ("repository:h:5000/g:pull", "repository:h:5000/g:pull", true),
+        ];
+        for (have, want, ok) in cases {
+            assert_eq!(
+                covered(&[have.to_owned()], &need(want)),
+                ok,
+                "{have} {want}"
+            );
+        }
+        assert_eq!(Scope::parse("repository::pull"), None);
+        assert_eq!(Scope::parse("repository"), None);
+    }
+
+    #[test]
+    fn session_scopes_are_bounded_and_keep_what_the_token_service_reads() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let kept = session_scopes(v(&[
+            "repository:g/p:pull",
+            "foo:bar:baz",
+            "repository:g/p:pull",
+            "registry:catalog:*",
+            "repository(plugin):p/q:pull",
+            "nonsense",
+        ]))
+        .unwrap();
+        assert_eq!(
+            kept,
+            v(&[
+                "repository:g/p:pull",
+                "registry:catalog:*",
+                "repository(plugin):p/q:pull"
+            ])
+        );
+        let many: Vec<String> = (0..=MAX_SCOPES)
+            .map(|i| format!("repository:r{i}:pull"))
+            .collect();
+        assert_eq!(
+            session_scopes(many),
+            Err(ScopeError::TooMany(MAX_SCOPES + 1))
+        );
+        let long = format!("repository:{}:pull", "a".repeat(MAX_SCOPE_BYTES));
+        assert!(matches!(
+            session_scopes(vec![long]),
+            Err(ScopeError::TooLong(_))
+        ));
+    }
 
     #[test]
     fn granted_actions_and_basic_usernames() {

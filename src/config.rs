@@ -60,6 +60,15 @@ pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_TOKEN_CACHE_MAX_ENTRIES: usize = 100_000;
 /// Largest config file read (a real one is a few KiB).
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+/// The share of each pool all clients share (connections, requests in flight, upstream
+/// connections) that one client may hold, in percent.
+pub const DEFAULT_CLIENT_SHARE_PERCENT: u8 = 25;
+/// Time an HTTP/2 stream may go without the client taking any of its response (a send window
+/// held at zero) before the stream is reset.
+pub const DEFAULT_H2_STALL_TIMEOUT_SECS: u64 = 30;
+/// Memory for cached sessions and their upstream tokens, all upstreams together: 64 MiB, about
+/// 25,000 typical sessions (a GitLab token is 1–2 KiB), and a small part of a 256 MiB container.
+pub const DEFAULT_SESSION_CACHE_MAX_BYTES: u64 = 64 << 20;
 
 /// A configuration problem; its message names the key (`--flag` / `REGRELAY_*` / TOML key).
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +256,21 @@ pub struct ConfigFile {
     /// Sessions whose upstream token is cached at once [default: 100000].
     #[arg(long, env = "REGRELAY_TOKEN_CACHE_MAX_ENTRIES")]
     pub token_cache_max_entries: Option<usize>,
+    /// Bytes of memory for cached sessions and their upstream tokens, all upstreams together;
+    /// past it the oldest-looking entries go (they are opened and minted again on next use)
+    /// [default: 67108864, 64 MiB].
+    #[arg(long, env = "REGRELAY_SESSION_CACHE_MAX_BYTES")]
+    pub session_cache_max_bytes: Option<u64>,
+    /// The largest share, in percent, of each pool all clients share (connections, requests in
+    /// flight, upstream connections) that one client may hold [default: 25]. A client is an
+    /// address (an IPv6 /64); behind --trusted-proxies, the address they forward (the fronts'
+    /// own connections are not counted per client). 100 turns the shares off.
+    #[arg(long, env = "REGRELAY_CLIENT_SHARE_PERCENT")]
+    pub client_share_percent: Option<u8>,
+    /// Seconds an HTTP/2 stream may go without the client taking any of its response (its
+    /// flow-control window held at zero) before the stream is reset [default: 30].
+    #[arg(long, env = "REGRELAY_H2_STALL_TIMEOUT_SECS")]
+    pub h2_stall_timeout_secs: Option<u64>,
     /// Largest upstream upload request in bytes (e.g. a CDN's request-size cap); long uploads
     /// are also split by time, whatever this says [default: off].
     #[arg(long, env = "REGRELAY_UPLOAD_CHUNK_MAX")]
@@ -292,6 +316,11 @@ pub struct ConfigFile {
         value_delimiter = ','
     )]
     pub inject_credentials_for: Option<Vec<String>>,
+    /// Accept --inject-credentials-for ranges that cover a --trusted-proxies front: a request
+    /// that front relays without X-Forwarded-For then counts as the front's own and gets the
+    /// injected credentials. Refused at start without this.
+    #[arg(long, env = "REGRELAY_INJECT_THROUGH_TRUSTED_PROXIES", num_args = 0..=1, default_missing_value = "true")]
+    pub inject_through_trusted_proxies: Option<bool>,
     /// The upstream that serves requests naming none (dockerd's Docker Hub `registry-mirrors`
     /// form) [default: the --registry upstream].
     #[arg(long, env = "REGRELAY_ROOT_UPSTREAM")]
@@ -384,6 +413,9 @@ impl ConfigFile {
             session_key_file,
             session_lifetime_secs,
             token_cache_max_entries,
+            session_cache_max_bytes,
+            client_share_percent,
+            h2_stall_timeout_secs,
             upload_chunk_max,
             upload_split,
             cache_dir,
@@ -393,6 +425,7 @@ impl ConfigFile {
             upstream_tables,
             upstream_credentials,
             inject_credentials_for,
+            inject_through_trusted_proxies,
             root_upstream,
         )
     }
@@ -574,50 +607,54 @@ impl AllowedOrigin {
     }
 }
 
-/// A network of trusted proxies (`--trusted-proxies`), `ADDR/PREFIX` or a single address.
+/// A network (`--trusted-proxies`, `--inject-credentials-for`): `ADDR/PREFIX` or a single
+/// address, parsed and matched by `ipnet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 impl Cidr {
-    /// Parses `10.0.0.0/8`, `::1/128` or `192.0.2.7`.
-    pub fn parse(s: &str) -> Result<Cidr, ConfigError> {
-        let bad = |why: &str| invalid("trusted_proxies", format!("{s:?}: {why}"));
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
+    /// Parses `10.0.0.0/8`, `::1/128` or `192.0.2.7` for the config key `key`.
+    pub fn parse(key: &'static str, s: &str) -> Result<Cidr, ConfigError> {
+        let s = s.trim();
+        let net = match s.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) if !s.contains('/') => s
+                .parse::<IpAddr>()
+                .map(ipnet::IpNet::from)
+                .map_err(|_| invalid(key, format!("{s:?}: not an IP address")))?,
+            Err(_) => {
+                return Err(invalid(
+                    key,
+                    format!("{s:?}: want ADDR/PREFIX (prefix 0-32 for IPv4, 0-128 for IPv6)"),
+                ))
+            }
         };
-        let net: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| bad("bad prefix length"))?,
-            None => max,
-        };
-        Ok(Cidr { net, prefix })
+        Ok(Cidr(net.trunc()))
     }
 
     /// True when `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let (a, b, bits) = match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
-            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
-            _ => return false,
-        };
-        let shift = bits - u32::from(self.prefix);
-        if shift >= 128 {
-            return true;
-        }
-        (a >> shift) == (b >> shift)
+        self.0.contains(&canonical_ip(ip))
+    }
+
+    /// True when the two networks share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.0.contains(&other.0.network()) || other.0.contains(&self.0.network())
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// `ip`, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket reports
+/// for IPv4 peers) as the IPv4 address it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -639,6 +676,8 @@ pub struct Timeouts {
     pub token_request: Duration,
     /// HTTP/2 keep-alive ping interval (and its answer's deadline).
     pub h2_keepalive: Duration,
+    /// An HTTP/2 stream whose response the client takes none of.
+    pub h2_stall: Duration,
     /// Requests without a body, once regrelay stops accepting.
     pub shutdown_grace: Duration,
     /// Not-ready but serving, after SIGTERM.
@@ -662,17 +701,37 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Request header fields.
     pub max_headers: usize,
+    /// The share of each pool one client may hold, in percent.
+    pub client_share_percent: u8,
 }
 
 impl Limits {
+    /// One client's share of a pool of `pool` (at least 1).
+    pub fn client_share(&self, pool: usize) -> usize {
+        (pool * usize::from(self.client_share_percent))
+            .div_ceil(100)
+            .max(1)
+    }
+
     /// File descriptors the process needs at most with `upstreams` upstreams: clients, each
     /// upstream's connections (plus its token service's, bounded alike), and a margin for
     /// listeners, files and logs.
     pub fn fds_needed(&self, upstreams: usize) -> u64 {
-        let per_upstream = 2 * self.max_upstream_connections as u64;
-        self.max_connections as u64 + per_upstream * upstreams.max(1) as u64 + 64
+        let per_upstream = 2 * self.max_upstream_connections as u64 + READY_PROBE_CONNECTIONS;
+        self.max_connections as u64
+            + RESERVE_CONNECTIONS as u64
+            + per_upstream * upstreams.max(1) as u64
+            + 64
     }
 }
+
+/// Connections accepted past `--max-connections` to answer health checks (and requests that
+/// find a slot within a moment) while every slot is taken: health endpoints answer at every
+/// limit.
+pub const RESERVE_CONNECTIONS: usize = 32;
+/// Connections each upstream's readiness probe may open (outside `--max-upstream-connections`,
+/// so `/-/ready` answers while clients hold every upstream slot).
+pub const READY_PROBE_CONNECTIONS: u64 = 2;
 
 /// Server TLS files.
 #[derive(Debug, Clone)]
@@ -726,6 +785,8 @@ pub struct Config {
     pub session_lifetime: Duration,
     /// Bound of the upstream token cache.
     pub token_cache_max_entries: usize,
+    /// Bytes of cached sessions and upstream tokens, all upstreams together.
+    pub session_cache_max_bytes: usize,
     /// Largest upstream upload request, when bounded.
     pub upload_chunk_max: Option<u64>,
     /// Upload splitting mode.
@@ -854,6 +915,12 @@ fn limits(raw: &ConfigFile) -> Result<Limits, ConfigError> {
             DEFAULT_MAX_HEADERS,
             (8, 1000),
         )?,
+        client_share_percent: bounded(
+            "client_share_percent",
+            raw.client_share_percent,
+            DEFAULT_CLIENT_SHARE_PERCENT,
+            (1, 100),
+        )?,
     })
 }
 
@@ -900,6 +967,12 @@ fn timeouts(raw: &ConfigFile) -> Result<Timeouts, ConfigError> {
             raw.h2_keepalive_secs,
             DEFAULT_H2_KEEPALIVE_SECS,
             (1, HOUR),
+        )?,
+        h2_stall: secs(
+            "h2_stall_timeout_secs",
+            raw.h2_stall_timeout_secs,
+            DEFAULT_H2_STALL_TIMEOUT_SECS,
+            (1, DAY),
         )?,
         shutdown_grace: secs(
             "shutdown_grace_secs",
@@ -978,12 +1051,26 @@ impl TryFrom<ConfigFile> for Config {
         }
         let (upstreams, root_upstream) = upstreams(&raw, &registry, &publics, &token_realm)?;
         let inject_credentials_for = match &raw.inject_credentials_for {
-            Some(_) => list(&raw.inject_credentials_for, Cidr::parse)?,
+            Some(_) => list(&raw.inject_credentials_for, |s| {
+                Cidr::parse("inject_credentials_for", s)
+            })?,
             None => vec![
-                Cidr::parse("127.0.0.0/8").expect("a valid CIDR"),
-                Cidr::parse("::1/128").expect("a valid CIDR"),
+                Cidr::parse("inject_credentials_for", "127.0.0.0/8").expect("a valid CIDR"),
+                Cidr::parse("inject_credentials_for", "::1/128").expect("a valid CIDR"),
             ],
         };
+        let trusted_proxies = list(&raw.trusted_proxies, |s| Cidr::parse("trusted_proxies", s))?;
+        if upstreams.iter().any(|u| u.credentials_file.is_some())
+            && raw.inject_through_trusted_proxies != Some(true)
+        {
+            refuse_injection_through_fronts(&inject_credentials_for, &trusted_proxies)?;
+        }
+        let session_cache_max_bytes = bounded(
+            "session_cache_max_bytes",
+            raw.session_cache_max_bytes,
+            DEFAULT_SESSION_CACHE_MAX_BYTES,
+            (1 << 20, 1 << 40),
+        )?;
         let upload_chunk_max = raw
             .upload_chunk_max
             .map(|n| bounded("upload_chunk_max", Some(n), n, (1, u64::MAX)))
@@ -1014,10 +1101,11 @@ impl TryFrom<ConfigFile> for Config {
             log_format: raw.log_format.unwrap_or_default(),
             limits: limits(&raw)?,
             timeouts: timeouts(&raw)?,
-            trusted_proxies: list(&raw.trusted_proxies, Cidr::parse)?,
+            trusted_proxies,
             session_key_file: raw.session_key_file.clone(),
             session_lifetime,
             token_cache_max_entries,
+            session_cache_max_bytes: usize::try_from(session_cache_max_bytes).unwrap_or(usize::MAX),
             upload_chunk_max,
             upload_split: raw.upload_split.unwrap_or_default(),
             cache: cache(&raw)?,
@@ -1026,6 +1114,28 @@ impl TryFrom<ConfigFile> for Config {
             inject_credentials_for,
         })
     }
+}
+
+/// Injected credentials go to clients in `--inject-credentials-for`; behind a trusted front the
+/// client is the address the front forwards, and a request the front relays without one counts
+/// as the front's own. Ranges that cover a front would hand the credentials to every client of a
+/// front that forgets `X-Forwarded-For`: refused unless acknowledged.
+fn refuse_injection_through_fronts(inject: &[Cidr], trusted: &[Cidr]) -> Result<(), ConfigError> {
+    for front in trusted {
+        if let Some(range) = inject.iter().find(|i| i.overlaps(front)) {
+            return Err(invalid(
+                "inject_credentials_for",
+                format!(
+                    "{range} covers the trusted front {front} (--trusted-proxies): a request that \
+                     front relays without X-Forwarded-For would get the injected pull \
+                     credentials. Narrow --inject-credentials-for or --trusted-proxies, or, if the \
+                     front always sends X-Forwarded-For (or its own requests should get them), \
+                     set --inject-through-trusted-proxies"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `--cache-dir` / `--cache-max-bytes`: a size without a directory is a mistake worth naming.

@@ -202,6 +202,14 @@ pub enum Error {
         /// The upstream origin.
         upstream: String,
     },
+    /// A request body larger than regrelay reads for it (413).
+    #[error("{what} larger than {limit} bytes is refused")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// The bound.
+        limit: usize,
+    },
     /// A token request regrelay cannot serve (bad OAuth2 form).
     #[error("bad token request: {reason}")]
     BadTokenRequest {
@@ -245,6 +253,7 @@ impl Error {
             | Error::ClientBody { .. }
             | Error::Unauthorized { .. }
             | Error::Denied { .. }
+            | Error::TooLarge { .. }
             | Error::BadTokenRequest { .. } => Blame::Client,
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamFailed { .. }
@@ -274,6 +283,7 @@ impl Error {
             (Blame::Client, Error::ClientIdle { .. }) => StatusCode::REQUEST_TIMEOUT,
             (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
             (Blame::Client, Error::Denied { .. }) => StatusCode::FORBIDDEN,
+            (Blame::Client, Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             (Blame::Client, _) => StatusCode::BAD_REQUEST,
             (Blame::Upstream, Error::Mint(MintFailure::Busy { status, .. })) => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -304,6 +314,7 @@ impl Error {
             (Blame::Upstream, _) | (_, Error::Overloaded { .. }) => "UNAVAILABLE",
             (_, Error::UploadCut { .. }) => "BLOB_UPLOAD_INVALID",
             (_, Error::NameUnknown { .. }) => "NAME_UNKNOWN",
+            (_, Error::TooLarge { .. }) => "SIZE_INVALID",
             (
                 _,
                 Error::NotFound { .. } | Error::MethodNotAllowed { .. } | Error::Unsupported { .. },

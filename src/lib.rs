@@ -26,6 +26,7 @@ pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod challenge;
+pub mod clients;
 pub mod config;
 pub mod doctor;
 pub mod error;

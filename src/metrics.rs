@@ -16,6 +16,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
@@ -50,6 +51,13 @@ pub struct RouteLabels {
 pub struct UpstreamLabels {
     /// `--upstream NAME` (`default` for `--registry`).
     pub upstream: String,
+}
+
+/// A shared pool (`connections`, `requests`, `upstream`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// The pool.
+    pub pool: &'static str,
 }
 
 /// One outcome from a fixed list.
@@ -95,6 +103,18 @@ pub struct Metrics {
     pub connections_shed: Family<OutcomeLabels, Counter>,
     /// `regrelay_requests_refused_overload_total`: answered 503 at `--max-requests`.
     pub requests_overloaded: Counter,
+    /// `regrelay_client_share_refused_total{pool}`: connections closed and requests answered 503
+    /// because their client held its share of the pool (`connections`, `requests`, `upstream`).
+    pub client_share_refused: Family<PoolLabels, Counter>,
+    /// `regrelay_requests_shed_total{outcome}`: requests whose client took none of their response,
+    /// reset (HTTP/2) or cut with their connection (HTTP/1.1): `stall` (past
+    /// `--h2-stall-timeout-secs`) or `pressure` (a shared pool was exhausted).
+    pub requests_shed: Family<OutcomeLabels, Counter>,
+    /// `regrelay_reserve_connections_total{outcome}`: connections accepted past
+    /// `--max-connections`: `health` (answered a health check), `promoted` (got a slot),
+    /// `refused` (503, no slot in time).
+    pub reserve_connections: Family<OutcomeLabels, Counter>,
+
     /// `regrelay_shutdown_phase`: 0 serving, 1 shutdown delay (not ready), 2 draining, 3 grace
     /// over, 4 uploads cut.
     pub shutdown_phase: Gauge,
@@ -171,6 +191,10 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_shed: Family::default(),
             requests_overloaded: Counter::default(),
+            client_share_refused: Family::default(),
+            requests_shed: Family::default(),
+            reserve_connections: Family::default(),
+
             shutdown_phase: Gauge::default(),
             unknown_host_requests: Counter::default(),
             reloads: Family::default(),
@@ -182,6 +206,17 @@ impl Metrics {
         // Known label values start at 0, so rates and absence alerts work from the first scrape.
         for outcome in ["idle", "stalled"] {
             let _ = m.connections_shed.get_or_create(&OutcomeLabels { outcome });
+        }
+        for pool in ["connections", "requests", "upstream"] {
+            let _ = m.client_share_refused.get_or_create(&PoolLabels { pool });
+        }
+        for outcome in ["stall", "pressure"] {
+            let _ = m.requests_shed.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["health", "promoted", "refused"] {
+            let _ = m
+                .reserve_connections
+                .get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["hit", "miss", "follower", "denied", "pass", "stale"] {
             let _ = m.cache_requests.get_or_create(&OutcomeLabels { outcome });
@@ -271,6 +306,21 @@ impl Metrics {
             "requests_refused_overload",
             "Requests answered 503 at --max-requests",
             m.requests_overloaded.clone(),
+        );
+        r.register(
+            "client_share_refused",
+            "Connections closed and requests answered 503 because their client held its share of the pool (connections, requests, upstream)",
+            m.client_share_refused.clone(),
+        );
+        r.register(
+            "requests_shed",
+            "Requests whose client took none of their response, reset or cut: stall (past --h2-stall-timeout-secs) or pressure (a shared pool was exhausted)",
+            m.requests_shed.clone(),
+        );
+        r.register(
+            "reserve_connections",
+            "Connections accepted past --max-connections, by outcome (health, promoted, refused)",
+            m.reserve_connections.clone(),
         );
         r.register(
             "shutdown_phase",
@@ -436,7 +486,8 @@ impl Collector for TokenCollector {
             (
                 "token_cache_lookups",
                 "Token cache lookups, by result (hit, miss, joined another request's mint, \
-                 failure remembered)",
+                 failure remembered, scope refused: a scope the token service refused the \
+                 session, answered without a mint or a registry request)",
                 "result",
                 |c| {
                     vec![
@@ -444,6 +495,7 @@ impl Collector for TokenCollector {
                         ("miss", c.misses.load(Relaxed)),
                         ("joined", c.joins.load(Relaxed)),
                         ("failure_remembered", c.negative_hits.load(Relaxed)),
+                        ("scope_refused", c.scope_refusals.load(Relaxed)),
                     ]
                 },
             ),
@@ -454,6 +506,23 @@ impl Collector for TokenCollector {
                 |c| vec![("ahead", c.background.load(Relaxed))],
             ),
         ];
+        let mut bytes = encoder.encode_descriptor(
+            "session_cache",
+            "Memory held by cached sessions (opened) and their upstream tokens (tokens), \
+             bounded by --session-cache-max-bytes",
+            Some(&Unit::Bytes),
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (upstream, counters) in self.tokens.get().into_iter().flatten() {
+            for (cache, n) in [
+                ("tokens", counters.token_bytes.load(Relaxed)),
+                ("opened", counters.opened_bytes.load(Relaxed)),
+            ] {
+                let labels = [("upstream", upstream.as_str()), ("cache", cache)];
+                let encoder = bytes.encode_family(&labels)?;
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(encoder)?;
+            }
+        }
         for (name, help, key, read) in families {
             let mut family = encoder.encode_descriptor(
                 name,

@@ -40,6 +40,8 @@ pub struct Caller<'a> {
     pub forwarded_for: &'a str,
     /// The client's `User-Agent`, if any.
     pub user_agent: Option<&'a HeaderValue>,
+    /// The client, whose share of upstream connections token requests take.
+    pub client: Option<&'a crate::clients::ClientHandle>,
 }
 
 /// Talks to the token service.
@@ -158,6 +160,9 @@ impl Minter {
             );
             if let Some(ua) = caller.user_agent {
                 headers.insert(header::USER_AGENT, ua.clone());
+            }
+            if let Some(client) = caller.client {
+                req.extensions_mut().insert(client.clone());
             }
             let resp = tokio::time::timeout_at(deadline, self.client.send(req))
                 .await

@@ -1,6 +1,8 @@
 //! The accept loop and every connection's life: the connection limit, the TLS handshake, protocol
 //! detection (ALPN, or the HTTP/2 preface on plain TCP), HTTP/1.1 or HTTP/2 with their bounds,
 //! and a graceful drain with a deadline on shutdown. The only module that accepts sockets.
+//! Which budget each request takes is [`admit`]'s; what a connection knows of its requests,
+//! [`state`]'s.
 //!
 //! Every phase of a connection has a deadline, so a host cannot hold sockets by saying nothing:
 //! - TLS handshake: `--tls-handshake-timeout-secs`;
@@ -9,48 +11,57 @@
 //! - no request in flight (HTTP/1.1 keep-alive, an HTTP/2 connection without streams):
 //!   `--idle-timeout-secs`, then the connection is closed gracefully;
 //! - HTTP/2 peers that stop answering pings: `--h2-keepalive-secs`;
+//! - an HTTP/2 stream whose response the client takes none of (its window held at zero):
+//!   `--h2-stall-timeout-secs`, then that stream alone is reset;
 //! - a client that stops reading a response: a write that cannot progress for
 //!   `--body-idle-timeout-secs` fails the connection (`Deadlined`), which frees the upstream
 //!   connection it pinned.
 //!
-//! At `--max-connections`, connections that hold a slot without using it are asked to leave: no
-//! request in flight (or no handshake or first request yet) for [`SHED_IDLE_AFTER`], or a
-//! response the client has not read for [`SHED_STALLED_AFTER`]. Idle, silent or non-reading
-//! sockets from one host cannot lock everyone else out.
+//! No client holds what all share: each holds at most `--client-share-percent` of connections,
+//! requests in flight and upstream connections ([`crate::clients`]). When a shared pool is still
+//! exhausted, holders that make no progress go first:
+//! - at `--max-connections`, connections with no request in flight (or no handshake or first
+//!   request yet) for [`SHED_IDLE_AFTER`], and those not taking their responses for
+//!   [`SHED_STALLED_AFTER`] (a write stuck, or every stream stalled), are asked to leave; up to
+//!   [`RESERVE_CONNECTIONS`] more are accepted meanwhile, which answer health checks and wait a
+//!   moment for a slot for anything else;
+//! - at `--max-requests` or `--max-upstream-connections`, requests not taking their responses
+//!   for [`SHED_STALLED_AFTER`] are reset (HTTP/2) or their connection cut (HTTP/1.1).
 //!
-//! Bounds: `--max-connections` sockets, `--h2-max-concurrent-streams` per HTTP/2 connection,
-//! `--max-requests` in flight over all connections (past it: 503 with `Retry-After`, at once),
-//! request heads of `--max-header-bytes` and `--max-headers` (past them: 431).
+//! Health checks take no budget at all. Bounds: `--max-connections` sockets,
+//! `--h2-max-concurrent-streams` per HTTP/2 connection, `--max-requests` in flight over all
+//! connections (past it, and past a client's share: 503 with `Retry-After`), request heads of
+//! `--max-header-bytes` and `--max-headers` (past them: 431).
 
-use std::convert::Infallible;
+mod admit;
+mod deadline;
+mod state;
+
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::app::{App, ConnInfo};
-use crate::body::ProxyBody;
-use crate::config::{Limits, Timeouts};
-use crate::metrics;
-use crate::telemetry::Logged;
+use crate::config::{Limits, Timeouts, RESERVE_CONNECTIONS};
+use crate::metrics::{self, OutcomeLabels, PoolLabels};
+use admit::Admission;
+use deadline::{Deadlined, Socket};
+use state::{ConnState, StreamExec};
+
+pub use admit::{PRESSURE_WAIT, RESERVE_WAIT};
 
 /// Pause after a failed `accept` (e.g. EMFILE) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
@@ -63,17 +74,19 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// At the connection limit, connections idle (or silent) this long are shed to make room. A
 /// client accepted from the backlog has its request (or TLS hello) waiting already.
 pub const SHED_IDLE_AFTER: Duration = Duration::from_millis(500);
-/// At the connection limit, connections whose response write has not progressed this long (the
-/// client reads nothing) are cut to make room. A slow but reading client frees buffer space
-/// within milliseconds.
+/// When a shared pool is exhausted, holders not taking their responses this long are shed (a
+/// connection whose write has not progressed, an HTTP/2 stream whose window stays at zero). A
+/// slow but reading client frees buffer space within milliseconds.
 pub const SHED_STALLED_AFTER: Duration = Duration::from_secs(1);
 /// How often the accept loop, blocked at the limit, asks idle connections to leave.
 const PRESSURE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often an HTTP/2 connection with streams in flight looks for stalled ones.
+const STALL_SCAN: Duration = Duration::from_secs(1);
 
 /// How connections are served; built once.
 struct Protocols {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    limits: Limits,
     tls: Option<TlsAcceptor>,
     timeouts: Timeouts,
 }
@@ -92,7 +105,19 @@ impl Protocols {
             .header_read_timeout(timeouts.header_read)
             .max_header_size(limits.max_header_bytes)
             .max_headers(limits.max_headers);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        Protocols {
+            h1,
+            limits,
+            tls: app.server_tls().map(TlsAcceptor::from),
+            timeouts,
+        }
+    }
+
+    /// The HTTP/2 server of one connection: its stream tasks run on `exec`, which ties each to
+    /// its request so a stalled stream can be reset alone.
+    fn h2(&self, exec: StreamExec) -> http2::Builder<StreamExec> {
+        let (limits, timeouts) = (self.limits, self.timeouts);
+        let mut h2 = http2::Builder::new(exec);
         // Flow-control windows for uploads over long round trips: hyper's 1 MiB default held an
         // h2 upload over 50 ms to 0.32x of HTTP/1.1's speed. Adaptive windows start at 64 KiB
         // and double per measured round trip up to 16 MiB, so a 64 MiB layer over 50 ms spent
@@ -107,12 +132,7 @@ impl Protocols {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(timeouts.h2_keepalive)
             .keep_alive_timeout(timeouts.h2_keepalive);
-        Protocols {
-            h1,
-            h2,
-            tls: app.server_tls().map(TlsAcceptor::from),
-            timeouts,
-        }
+        h2
     }
 }
 
@@ -146,10 +166,12 @@ pub async fn run(
     let acceptor = Acceptor {
         listener,
         connections: connections.clone(),
+        reserve: Arc::new(Semaphore::new(RESERVE_CONNECTIONS)),
         template: Shared {
             app: app.clone(),
             protocols,
             requests: Arc::new(Semaphore::new(limits.max_requests)),
+            connections: connections.clone(),
             uploads: app.metrics().uploads_in_flight.clone(),
             phases,
             pressure: Arc::new(Notify::new()),
@@ -231,8 +253,18 @@ pub async fn run(
 struct Acceptor {
     listener: TcpListener,
     connections: Arc<Semaphore>,
+    /// Slots past `--max-connections`, used only while every real one is taken.
+    reserve: Arc<Semaphore>,
     /// What each connection task gets (its `accepted` is stamped per connection).
     template: Shared,
+}
+
+/// A connection's slot.
+enum Slot {
+    /// One of `--max-connections`.
+    Main(OwnedSemaphorePermit),
+    /// One of [`RESERVE_CONNECTIONS`]: health checks, or a wait for a real slot.
+    Reserve(OwnedSemaphorePermit),
 }
 
 impl Acceptor {
@@ -240,8 +272,10 @@ impl Acceptor {
     async fn accept_until(&self, until: impl Future<Output = ()>) {
         tokio::pin!(until);
         loop {
-            let permit = tokio::select! {
-                permit = slot(&self.connections, &self.template.pressure) => permit,
+            let slot = tokio::select! {
+                biased;
+                permit = slot(&self.connections, &self.template.pressure) => Slot::Main(permit),
+                permit = reserve_slot(&self.reserve, &self.connections) => Slot::Reserve(permit),
                 () = &mut until => return,
             };
             let (stream, peer) = tokio::select! {
@@ -255,20 +289,38 @@ impl Acceptor {
                 },
                 () = &mut until => return,
             };
-            let _ = stream.set_nodelay(true);
-            let conn = ConnInfo {
-                peer,
-                tls: self.template.protocols.tls.is_some(),
+            let app = &self.template.app;
+            let metrics = app.metrics().clone();
+            metrics.connections_accepted.inc();
+            // A trusted front carries every client behind it: only direct clients have a share
+            // (and none at 100 %: the connection limit's own shedding decides alone).
+            let cfg = app.config();
+            let share = if cfg.is_trusted_proxy(peer.ip()) || cfg.limits.client_share_percent >= 100
+            {
+                None
+            } else {
+                match app.clients().connection(peer.ip()) {
+                    Some(share) => Some(share),
+                    None => {
+                        metrics
+                            .client_share_refused
+                            .get_or_create(&PoolLabels {
+                                pool: "connections",
+                            })
+                            .inc();
+                        tracing::debug!(peer = %peer, "connection over its client's share of --max-connections; closed");
+                        continue;
+                    }
+                }
             };
+            let _ = stream.set_nodelay(true);
             let mut shared = self.template.clone();
             shared.accepted = Instant::now();
-            let metrics = shared.app.metrics().clone();
-            metrics.connections_accepted.inc();
             metrics.connections_open.inc();
             tokio::spawn(async move {
-                serve_connection(stream, conn, shared).await;
+                serve_connection(stream, peer, shared, slot).await;
                 metrics.connections_open.dec();
-                drop(permit);
+                drop(share);
             });
         }
     }
@@ -282,14 +334,25 @@ async fn slot(connections: &Arc<Semaphore>, pressure: &Notify) -> OwnedSemaphore
     loop {
         pressure.notify_waiters();
         let wait = connections.clone().acquire_owned();
-        if let Ok(permit) = tokio::time::timeout(PRESSURE_INTERVAL, wait).await {
-            return permit.expect("the semaphore is never closed");
+        if let Ok(Ok(permit)) = tokio::time::timeout(PRESSURE_INTERVAL, wait).await {
+            return permit;
         }
     }
 }
 
-/// Resolves when the server is at its connection limit and `sheddable` says the connection has
-/// been idle or stalled for its allowance.
+/// A reserve slot, only while every real slot is taken.
+async fn reserve_slot(reserve: &Arc<Semaphore>, connections: &Semaphore) -> OwnedSemaphorePermit {
+    loop {
+        if connections.available_permits() == 0 {
+            if let Ok(permit) = reserve.clone().try_acquire_owned() {
+                return permit;
+            }
+        }
+        tokio::time::sleep(PRESSURE_INTERVAL).await;
+    }
+}
+
+/// Resolves when `pressure` is signalled and `sheddable` says the connection may go.
 async fn shed(pressure: &Notify, sheddable: impl Fn() -> bool) {
     loop {
         pressure.notified().await;
@@ -305,15 +368,22 @@ struct Shared {
     app: Arc<App>,
     protocols: Arc<Protocols>,
     requests: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
     /// Blob uploads in flight, server-wide (they may outlive the grace period); also the
     /// `regrelay_uploads_in_flight` gauge.
     uploads: Gauge,
     phases: watch::Receiver<Phase>,
+    /// Connection-limit pressure.
     pressure: Arc<Notify>,
     accepted: Instant,
 }
 
-async fn serve_connection(stream: TcpStream, conn: ConnInfo, shared: Shared) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Shared,
+    slot: Slot,
+) {
     let t = shared.protocols.timeouts;
     let pressure = shared.pressure.clone();
     let accepted = shared.accepted;
@@ -325,8 +395,8 @@ async fn serve_connection(stream: TcpStream, conn: ConnInfo, shared: Shared) {
             () = &mut shed_early => None,
         };
         match detected {
-            Some(h2) => drive(stream, h2, conn, shared).await,
-            None => tracing::debug!(peer = %conn.peer, "no request in time; closed"),
+            Some(h2) => drive(stream, h2, peer, shared, slot).await,
+            None => tracing::debug!(peer = %peer, "no request in time; closed"),
         }
         return;
     };
@@ -334,17 +404,17 @@ async fn serve_connection(stream: TcpStream, conn: ConnInfo, shared: Shared) {
     let done = tokio::select! {
         done = handshake => done,
         () = &mut shed_early => {
-            tracing::debug!(peer = %conn.peer, "tls handshake unfinished at the connection limit; closed");
+            tracing::debug!(peer = %peer, "tls handshake unfinished at the connection limit; closed");
             return;
         }
     };
     match done {
         Ok(Ok(stream)) => {
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            drive(stream, h2, conn, shared).await;
+            drive(stream, h2, peer, shared, slot).await;
         }
-        Ok(Err(err)) => tracing::debug!(peer = %conn.peer, error = %err, "tls handshake failed"),
-        Err(_) => tracing::debug!(peer = %conn.peer, "tls handshake timed out"),
+        Ok(Err(err)) => tracing::debug!(peer = %peer, error = %err, "tls handshake failed"),
+        Err(_) => tracing::debug!(peer = %peer, "tls handshake timed out"),
     }
 }
 
@@ -373,7 +443,7 @@ async fn detect_h2(stream: &TcpStream, deadline: Duration) -> Option<bool> {
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the connection ends, is idle too long, or the server
 /// stops.
-async fn drive<I>(io: I, h2: bool, conn: ConnInfo, shared: Shared)
+async fn drive<I>(io: I, h2: bool, peer: std::net::SocketAddr, shared: Shared, slot: Slot)
 where
     I: Socket + Send + 'static,
 {
@@ -381,43 +451,56 @@ where
         app,
         protocols,
         requests,
+        connections,
         uploads,
         phases,
         pressure,
         ..
     } = shared;
     let t = protocols.timeouts;
+    let conn = ConnInfo {
+        peer,
+        tls: protocols.tls.is_some(),
+        h2,
+    };
     let metrics = app.metrics().clone();
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(Deadlined::new(io, t.body_idle, state.clone()));
-    let tracker = state.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let (app, requests, tracker) = (app.clone(), requests.clone(), tracker.clone());
-        let uploads = uploads.clone();
-        async move {
-            let Ok(permit) = requests.try_acquire_owned() else {
-                return Ok::<_, Infallible>(app.overloaded(&req, conn).map(Tracked::without));
-            };
-            let upload = is_upload(&req);
-            let guard = InFlight::enter(tracker, permit, upload.then_some(uploads));
-            let resp = app.handle(req, conn).await;
-            Ok(resp.map(|inner| Tracked {
-                inner,
-                _guard: Some(guard),
-            }))
-        }
+    let exec = h2.then(StreamExec::default);
+    let (main, reserve) = match slot {
+        Slot::Main(p) => (Some(p), None),
+        Slot::Reserve(p) => (None, Some(p)),
+    };
+    let admission = Arc::new(Admission {
+        app: app.clone(),
+        conn,
+        state: state.clone(),
+        requests,
+        connections,
+        conn_pressure: pressure.clone(),
+        uploads,
+        reserve: Mutex::new(reserve),
+        promoted: Mutex::new(main),
+        close: Default::default(),
+        closing: Notify::new(),
+        exec: exec.clone(),
     });
+    let service = {
+        let admission = admission.clone();
+        service_fn(move |req: http::Request<Incoming>| admission.call(req))
+    };
     let watch = Watch {
         metrics: &metrics,
         state: &state,
+        admission: &admission,
         phases,
         pressure: &pressure,
+        requests_pressure: app.pressure(),
         t,
     };
-    let result = if h2 {
-        supervise(protocols.h2.serve_connection(io, service), watch).await
-    } else {
-        supervise(protocols.h1.serve_connection(io, service), watch).await
+    let result = match exec {
+        Some(exec) => supervise(protocols.h2(exec).serve_connection(io, service), watch).await,
+        None => supervise(protocols.h1.serve_connection(io, service), watch).await,
     };
     if let Err(err) = result {
         tracing::debug!(peer = %conn.peer, error = %err, "connection ended with error");
@@ -428,33 +511,68 @@ where
 struct Watch<'a> {
     metrics: &'a metrics::Metrics,
     state: &'a ConnState,
+    admission: &'a Admission,
     phases: watch::Receiver<Phase>,
+    /// Connection-limit pressure.
     pressure: &'a Notify,
+    /// Request and upstream pools' pressure.
+    requests_pressure: &'a Notify,
     t: Timeouts,
+}
+
+impl Watch<'_> {
+    /// Resets (HTTP/2) the requests stalled for `at_least`; returns how many. For HTTP/1.1 the
+    /// connection is cut instead (its one request is stalled); `None` then.
+    fn shed_stalled(&self, at_least: Duration, reason: &'static str) -> Option<usize> {
+        let stalled = self.state.stalled_streams(at_least);
+        if stalled.is_empty() {
+            return Some(0);
+        }
+        if !self.admission.conn.h2 {
+            self.state.cut();
+            self.count_reset(reason, 1);
+            return None;
+        }
+        let reset = stalled.iter().filter(|s| s.reset()).count();
+        self.count_reset(reason, reset);
+        Some(reset)
+    }
+
+    fn count_reset(&self, reason: &'static str, n: usize) {
+        if n > 0 {
+            tracing::debug!(peer = %self.admission.conn.peer, reason, n, "stalled requests shed");
+            self.metrics
+                .requests_shed
+                .get_or_create(&OutcomeLabels { outcome: reason })
+                .inc_by(n as u64);
+        }
+    }
 }
 
 /// Runs a connection; closes it gracefully when no request was in flight for the idle timeout
 /// (the header read timeout before its first request), when it is idle at the connection limit,
-/// or when the server stops.
+/// or when the server stops; resets HTTP/2 streams stalled past `--h2-stall-timeout-secs`, and
+/// sheds stalled requests when a shared pool is exhausted.
 async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
     conn: C,
     watch: Watch<'_>,
 ) -> hyper::Result<()> {
-    let Watch {
-        metrics,
-        state,
-        mut phases,
-        pressure,
-        t,
-    } = watch;
+    let (state, t) = (watch.state, watch.t);
+    let mut phases = watch.phases.clone();
     let mut draining = false;
     tokio::pin!(conn);
     let mut closing: Option<Instant> = None;
+    let h2 = watch.admission.conn.h2;
+    let mut scan = Instant::now() + STALL_SCAN;
     loop {
         let wake = match closing {
             Some(cut) => cut,
             None => state.idle_deadline(t.header_read, t.idle),
         };
+        let scanning = h2 && state.active() > 0;
+        if !scanning {
+            scan = Instant::now() + STALL_SCAN;
+        }
         tokio::select! {
             res = conn.as_mut() => return res,
             () = tokio::time::sleep_until(wake) => {
@@ -467,11 +585,21 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     closing = Some(Instant::now() + CLOSE_GRACE);
                 }
             }
-            () = shed(pressure, || state.sheddable()), if closing.is_none() => {
-                let why = if state.stalled_since().is_some() { "stalled" } else { "idle" };
-                metrics.connections_shed.get_or_create(&metrics::OutcomeLabels { outcome: why }).inc();
-                if state.stalled_since().is_some() {
-                    tracing::debug!("connection not reading its response cut at the connection limit");
+            () = tokio::time::sleep_until(scan), if scanning => {
+                scan = Instant::now() + STALL_SCAN;
+                let _ = watch.shed_stalled(t.h2_stall, "stall");
+            }
+            () = shed(watch.requests_pressure, || state.any_stalled(SHED_STALLED_AFTER)) => {
+                if watch.shed_stalled(SHED_STALLED_AFTER, "pressure").is_none() && closing.is_none() {
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+            }
+            () = shed(watch.pressure, || state.sheddable(SHED_IDLE_AFTER, SHED_STALLED_AFTER)), if closing.is_none() => {
+                let stalled = state.idle_since().is_none();
+                let why = if stalled { "stalled" } else { "idle" };
+                watch.metrics.connections_shed.get_or_create(&OutcomeLabels { outcome: why }).inc();
+                if stalled {
+                    tracing::debug!("connection not taking its responses cut at the connection limit");
                     state.cut();
                     closing = Some(Instant::now() + CLOSE_GRACE);
                     continue;
@@ -480,6 +608,13 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                 // HTTP/2 GOAWAY's ping would otherwise keep the slot for the close grace).
                 tracing::debug!("idle connection shed at the connection limit");
                 return Ok(());
+            }
+            () = watch.admission.closing.notified(), if closing.is_none() && !draining => {
+                if watch.admission.close.load(Ordering::Acquire) {
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
             }
             changed = phases.changed() => {
                 let phase = if changed.is_err() { Phase::GraceOver } else { *phases.borrow() };
@@ -501,293 +636,6 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                 }
             }
         }
-    }
-}
-
-/// Requests in flight on one connection, since when it has had none, and since when a write to
-/// it has been stuck.
-struct ConnState {
-    active: AtomicUsize,
-    /// Blob uploads among them.
-    uploads: AtomicUsize,
-    served: AtomicBool,
-    since: Mutex<Instant>,
-    /// Since when a write has been pending, and the task to wake to cut it.
-    stalled: Mutex<Option<(Instant, Waker)>>,
-    /// Set to cut a stalled connection at once (its socket is reset).
-    abort: AtomicBool,
-}
-
-impl ConnState {
-    fn new() -> ConnState {
-        ConnState {
-            active: AtomicUsize::new(0),
-            uploads: AtomicUsize::new(0),
-            served: AtomicBool::new(false),
-            since: Mutex::new(Instant::now()),
-            stalled: Mutex::new(None),
-            abort: AtomicBool::new(false),
-        }
-    }
-
-    fn stalled_since(&self) -> Option<Instant> {
-        self.stalled
-            .lock()
-            .expect("conn state lock")
-            .as_ref()
-            .map(|(t, _)| *t)
-    }
-
-    /// Cuts a stalled connection: its pending write fails and its socket is reset.
-    fn cut(&self) {
-        self.abort.store(true, Ordering::Release);
-        if let Some((_, waker)) = self.stalled.lock().expect("conn state lock").as_ref() {
-            waker.wake_by_ref();
-        }
-    }
-
-    /// True when the connection may be shed at the connection limit.
-    fn sheddable(&self) -> bool {
-        let stalled = self
-            .stalled_since()
-            .is_some_and(|t| t.elapsed() >= SHED_STALLED_AFTER);
-        let idle = self
-            .idle_since()
-            .is_some_and(|t| t.elapsed() >= SHED_IDLE_AFTER);
-        stalled || idle
-    }
-
-    fn limit(&self, first: Duration, idle: Duration) -> Duration {
-        if self.served.load(Ordering::Acquire) {
-            idle
-        } else {
-            first
-        }
-    }
-
-    /// When to look again: the end of the idle allowance, or (while busy) one allowance away.
-    fn idle_deadline(&self, first: Duration, idle: Duration) -> Instant {
-        let limit = self.limit(first, idle);
-        if self.active.load(Ordering::Acquire) > 0 {
-            return Instant::now() + limit;
-        }
-        *self.since.lock().expect("conn state lock") + limit
-    }
-
-    /// Since when no request has been in flight, if none is.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.active.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        Some(*self.since.lock().expect("conn state lock"))
-    }
-
-    fn is_idle_since(&self, first: Duration, idle: Duration) -> bool {
-        self.active.load(Ordering::Acquire) == 0
-            && self.since.lock().expect("conn state lock").elapsed() >= self.limit(first, idle)
-    }
-}
-
-/// One request in flight: counted on its connection and in the server-wide bound until its
-/// response body is done (or dropped).
-struct InFlight {
-    state: Arc<ConnState>,
-    /// The server-wide upload count, when this request is a blob upload.
-    upload: Option<Gauge>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl InFlight {
-    fn enter(
-        state: Arc<ConnState>,
-        permit: OwnedSemaphorePermit,
-        upload: Option<Gauge>,
-    ) -> InFlight {
-        state.served.store(true, Ordering::Release);
-        state.active.fetch_add(1, Ordering::AcqRel);
-        if let Some(uploads) = &upload {
-            uploads.inc();
-            state.uploads.fetch_add(1, Ordering::AcqRel);
-        }
-        InFlight {
-            state,
-            upload,
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.state.since.lock().expect("conn state lock") = Instant::now();
-        self.state.active.fetch_sub(1, Ordering::AcqRel);
-        if let Some(uploads) = &self.upload {
-            uploads.dec();
-            self.state.uploads.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// A blob upload request (`POST`/`PATCH`/`PUT` under `/v2/<name>/blobs/uploads/`): it may
-/// continue past the grace period, until `--upload-drain-secs`.
-fn is_upload(req: &Request<Incoming>) -> bool {
-    matches!(*req.method(), Method::POST | Method::PATCH | Method::PUT)
-        && req.uri().path().contains("/blobs/uploads/")
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted until it is done.
-    struct Tracked {
-        #[pin]
-        inner: Logged<ProxyBody>,
-        _guard: Option<InFlight>,
-    }
-}
-
-impl Tracked {
-    fn without(inner: Logged<ProxyBody>) -> Tracked {
-        Tracked {
-            inner,
-            _guard: None,
-        }
-    }
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = crate::error::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A client connection's socket: plain TCP or TLS over TCP.
-trait Socket: AsyncRead + AsyncWrite + Unpin {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl Socket for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-/// A client socket whose writes fail once they cannot progress for `stall` (or when the
-/// connection is cut at the connection limit): a client that stops reading cannot pin a response
-/// (and its upstream connection) forever. The socket is then reset, so the kernel does not keep
-/// the unread response queued for it either. The timer is armed only when a write is pending, so
-/// the fast path costs nothing.
-struct Deadlined<I> {
-    io: I,
-    stall: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    state: Arc<ConnState>,
-}
-
-impl<I: Socket> Deadlined<I> {
-    /// Wraps `io`; stalls are reported to `state`.
-    fn new(io: I, stall: Duration, state: Arc<ConnState>) -> Self {
-        Deadlined {
-            io,
-            stall,
-            timer: None,
-            state,
-        }
-    }
-
-    fn watch<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<std::io::Result<T>>,
-    ) -> Poll<std::io::Result<T>> {
-        let cut = self.state.abort.load(Ordering::Acquire);
-        if polled.is_ready() && !cut {
-            if self.timer.take().is_some() {
-                *self.state.stalled.lock().expect("conn state lock") = None;
-            }
-            return polled;
-        }
-        let stall = self.stall;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
-        let expired = timer.as_mut().poll(cx).is_ready();
-        {
-            let mut stalled = self.state.stalled.lock().expect("conn state lock");
-            let since = stalled.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-            *stalled = Some((since, cx.waker().clone()));
-        }
-        if !(expired || cut) {
-            return Poll::Pending;
-        }
-        // Reset rather than queue a FIN behind data the client will never read.
-        let _ = socket2::SockRef::from(self.io.tcp()).set_linger(Some(Duration::ZERO));
-        Poll::Ready(Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("client did not read for {} s", stall.as_secs()),
-        )))
-    }
-}
-
-impl<I: Socket> AsyncRead for Deadlined<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: Socket> AsyncWrite for Deadlined<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.watch(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.watch(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.watch(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
-        self.watch(cx, polled)
     }
 }
 

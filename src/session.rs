@@ -92,6 +92,15 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// Heap bytes it holds, roughly: its credentials, service, scopes and upstream name.
+    pub fn heap_bytes(&self) -> usize {
+        let scopes: usize = self.scopes.iter().map(|s| 24 + s.len()).sum();
+        self.authorization.as_ref().map_or(0, Vec::len)
+            + self.service.len()
+            + scopes
+            + self.upstream.len()
+    }
+
     /// A new session of `kind` with a random id, valid for `lifetime` from now.
     pub fn new(
         kind: Kind,

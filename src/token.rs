@@ -17,8 +17,16 @@
 //!   same error without calling the token service: GitLab bans addresses that fail auth
 //!   repeatedly, and regrelay must not be why a runner fleet is banned.
 //!
-//! The cache is bounded: expired sessions are swept out, and past the bound arbitrary entries go
-//! (they are re-minted on next use).
+//! - A token's grants (its `access` claim) are read once, when it arrives. A scope the token
+//!   service left out (GitLab drops what a credential may not do, without an error) is refused
+//!   by regrelay itself ([`crate::access`]), and remembered per session with the same backoff
+//!   as a failed mint ([`TokenStore::refusal`]): a client hammering a repository it may not
+//!   pull costs no mint and no registry request, and the session's token for what it may do is
+//!   never thrown away for it. After the backoff one request re-mints to ask again.
+//!
+//! The cache is bounded in entries and in bytes (`--session-cache-max-bytes`, shared with the
+//! opened-session cache of [`crate::access`]): expired sessions are swept out, and past a bound
+//! arbitrary entries go (they are re-minted on next use).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +38,7 @@ use dashmap::DashMap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
+use crate::challenge::Scope;
 use crate::error::MintFailure;
 use crate::session::unix_now;
 
@@ -58,6 +67,69 @@ pub fn mint_backoff(streak: u32, retry_after: Option<u64>) -> Duration {
     doubled.max(wanted).min(MINT_BACKOFF_MAX)
 }
 
+/// What a token grants, read from its `access` claim when it arrived.
+#[derive(Clone, Debug)]
+pub enum Grants {
+    /// Not a JWT with an `access` claim (an opaque token): only the registry knows.
+    Unknown,
+    /// `(type:name, actions)` pairs, as the claim lists them.
+    Known(Arc<[(String, Vec<String>)]>),
+}
+
+impl Grants {
+    fn of(claims: Option<&serde_json::Value>) -> Grants {
+        let Some(access) = claims.and_then(|c| c.get("access")?.as_array()) else {
+            return Grants::Unknown;
+        };
+        let entry = |a: &serde_json::Value| {
+            let resource = format!("{}:{}", a["type"].as_str()?, a["name"].as_str()?);
+            let actions = a["actions"].as_array()?;
+            let actions = actions.iter().filter_map(|x| Some(x.as_str()?.to_owned()));
+            Some((resource, actions.collect()))
+        };
+        Grants::Known(access.iter().filter_map(entry).collect())
+    }
+
+    /// The actions granted on `kind:name`.
+    pub fn actions_on<'g>(&'g self, kind: &str, name: &str) -> Vec<&'g str> {
+        let Grants::Known(list) = self else {
+            return vec![];
+        };
+        list.iter()
+            .filter(|(r, _)| {
+                r.strip_prefix(kind)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .is_some_and(|n| n == name)
+            })
+            .flat_map(|(_, a)| a.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// `Some(true)` when every action `need` needs is granted (`*` grants all), `Some(false)`
+    /// when one is not, `None` when the grants are unknown.
+    pub fn allow(&self, need: &Scope<'_>) -> Option<bool> {
+        if matches!(self, Grants::Unknown) {
+            return None;
+        }
+        let granted = self.actions_on(need.kind, need.name);
+        Some(
+            need.actions()
+                .all(|a| granted.iter().any(|g| *g == a || *g == "*")),
+        )
+    }
+
+    /// Heap bytes, roughly.
+    fn bytes(&self) -> usize {
+        match self {
+            Grants::Unknown => 0,
+            Grants::Known(list) => list
+                .iter()
+                .map(|(r, a)| 48 + r.len() + a.iter().map(|x| 24 + x.len()).sum::<usize>())
+                .sum(),
+        }
+    }
+}
+
 /// An upstream (GitLab) token ready to send.
 #[derive(Clone)]
 pub struct UpstreamToken {
@@ -67,6 +139,8 @@ pub struct UpstreamToken {
     pub lifetime: Duration,
     /// When regrelay received it.
     pub received: Instant,
+    /// What it grants.
+    pub grants: Grants,
 }
 
 impl std::fmt::Debug for UpstreamToken {
@@ -83,7 +157,9 @@ impl UpstreamToken {
     /// `exp` against the local clock; without either, [`FALLBACK_TOKEN_LIFETIME_SECS`]; never
     /// more than [`MAX_TOKEN_LIFETIME`].
     pub fn new(jwt: &str) -> Result<UpstreamToken, http::header::InvalidHeaderValue> {
-        let lifetime = match crate::challenge::jwt_times(jwt) {
+        let claims = crate::challenge::jwt_claims(jwt);
+        let claim = |name: &str| claims.as_ref().and_then(|c| c.get(name)?.as_u64());
+        let lifetime = match (claim("iat"), claim("exp")) {
             (Some(iat), Some(exp)) => exp.saturating_sub(iat),
             (None, Some(exp)) => exp.saturating_sub(unix_now()),
             _ => FALLBACK_TOKEN_LIFETIME_SECS,
@@ -94,7 +170,13 @@ impl UpstreamToken {
             header,
             lifetime: Duration::from_secs(lifetime).min(MAX_TOKEN_LIFETIME),
             received: Instant::now(),
+            grants: Grants::of(claims.as_ref()),
         })
+    }
+
+    /// Heap bytes it holds, roughly (its header and grants).
+    fn bytes(&self) -> usize {
+        self.header.len() + self.grants.bytes()
     }
 
     /// Life left at `now` (zero when expired).
@@ -132,6 +214,13 @@ pub struct Counters {
     pub negative_hits: AtomicU64,
     /// Failed mints by upstream status (0 = no answer).
     pub mint_failures: DashMap<u16, AtomicU64>,
+    /// Requests for a scope the token service refused their session, answered without a mint
+    /// or a registry request.
+    pub scope_refusals: AtomicU64,
+    /// Bytes held by this token cache, roughly.
+    pub token_bytes: AtomicU64,
+    /// Bytes held by the opened-session cache beside it ([`crate::access`]), roughly.
+    pub opened_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -152,6 +241,55 @@ struct State {
     failure: Option<(MintFailure, Instant)>,
     streak: u32,
     refreshing: bool,
+    /// Scopes the token service refused this session, each until its backoff ends.
+    refused: Vec<Refusal>,
+    /// Bytes charged to the store for this entry.
+    charged: u64,
+    /// Taken out of the store: charges nothing any more.
+    evicted: bool,
+}
+
+/// A scope the token service refused a session.
+struct Refusal {
+    scope: String,
+    until: Instant,
+    streak: u32,
+}
+
+/// Refused scopes remembered per session (a session asks for at most
+/// [`crate::challenge::MAX_SCOPES`], each needed as pull, push or delete).
+const MAX_REFUSALS: usize = 64;
+/// Bytes of an entry beyond its token and refusals: the map slot, the `Arc`, both mutexes.
+const ENTRY_OVERHEAD: u64 = 256;
+
+impl State {
+    /// Recomputes this entry's charge; the change goes to `bytes`.
+    fn recharge(&mut self, bytes: &AtomicU64) {
+        if self.evicted {
+            return;
+        }
+        let refused: usize = self.refused.iter().map(|r| 64 + r.scope.len()).sum();
+        let now = ENTRY_OVERHEAD
+            + self.token.as_ref().map_or(0, UpstreamToken::bytes) as u64
+            + refused as u64;
+        if now >= self.charged {
+            bytes.fetch_add(now - self.charged, Ordering::Relaxed);
+        } else {
+            bytes.fetch_sub(self.charged - now, Ordering::Relaxed);
+        }
+        self.charged = now;
+    }
+}
+
+/// What the store remembers of a scope for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Nothing: not refused, or not asked.
+    No,
+    /// Refused, and its backoff runs: answer without asking.
+    Remembered,
+    /// Refused, and its backoff is over: ask again (re-mint).
+    Expired,
 }
 
 #[derive(Default)]
@@ -165,7 +303,7 @@ struct Slot {
 impl Slot {
     /// The cached answer at `now`, if any: a fresh token, or a failure still in its backoff.
     fn answer(&self, now: Instant) -> Option<Result<UpstreamToken, MintFailure>> {
-        let state = self.state.lock().expect("token slot lock");
+        let state = lock(&self.state);
         if let Some(t) = state.token.as_ref().filter(|t| t.fresh_at(now)) {
             return Some(Ok(t.clone()));
         }
@@ -176,7 +314,7 @@ impl Slot {
     }
 
     fn record(&self, outcome: &Result<UpstreamToken, MintFailure>, counters: &Counters) {
-        let mut state = self.state.lock().expect("token slot lock");
+        let mut state = lock(&self.state);
         match outcome {
             Ok(tok) => {
                 counters.mints.fetch_add(1, Ordering::Relaxed);
@@ -186,6 +324,7 @@ impl Slot {
                 state.token = Some(tok.clone());
                 state.failure = None;
                 state.streak = 0;
+                state.recharge(&counters.token_bytes);
             }
             Err(f) => {
                 counters.failed(f.status().unwrap_or(0));
@@ -202,10 +341,18 @@ struct Entry {
     session_exp: u64,
 }
 
-/// Session id → upstream token, bounded.
+/// Locks a slot's state; its fields stay consistent whatever a panicking holder did (each is
+/// written in one step), so a poisoned lock is used as it is rather than panicking every later
+/// request.
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Session id → upstream token, bounded in entries and bytes.
 pub struct TokenStore {
     entries: DashMap<u128, Entry>,
     max_entries: usize,
+    max_bytes: u64,
     counters: Arc<Counters>,
 }
 
@@ -215,8 +362,21 @@ impl TokenStore {
         TokenStore {
             entries: DashMap::new(),
             max_entries: max_entries.max(1),
+            max_bytes: u64::MAX,
             counters: Arc::default(),
         }
+    }
+
+    /// The same store, holding at most `max_bytes` (roughly: tokens, grants, refusals and a
+    /// fixed overhead per entry).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> TokenStore {
+        self.max_bytes = max_bytes.max(ENTRY_OVERHEAD);
+        self
+    }
+
+    /// Bytes held now, roughly.
+    pub fn bytes(&self) -> u64 {
+        self.counters.token_bytes.load(Ordering::Relaxed)
     }
 
     /// The counters, shared (metrics read them at scrape time).
@@ -243,34 +403,67 @@ impl TokenStore {
         if let Some(e) = self.entries.get(&session) {
             return e.slot.clone();
         }
-        if self.entries.len() >= self.max_entries {
+        if self.entries.len() >= self.max_entries || self.bytes() >= self.max_bytes {
             self.evict();
         }
         self.entries
             .entry(session)
-            .or_insert_with(|| Entry {
-                slot: Arc::default(),
-                session_exp,
+            .or_insert_with(|| {
+                let slot = Arc::new(Slot::default());
+                lock(&slot.state).recharge(&self.counters.token_bytes);
+                Entry { slot, session_exp }
             })
             .slot
             .clone()
     }
 
-    /// Drops expired sessions; if the store is still full, drops entries until it is at 90 %.
+    /// Drops expired sessions; if the store is still over a bound, drops entries until it is at
+    /// 90 % of both.
     fn evict(&self) {
         let now = unix_now();
-        self.entries.retain(|_, e| e.session_exp > now);
-        let target = self.max_entries - self.max_entries / 10 - 1;
-        if self.entries.len() > target {
-            let excess: Vec<u128> = self
-                .entries
-                .iter()
-                .take(self.entries.len() - target)
-                .map(|e| *e.key())
-                .collect();
-            for k in excess {
-                self.entries.remove(&k);
+        self.entries.retain(|_, e| {
+            let keep = e.session_exp > now;
+            if !keep {
+                self.uncharge(&e.slot);
             }
+            keep
+        });
+        let target = self.max_entries - self.max_entries / 10 - 1;
+        let byte_target = self.max_bytes - self.max_bytes / 10;
+        if self.entries.len() <= target && self.bytes() <= byte_target {
+            return;
+        }
+        let mut excess = Vec::new();
+        let (mut len, mut bytes) = (self.entries.len(), self.bytes());
+        for e in self.entries.iter() {
+            if len <= target && bytes <= byte_target {
+                break;
+            }
+            len -= 1;
+            bytes = bytes.saturating_sub(lock(&e.slot.state).charged);
+            excess.push(*e.key());
+        }
+        for k in excess {
+            if let Some((_, e)) = self.entries.remove(&k) {
+                self.uncharge(&e.slot);
+            }
+        }
+    }
+
+    /// An entry left the store: its bytes no longer count, and nothing it records later will.
+    fn uncharge(&self, slot: &Slot) {
+        let mut state = lock(&slot.state);
+        state.evicted = true;
+        let charged = std::mem::take(&mut state.charged);
+        self.counters
+            .token_bytes
+            .fetch_sub(charged, Ordering::Relaxed);
+    }
+
+    /// Evicts when over a bound (after an entry grew).
+    fn keep_bounded(&self) {
+        if self.bytes() > self.max_bytes {
+            self.evict();
         }
     }
 
@@ -279,9 +472,13 @@ impl TokenStore {
         // Minted by the token endpoint for this new session: a first mint.
         self.counters.mints.fetch_add(1, Ordering::Relaxed);
         let slot = self.slot(session, session_exp);
-        let mut state = slot.state.lock().expect("token slot lock");
-        state.token = Some(token);
-        state.failure = None;
+        {
+            let mut state = lock(&slot.state);
+            state.token = Some(token);
+            state.failure = None;
+            state.recharge(&self.counters.token_bytes);
+        }
+        self.keep_bounded();
     }
 
     /// A token for `session` that is fresh now: the cached one (re-minted in the background
@@ -323,7 +520,88 @@ impl TokenStore {
         }
         let outcome = mint().await;
         slot.record(&outcome, &self.counters);
+        self.keep_bounded();
         outcome
+    }
+
+    /// A token minted now for `session`, whatever is cached, once at a time per session: to ask
+    /// the token service again about a scope it refused. When another request re-minted since
+    /// `stale` was handed out, its token is used instead.
+    pub async fn remint<F>(
+        &self,
+        session: u128,
+        session_exp: u64,
+        stale: &UpstreamToken,
+        mint: F,
+    ) -> Result<UpstreamToken, MintFailure>
+    where
+        F: Fn() -> MintFuture,
+    {
+        let slot = self.slot(session, session_exp);
+        let _guard = slot.minting.lock().await;
+        let newer = lock(&slot.state)
+            .token
+            .clone()
+            .filter(|t| t.header != stale.header && t.fresh_at(Instant::now()));
+        if let Some(token) = newer {
+            return Ok(token);
+        }
+        let outcome = mint().await;
+        slot.record(&outcome, &self.counters);
+        self.keep_bounded();
+        outcome
+    }
+
+    /// What is remembered of `scope` refused to `session`.
+    pub fn refusal(&self, session: u128, scope: &str) -> Refused {
+        let Some(slot) = self.entries.get(&session).map(|e| e.slot.clone()) else {
+            return Refused::No;
+        };
+        let state = lock(&slot.state);
+        match state.refused.iter().find(|r| r.scope == scope) {
+            None => Refused::No,
+            Some(r) if Instant::now() < r.until => {
+                self.counters.scope_refusals.fetch_add(1, Ordering::Relaxed);
+                Refused::Remembered
+            }
+            Some(_) => Refused::Expired,
+        }
+    }
+
+    /// Remembers that the token service refused `scope` to `session`: for a backoff that
+    /// doubles with each refusal in a row (1 s to 60 s, as failed mints). Returns the backoff.
+    pub fn refuse(&self, session: u128, session_exp: u64, scope: &str) -> Duration {
+        let slot = self.slot(session, session_exp);
+        let backoff = {
+            let mut state = lock(&slot.state);
+            let streak = match state.refused.iter().position(|r| r.scope == scope) {
+                Some(i) => state.refused.remove(i).streak + 1,
+                None => 1,
+            };
+            if state.refused.len() >= MAX_REFUSALS {
+                state.refused.remove(0);
+            }
+            let backoff = mint_backoff(streak, None);
+            state.refused.push(Refusal {
+                scope: scope.to_owned(),
+                until: Instant::now() + backoff,
+                streak,
+            });
+            state.recharge(&self.counters.token_bytes);
+            backoff
+        };
+        self.counters.scope_refusals.fetch_add(1, Ordering::Relaxed);
+        self.keep_bounded();
+        backoff
+    }
+
+    /// The token service granted `scope` to `session` after all.
+    pub fn grant(&self, session: u128, scope: &str) {
+        if let Some(slot) = self.entries.get(&session).map(|e| e.slot.clone()) {
+            let mut state = lock(&slot.state);
+            state.refused.retain(|r| r.scope != scope);
+            state.recharge(&self.counters.token_bytes);
+        }
     }
 
     /// Starts a background re-mint of a token that is due, unless one is running.
@@ -337,7 +615,7 @@ impl TokenStore {
             return;
         }
         {
-            let mut state = slot.state.lock().expect("token slot lock");
+            let mut state = lock(&slot.state);
             if state.refreshing {
                 return;
             }
@@ -348,10 +626,7 @@ impl TokenStore {
         tokio::spawn(async move {
             let guard = slot.minting.lock().await;
             // A foreground mint may have replaced the token while this task waited.
-            let still_due = slot
-                .state
-                .lock()
-                .expect("token slot lock")
+            let still_due = lock(&slot.state)
                 .token
                 .as_ref()
                 .map_or(true, |t| t.due_at(Instant::now()));
@@ -360,7 +635,7 @@ impl TokenStore {
                 slot.record(&outcome, &counters);
             }
             drop(guard);
-            slot.state.lock().expect("token slot lock").refreshing = false;
+            lock(&slot.state).refreshing = false;
         });
     }
 
@@ -369,13 +644,14 @@ impl TokenStore {
         let Some(slot) = self.entries.get(&session).map(|e| e.slot.clone()) else {
             return;
         };
-        let mut state = slot.state.lock().expect("token slot lock");
+        let mut state = lock(&slot.state);
         if state
             .token
             .as_ref()
             .is_some_and(|t| t.header == stale.header)
         {
             state.token = None;
+            state.recharge(&self.counters.token_bytes);
         }
     }
 }

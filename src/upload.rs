@@ -197,13 +197,7 @@ impl Uploader<'_> {
             }
             let token = self
                 .access
-                .upstream_token(
-                    session,
-                    &self.fwd.forwarded_for,
-                    &Method::PATCH,
-                    &path,
-                    self.fwd.public,
-                )
+                .upstream_token(session, self.fwd, &Method::PATCH, &path)
                 .await?;
             let budget = token
                 .remaining(Instant::now())
@@ -295,13 +289,7 @@ impl Uploader<'_> {
     ) -> Result<Response<ProxyBody>, Error> {
         let token = self
             .access
-            .upstream_token(
-                session,
-                &self.fwd.forwarded_for,
-                &Method::PUT,
-                path,
-                self.fwd.public,
-            )
+            .upstream_token(session, self.fwd, &Method::PUT, path)
             .await?;
         let mut put = part_request(
             Method::PUT,

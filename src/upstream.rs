@@ -9,6 +9,9 @@
 //! it is sent until its response body ends. A request that finds no slot within
 //! [`UPSTREAM_QUEUE_MILLIS`] is answered 503 with `Retry-After`, so thousands of HTTP/2 streams
 //! cannot open thousands of upstream sockets.
+//! Each client also holds at most its share of those slots ([`crate::clients`]; the request's
+//! [`ClientHandle`] extension says whose it is); a request that finds every slot taken signals
+//! pressure, so requests whose clients take none of their responses are shed first.
 //! Connect has a deadline; nothing else does here (uploads may stream for hours; body silence is
 //! watched by [`crate::body::Watched`]).
 
@@ -25,10 +28,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, ProxyBody};
-use crate::config::{Config, Origin};
+use crate::clients::{acquire_pressing, ClientHandle, Share};
+use crate::config::{Config, Origin, READY_PROBE_CONNECTIONS};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -51,6 +55,8 @@ pub struct Upstream {
     slots: Arc<Semaphore>,
     /// Where response times go, under this upstream's name.
     observed: Option<(Arc<Metrics>, Arc<str>)>,
+    /// Signalled when every slot is taken: stalled requests are shed.
+    pressure: Option<Arc<Notify>>,
 }
 
 /// A TCP connector whose sockets each hold a permit until they close.
@@ -148,6 +154,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         permit: Option<OwnedSemaphorePermit>,
+        share: Option<Share>,
     }
 }
 
@@ -164,6 +171,7 @@ impl Body for UpstreamBody {
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             // The connection is back in the pool (or gone): free the slot now.
             this.permit.take();
+            this.share.take();
         }
         polled
     }
@@ -180,11 +188,22 @@ impl Body for UpstreamBody {
 impl Upstream {
     /// A client for `origin` with the config's TLS roots, timeouts and bounds.
     pub fn new(cfg: &Config, tls: rustls::ClientConfig, origin: Origin) -> Upstream {
+        Upstream::bounded(cfg, tls, origin, cfg.limits.max_upstream_connections)
+    }
+
+    /// A client for readiness probes of `origin`: its own few connections
+    /// ([`READY_PROBE_CONNECTIONS`]), so `/-/ready` answers while clients hold every slot of
+    /// the upstream's pool.
+    pub fn probe_client(cfg: &Config, tls: rustls::ClientConfig, origin: Origin) -> Upstream {
+        let max = usize::try_from(READY_PROBE_CONNECTIONS).unwrap_or(1);
+        Upstream::bounded(cfg, tls, origin, max)
+    }
+
+    fn bounded(cfg: &Config, tls: rustls::ClientConfig, origin: Origin, max: usize) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
-        let max = cfg.limits.max_upstream_connections;
         let bounded = Bounded {
             inner: http,
             permits: Arc::new(Semaphore::new(max)),
@@ -204,7 +223,14 @@ impl Upstream {
             client,
             slots: Arc::new(Semaphore::new(max)),
             observed: None,
+            pressure: None,
         }
+    }
+
+    /// Signals `pressure` when every slot is taken.
+    pub fn pressing(mut self, pressure: Arc<Notify>) -> Upstream {
+        self.pressure = Some(pressure);
+        self
     }
 
     /// Records response times in `metrics` under `name` (a configured upstream name).
@@ -223,13 +249,28 @@ impl Upstream {
     /// client's own request body is the client's error (400/408), not the upstream's.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<UpstreamBody>, Error> {
         let queue = Duration::from_millis(UPSTREAM_QUEUE_MILLIS);
-        let permit = match tokio::time::timeout(queue, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                return Err(Error::Overloaded {
-                    what: "upstream connections",
-                })
-            }
+        let share = match req.extensions().get::<ClientHandle>() {
+            Some(handle) => match handle.client.upstream_slot(queue).await {
+                Some(share) => Some(share),
+                None => {
+                    if let Some((metrics, _)) = &self.observed {
+                        metrics
+                            .client_share_refused
+                            .get_or_create(&crate::metrics::PoolLabels { pool: "upstream" })
+                            .inc();
+                    }
+                    return Err(Error::Overloaded {
+                        what: "this client's share of upstream connections",
+                    });
+                }
+            },
+            None => None,
+        };
+        let Some(permit) = acquire_pressing(&self.slots, self.pressure.as_deref(), queue).await
+        else {
+            return Err(Error::Overloaded {
+                what: "upstream connections",
+            });
         };
         let target = Origin::of(req.uri()).unwrap_or_else(|| self.origin.clone());
         let started = std::time::Instant::now();
@@ -260,6 +301,7 @@ impl Upstream {
         Ok(resp.map(|inner| UpstreamBody {
             inner,
             permit: Some(permit),
+            share,
         }))
     }
 

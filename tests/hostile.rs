@@ -185,7 +185,17 @@ async fn hostile_sockets_are_closed_and_real_clients_get_through() {
         "3",
     ];
     let registry = reg.url();
-    let mut args = vec!["--registry", &registry, "--max-connections", &max];
+    // Hostile sockets and the real client share 127.0.0.1 here: the whole pool is one client's
+    // share, so this sees the connection limit's own shedding (tests/fair_shares.rs covers
+    // hostile clients on other addresses).
+    let mut args = vec![
+        "--registry",
+        &registry,
+        "--max-connections",
+        &max,
+        "--client-share-percent",
+        "100",
+    ];
     args.extend(deadlines);
     let px = Regrelay::start(&args);
     let base = px.url();

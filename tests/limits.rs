@@ -96,12 +96,16 @@ async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
 }
 
 /// regrelay in front of `origin` with room for one client connection, and its metrics address.
+/// Every connection here comes from 127.0.0.1: the whole pool is that one client's share, so
+/// these tests see the global limit itself.
 fn one_connection(origin: &upstream::Origin) -> (Regrelay, std::net::SocketAddr) {
     let px = Regrelay::start(&[
         "--registry",
         &origin.url(),
         "--max-connections",
         "1",
+        "--client-share-percent",
+        "100",
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
@@ -128,9 +132,10 @@ async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // It waits (on a reserve slot, for at most RESERVE_WAIT) for the busy one's slot.
     let mut second = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     second.write_all(get).await.unwrap();
-    let waited = tokio::time::timeout(Duration::from_millis(1500), second.read(&mut buf)).await;
+    let waited = tokio::time::timeout(Duration::from_millis(1000), second.read(&mut buf)).await;
     assert!(
         waited.is_err(),
         "second connection served while a busy one held the only slot"

@@ -326,7 +326,7 @@ impl App {
         let path = p.shape.uri.path();
         let token = lane
             .access
-            .upstream_token(session, &fwd.forwarded_for, &method, path, fwd.public)
+            .upstream_token(session, fwd, &method, path)
             .await?;
         let req = p.shape.request(method.clone());
         lane.send_refreshing(session, fwd, req, token, Some(|| p.shape.request(method)))

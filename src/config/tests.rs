@@ -111,6 +111,26 @@ fn errors_name_the_key() {
             "`token_cache_max_entries`",
         ),
         (with(|c| c.upload_chunk_max = Some(0)), "`upload_chunk_max`"),
+        (
+            with(|c| c.client_share_percent = Some(0)),
+            "`client_share_percent`",
+        ),
+        (
+            with(|c| c.client_share_percent = Some(101)),
+            "`client_share_percent`",
+        ),
+        (
+            with(|c| c.h2_stall_timeout_secs = Some(0)),
+            "`h2_stall_timeout_secs`",
+        ),
+        (
+            with(|c| c.session_cache_max_bytes = Some(1000)),
+            "`session_cache_max_bytes`",
+        ),
+        (
+            with(|c| c.inject_credentials_for = Some(vec!["10.0.0.0/40".into()])),
+            "`inject_credentials_for`",
+        ),
     ];
     for (c, key) in cases {
         let msg = err_of(c);
@@ -355,7 +375,9 @@ fn cidr_table() {
     ];
     for (net, addr, want) in cases {
         assert_eq!(
-            Cidr::parse(net).unwrap().contains(ip(addr)),
+            Cidr::parse("trusted_proxies", net)
+                .unwrap()
+                .contains(ip(addr)),
             want,
             "{net} {addr}"
         );
@@ -379,4 +401,64 @@ fn secret_files_are_private_to_the_owner_or_to_our_own_group() {
     for (mode, gid, ok) in cases {
         assert_eq!(private_enough(mode, gid, &ours), ok, "{mode:o} gid {gid}");
     }
+}
+
+#[test]
+fn shares_are_a_percentage_of_each_pool() {
+    let c = Config::try_from(raw("http://r")).unwrap();
+    assert_eq!(c.limits.client_share_percent, DEFAULT_CLIENT_SHARE_PERCENT);
+    assert_eq!(c.limits.client_share(2048), 512);
+    assert_eq!(c.limits.client_share(256), 64);
+    assert_eq!(c.limits.client_share(3), 1, "at least one, rounded up");
+    assert_eq!(c.timeouts.h2_stall.as_secs(), DEFAULT_H2_STALL_TIMEOUT_SECS);
+    assert_eq!(
+        c.session_cache_max_bytes as u64,
+        DEFAULT_SESSION_CACHE_MAX_BYTES
+    );
+    let mut all = raw("http://r");
+    all.client_share_percent = Some(100);
+    let c = Config::try_from(all).unwrap();
+    assert_eq!(c.limits.client_share(2048), 2048);
+}
+
+#[test]
+fn injection_ranges_covering_a_trusted_front_are_refused_unless_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    let cfg = |trusted: &[&str], inject: Option<&[&str]>, ack: Option<bool>| {
+        let mut c = raw("http://r");
+        c.upstream = Some(vec!["docker.io=https://registry-1.docker.io".into()]);
+        c.upstream_credentials = Some(vec![format!("docker.io={}", creds.display())]);
+        c.trusted_proxies = Some(trusted.iter().map(|s| s.to_string()).collect());
+        c.inject_credentials_for = inject.map(|v| v.iter().map(|s| s.to_string()).collect());
+        c.inject_through_trusted_proxies = ack;
+        Config::try_from(c).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // The default injection range (loopback) covers a front on the same host.
+    let err = cfg(&["127.0.0.1/32"], None, None).unwrap_err();
+    assert!(
+        err.contains("127.0.0.0/8 covers the trusted front 127.0.0.1/32")
+            && err.contains("--inject-through-trusted-proxies"),
+        "{err}"
+    );
+    assert!(cfg(&["127.0.0.1/32"], None, Some(true)).is_ok());
+    // A front elsewhere, or injection for a node's own addresses only: fine.
+    assert!(cfg(&["10.0.0.0/8"], None, None).is_ok());
+    assert!(cfg(&["10.0.0.1"], Some(&["10.0.0.0/30"]), None).is_err());
+    assert!(cfg(&["10.0.0.8"], Some(&["10.0.0.0/30"]), None).is_ok());
+    // Without injected credentials nothing is injected, so nothing to refuse.
+    let mut plain = raw("http://r");
+    plain.trusted_proxies = Some(vec!["127.0.0.1".into()]);
+    assert!(Config::try_from(plain).is_ok());
+}
+
+#[test]
+fn cidrs_overlap_when_they_share_an_address() {
+    let c = |s| Cidr::parse("trusted_proxies", s).unwrap();
+    assert!(c("10.0.0.0/8").overlaps(&c("10.1.0.0/16")));
+    assert!(c("10.1.0.0/16").overlaps(&c("10.0.0.0/8")));
+    assert!(!c("10.0.0.0/8").overlaps(&c("11.0.0.0/8")));
+    assert!(c("::/0").overlaps(&c("::1/128")));
+    assert!(!c("127.0.0.0/8").overlaps(&c("::1/128")));
+    assert_eq!(c("10.1.2.3/8").to_string(), "10.0.0.0/8");
 }

@@ -217,3 +217,117 @@ async fn the_cache_is_bounded_and_expired_sessions_go_first() {
     }
     assert!(store.len() <= 100, "{}", store.len());
 }
+
+/// A token whose `access` claim grants `actions` on `repository:name`.
+fn granting(name: &str, actions: &[&str], pad: usize) -> UpstreamToken {
+    let now = unix_now();
+    let claims = serde_json::json!({
+        "iat": now, "exp": now + 300,
+        "access": [{"type": "repository", "name": name, "actions": actions}],
+        "pad": "x".repeat(pad),
+    });
+    UpstreamToken::new(&jwt(&claims.to_string())).unwrap()
+}
+
+#[test]
+fn grants_are_read_once_from_the_access_claim() {
+    let need = |s| crate::challenge::Scope::parse(s).unwrap();
+    let t = granting("g/p", &["pull"], 0);
+    assert_eq!(t.grants.allow(&need("repository:g/p:pull")), Some(true));
+    assert_eq!(
+        t.grants.allow(&need("repository:g/p:pull,push")),
+        Some(false)
+    );
+    assert_eq!(t.grants.allow(&need("repository:g/q:pull")), Some(false));
+    let all = granting("g/p", &["*"], 0);
+    assert_eq!(all.grants.allow(&need("repository:g/p:delete")), Some(true));
+    // An opaque token: only the registry knows.
+    assert_eq!(token(300).grants.allow(&need("repository:g/p:pull")), None);
+    // An empty grant is known (GitLab leaves refused scopes out).
+    let now = unix_now();
+    let none = jwt(&format!(
+        r#"{{"iat":{now},"exp":{},"access":[]}}"#,
+        now + 300
+    ));
+    let none = UpstreamToken::new(&none).unwrap();
+    assert_eq!(none.grants.allow(&need("repository:g/p:pull")), Some(false));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_scope_is_remembered_with_a_doubling_backoff_and_forgotten_when_granted() {
+    let store = TokenStore::new(16);
+    let exp = unix_now() + 3600;
+    store.seed(1, exp, granting("g/a", &["pull"], 0));
+    let b = "repository:g/b:pull";
+    assert_eq!(store.refusal(1, b), Refused::No);
+    assert_eq!(store.refuse(1, exp, b), Duration::from_secs(1));
+    assert_eq!(store.refusal(1, b), Refused::Remembered);
+    // The session's token for what it may do stays.
+    let kept = store
+        .get(1, exp, || {
+            Box::pin(async { panic!("no mint while the token is fresh") })
+        })
+        .await
+        .unwrap();
+    assert!(
+        kept.grants
+            .allow(&crate::challenge::Scope::parse("repository:g/a:pull").unwrap())
+            == Some(true)
+    );
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    assert_eq!(store.refusal(1, b), Refused::Expired);
+    assert_eq!(store.refuse(1, exp, b), Duration::from_secs(2));
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    assert_eq!(
+        store.refusal(1, b),
+        Refused::Remembered,
+        "the second backoff is 2 s"
+    );
+    store.grant(1, b);
+    assert_eq!(store.refusal(1, b), Refused::No);
+    // Answered locally: one count per request answered without asking.
+    assert_eq!(store.counters().scope_refusals.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_remint_uses_a_newer_token_or_mints_once() {
+    let store = TokenStore::new(16);
+    let exp = unix_now() + 3600;
+    let old = granting("g/a", &["pull"], 0);
+    store.seed(1, exp, old.clone());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mint = || {
+        let calls = calls.clone();
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(granting("g/a", &["pull", "push"], 0))
+        }) as MintFuture
+    };
+    let fresh = store.remint(1, exp, &old, mint).await.unwrap();
+    assert_ne!(fresh.header, old.header);
+    // A second asker holding the old token gets the one just minted, not another mint.
+    let again = store.remint(1, exp, &old, mint).await.unwrap();
+    assert_eq!(again.header, fresh.header);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded_in_bytes() {
+    let max = 64 * 1024;
+    let store = TokenStore::new(100_000).with_max_bytes(max);
+    let exp = unix_now() + 3600;
+    for id in 0..200u128 {
+        // ~4 KiB tokens: 200 of them would be 800 KiB.
+        store.seed(id, exp, granting("g/p", &["pull"], 3000));
+        store.refuse(id, exp, "repository:g/q:pull");
+        assert!(store.bytes() <= max, "{} > {max}", store.bytes());
+    }
+    assert!(store.len() >= 8 && store.len() < 20, "{}", store.len());
+    // What is counted is what is held.
+    let held: u64 = store
+        .entries
+        .iter()
+        .map(|e| lock(&e.slot.state).charged)
+        .sum();
+    assert_eq!(held, store.bytes());
+}
