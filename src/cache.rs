@@ -61,8 +61,9 @@
 //!
 //! # HTTP
 //! [`pull`] holds the HTTP side (which requests, principals, `Range`, manifest media types, hit
-//! responses); asking the upstream whether a principal may pull (`HEAD`/`GET` with its own
-//! token) is in [`crate::app`], which holds sessions and upstreams.
+//! responses); [`redirect`] follows a registry's redirect to object storage (presigned URLs)
+//! so a cold fill can read the blob there; asking the upstream whether a principal may pull
+//! (`HEAD`/`GET` with its own token) is in [`crate::app`], which holds sessions and upstreams.
 
 use std::fmt;
 use std::str::FromStr;
@@ -71,6 +72,7 @@ mod fill;
 mod grants;
 pub mod pull;
 mod read;
+pub mod redirect;
 mod store;
 mod tee;
 

@@ -156,6 +156,19 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// Object storage, where the registry redirected a blob read, could not be reached or
+    /// refused it (the pull-through cache follows those redirects itself; see
+    /// [`crate::cache::redirect`]). Never names the presigned URL: only its origin, in the log.
+    #[error("object storage {origin}, where the registry redirected a blob read, {problem}")]
+    ObjectStorage {
+        /// Its origin (`scheme://host[:port]`), never the URL's path or query.
+        origin: String,
+        /// What went wrong and what to check (names no address).
+        problem: String,
+        /// What failed, when a connection did.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The registry answered against its own protocol.
     #[error("upstream registry answered unexpectedly: {reason}")]
     UpstreamProtocol {
@@ -258,6 +271,7 @@ impl Error {
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamFailed { .. }
             | Error::UpstreamProtocol { .. }
+            | Error::ObjectStorage { .. }
             | Error::Mint(_)
             | Error::AuthRedirectRefused { .. }
             | Error::TooManyRedirects { .. }
@@ -344,6 +358,9 @@ impl Error {
             Error::UpstreamUnreachable { .. } => "the upstream registry is unreachable".into(),
             Error::UpstreamFailed { .. } => {
                 "the upstream registry failed while answering; see regrelay's log".into()
+            }
+            Error::ObjectStorage { problem, .. } => {
+                format!("object storage, where the registry redirected this blob, {problem}")
             }
             Error::AuthRedirectRefused { .. } => "the token service redirected to an origin \
                  that is not allowed to receive credentials; see regrelay's log for the origin \

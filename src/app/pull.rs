@@ -4,6 +4,12 @@
 //! and only for a digest the upstream served in that repository. Everything else asks the
 //! upstream with the client's token; a cold `GET` streams to the client while it fills the cache,
 //! once per digest (later askers, once authorized, read the growing file).
+//!
+//! A registry on object storage answers blob reads with a redirect to a presigned URL: to the
+//! client's own token that is a yes, as a `200` is ([`Answer::Elsewhere`]). regrelay then reads
+//! the object store itself ([`crate::cache::redirect`]) and answers the client as the registry
+//! would have without the redirect, so the client never sees the URL, the blob is verified and
+//! stored, and warm pulls never reach the object store.
 
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -13,7 +19,8 @@ use tokio::time::Instant;
 use super::{App, Lane};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::{self, PullCache, TagRef, Target};
-use crate::cache::{Fill, Tee};
+use crate::cache::redirect::{self, Presigned};
+use crate::cache::{Fill, Follower, Tee};
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
 use crate::proxy::Forward;
@@ -45,6 +52,18 @@ impl Shape {
         *req.headers_mut() = self.headers.clone();
         req
     }
+}
+
+/// What the upstream answered a read of an object, with the client's token.
+enum Answer {
+    /// The registry answered itself (a `200`, or a refusal).
+    Here(Response<ProxyBody>),
+    /// The registry sent the read to object storage: its yes. `registry` is its answer without
+    /// the `Location`, `to` where that pointed.
+    Elsewhere {
+        registry: http::response::Parts,
+        to: Presigned,
+    },
 }
 
 /// What the cache does with a pull.
@@ -82,8 +101,8 @@ impl Pull<'_> {
         (self.cache.grants).may_serve_in(&self.principal, self.upstream(), repo, digest, now)
     }
 
-    /// What a `200` with `token` proved: this principal may pull the repository (until the
-    /// token expires), and the upstream serves this digest there.
+    /// What a `200` (or a redirect to object storage) with `token` proved: this principal may
+    /// pull the repository (until the token expires), and the upstream serves this digest there.
     fn grant(&self, target: &Target, token: &UpstreamToken) {
         let now = Instant::now();
         let grants = &self.cache.grants;
@@ -201,24 +220,24 @@ impl App {
                 Ok(check) => check,
                 Err(refusal) if p.head() => return Ok(refusal),
                 // The client gets the upstream's own refusal, with its error body.
-                Err(_) => return Ok(self.send(p, Method::GET).await?.0),
+                Err(_) => return Ok(self.fetch(p, target).await?.0),
             };
             if let Some(resp) = self.serve_hit(p, target, "hit").await {
                 return Ok(resp);
             }
             if p.head() {
                 self.count("pass");
-                return Ok(check);
+                return self.answer_head(p, target, check).await;
             }
             if ranged {
                 self.count("pass");
-                return Ok(self.send(p, Method::GET).await?.0);
+                return Ok(self.fetch(p, target).await?.0);
             }
         }
         let fill = p.cache.store.fill(&target.digest, None).await;
         match fill {
             Ok(Fill::Writer(writer)) => {
-                let (resp, token) = self.send(p, Method::GET).await?;
+                let (resp, token) = self.fetch(p, target).await?;
                 if resp.status() != StatusCode::OK {
                     // Dropping the writer abandons the fill.
                     self.count("denied");
@@ -233,18 +252,7 @@ impl App {
                 self.count("miss");
                 Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
             }
-            Ok(Fill::Follower(follower)) => {
-                let Ok(check) = self.authorize(p, target).await? else {
-                    return Ok(self.send(p, Method::GET).await?.0);
-                };
-                let (mut parts, _) = check.into_parts();
-                self.count("follower");
-                parts.headers.insert(
-                    "x-regrelay-cache",
-                    header::HeaderValue::from_static("follow"),
-                );
-                Ok(Response::from_parts(parts, pull::boxed(follower.body())))
-            }
+            Ok(Fill::Follower(follower)) => self.follow_fill(p, target, follower).await,
             Ok(Fill::Hit(_)) => {
                 // Stored since the lookup above: authorize as for any other hit.
                 if self.authorize(p, target).await?.is_ok() {
@@ -252,33 +260,124 @@ impl App {
                         return Ok(resp);
                     }
                 }
-                Ok(self.send(p, Method::GET).await?.0)
+                Ok(self.fetch(p, target).await?.0)
             }
             Ok(Fill::TooLarge) | Err(_) => {
                 if let Err(err) = &fill {
                     tracing::warn!(error = %err, "cache fill could not start; proxying");
                 }
                 self.count("pass");
-                Ok(self.send(p, Method::GET).await?.0)
+                Ok(self.fetch(p, target).await?.0)
             }
         }
     }
 
+    /// A cold `GET` while another caller fills `target`: once the upstream says yes to this
+    /// client, the growing file; else what the upstream answers it.
+    async fn follow_fill(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+        follower: Follower,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let Ok(check) = self.authorize(p, target).await? else {
+            return Ok(self.fetch(p, target).await?.0);
+        };
+        let mut parts = match check {
+            Answer::Here(check) => check.into_parts().0,
+            // The object store's length is not known here: the body goes chunked.
+            Answer::Elsewhere { mut registry, .. } => {
+                let (none, digest) = (HeaderMap::new(), &target.digest);
+                registry.status = StatusCode::OK;
+                registry.headers = redirect::client_headers(&registry.headers, &none, digest);
+                registry
+            }
+        };
+        self.count("follower");
+        parts.headers.insert(
+            "x-regrelay-cache",
+            header::HeaderValue::from_static("follow"),
+        );
+        Ok(Response::from_parts(parts, pull::boxed(follower.body())))
+    }
+
     /// Asks the upstream (`HEAD`, with the client's own token) whether this client may pull
-    /// `target`: on `200` records the grant and gives the answer (`Ok`); else the refusal
-    /// (`Err`).
+    /// `target`: on a yes (`200`, or a redirect to object storage) records the grant and gives
+    /// the answer (`Ok`); else the refusal (`Err`).
     async fn authorize(
         &self,
         p: &Pull<'_>,
         target: &Target,
-    ) -> Result<Result<Response<ProxyBody>, Response<ProxyBody>>, Error> {
-        let (check, token) = self.send(p, Method::HEAD).await?;
-        if check.status() != StatusCode::OK {
-            self.count("denied");
-            return Ok(Err(check));
+    ) -> Result<Result<Answer, Response<ProxyBody>>, Error> {
+        let (check, token) = self.ask(p, Method::HEAD).await?;
+        match check {
+            Answer::Here(refusal) if refusal.status() != StatusCode::OK => {
+                self.count("denied");
+                Ok(Err(refusal))
+            }
+            check => {
+                p.grant(target, &token);
+                Ok(Ok(check))
+            }
         }
-        p.grant(target, &token);
-        Ok(Ok(check))
+    }
+
+    /// The answer to a `HEAD` the upstream said yes to and the cache cannot answer: the
+    /// registry's own, or, when it redirected, one built from the object store's `HEAD`.
+    async fn answer_head(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+        check: Answer,
+    ) -> Result<Response<ProxyBody>, Error> {
+        match check {
+            Answer::Here(resp) => Ok(resp),
+            Answer::Elsewhere { registry, to } => {
+                let object = redirect::follow(&p.lane.upstream, to, &Method::HEAD, None).await?;
+                let (headers, digest) = (&registry.headers, &target.digest);
+                Ok(redirect::client_response(
+                    headers, object, digest, p.fwd.idle,
+                ))
+            }
+        }
+    }
+
+    /// `GET` of `target` with the client's token (and its `Range`, if any): the registry's
+    /// answer, or, when it redirects to object storage, the object store's, read by regrelay.
+    /// Also returns the token it went with.
+    async fn fetch(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+    ) -> Result<(Response<ProxyBody>, UpstreamToken), Error> {
+        let (answer, token) = self.ask(p, Method::GET).await?;
+        let resp = match answer {
+            Answer::Here(resp) => resp,
+            Answer::Elsewhere { registry, to } => {
+                tracing::debug!(digest = %target.digest, store = %to.origin(), "cache: reading from object storage");
+                let range = p.shape.headers.get(header::RANGE);
+                let object = redirect::follow(&p.lane.upstream, to, &Method::GET, range).await?;
+                let (headers, digest) = (&registry.headers, &target.digest);
+                redirect::client_response(headers, object, digest, p.fwd.idle)
+            }
+        };
+        Ok((resp, token))
+    }
+
+    /// [`App::send`], with a redirect to object storage taken out of the answer.
+    async fn ask(&self, p: &Pull<'_>, method: Method) -> Result<(Answer, UpstreamToken), Error> {
+        let (resp, token) = self.send(p, method).await?;
+        let (mut parts, body) = resp.into_parts();
+        let (upstream, public) = (p.lane.upstream.origin(), p.fwd.public);
+        let answer = match Presigned::take(parts.status, &mut parts.headers, upstream, public)? {
+            // The body of a redirect is at most a line of HTML naming the URL: dropped.
+            Some(to) => Answer::Elsewhere {
+                registry: parts,
+                to,
+            },
+            None => Answer::Here(Response::from_parts(parts, body)),
+        };
+        Ok((answer, token))
     }
 
     /// The cached answer, or `None` when it cannot be served from the cache after all.

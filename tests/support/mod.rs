@@ -1,5 +1,6 @@
 //! Test rig: real processes and servers on 127.0.0.1 ephemeral ports, ended on drop.
-//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) with token auth and temp storage.
+//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) with token auth and temp storage;
+//!   [`Registry::start_redirecting`] puts its blobs behind an [`object_store::ObjectStore`].
 //! - [`gitlab`]: the GitLab-behaving token service (in-process).
 //! - [`Regrelay`]: the real `regrelay` binary, output captured for assertions and secret greps.
 //! - [`OciImage`], [`skopeo`], [`docker`]: real clients and images they can push.
@@ -10,6 +11,7 @@ pub mod gitlab;
 pub mod haproxy;
 pub mod metrics;
 pub mod nginx;
+pub mod object_store;
 pub mod relay;
 pub mod upstream;
 
@@ -137,13 +139,24 @@ impl Registry {
             Some(root) => tempfile::tempdir_in(root).unwrap(),
             None => tempfile::tempdir().unwrap(),
         };
-        let auth = format!(
-            "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",
-            service = gitlab::SERVICE,
-            issuer = gitlab::ISSUER,
-            bundle = gitlab::signing_cert_path(),
+        Registry::launch(dir, &token_auth(realm))
+    }
+
+    /// Like [`Registry::start`], with blob reads on object storage, as S3-, GCS- and
+    /// Azure-backed registries serve them: blob `GET` and `HEAD` answer `307` to the
+    /// [`object_store::ObjectStore`] (nginx serving this registry's storage root), through
+    /// distribution's own `redirect` storage middleware.
+    pub fn start_redirecting(realm: &str) -> (Registry, object_store::ObjectStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(&root).unwrap();
+        let store = object_store::ObjectStore::start(&root);
+        let config = format!(
+            "{auth}middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n",
+            auth = token_auth(realm),
+            base = store.url(),
         );
-        Registry::launch(dir, &auth)
+        (Registry::launch(dir, &config), store)
     }
 
     /// Starts `docker-registry` as the CNCF pull-through cache (proxy mode) of `remote`, holding
@@ -160,7 +173,8 @@ impl Registry {
         Registry::launch(tempfile::tempdir().unwrap(), "")
     }
 
-    /// Writes a config (storage in `dir`, an ephemeral port, `auth`) and starts the registry.
+    /// Writes a config (storage in `dir`, an ephemeral port, then `auth`: any further top-level
+    /// sections) and starts the registry.
     fn launch(dir: tempfile::TempDir, auth: &str) -> Registry {
         require("docker-registry");
         let config = format!(
@@ -203,6 +217,16 @@ impl Registry {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+}
+
+/// The registry's `auth:` section: tokens of the GitLab stand-in, `realm` in its challenge.
+fn token_auth(realm: &str) -> String {
+    format!(
+        "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",
+        service = gitlab::SERVICE,
+        issuer = gitlab::ISSUER,
+        bundle = gitlab::signing_cert_path(),
+    )
 }
 
 /// A running `regrelay serve` process.
