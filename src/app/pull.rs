@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{App, Lane};
 use crate::body::{self, ProxyBody};
+use crate::clients::ClientHandle;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
 use crate::cache::{Fill, Follower, Tee};
@@ -32,6 +33,8 @@ struct Shape {
     uri: Uri,
     version: Version,
     headers: HeaderMap,
+    /// The client whose share of upstream connections its requests take.
+    client: Option<ClientHandle>,
 }
 
 impl Shape {
@@ -40,6 +43,7 @@ impl Shape {
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
+            client: req.extensions().get::<ClientHandle>().cloned(),
         }
     }
 
@@ -50,6 +54,9 @@ impl Shape {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
+        if let Some(client) = &self.client {
+            req.extensions_mut().insert(client.clone());
+        }
         req
     }
 }
