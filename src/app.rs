@@ -99,15 +99,15 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let mut lanes = Vec::with_capacity(config.upstreams.len());
         for (i, u) in config.upstreams.iter().enumerate() {
-            let tls = tls::client_config(u.ca.as_deref())?;
-            let upstream = Upstream::new(&config, tls.clone(), u.origin.clone())
+            let trust = tls::UpstreamTrust::load(u.ca.as_deref())?;
+            let upstream = Upstream::new(&config, &trust, u.origin.clone())
                 .observed_by(metrics.clone(), &u.name);
             let token_origin = u
                 .token_realm
                 .as_ref()
                 .and_then(Origin::of)
                 .unwrap_or_else(|| u.origin.clone());
-            let client = Upstream::new(&config, tls, token_origin);
+            let client = Upstream::new(&config, &trust, token_origin);
             let minter = Arc::new(Minter::new(&config, u, upstream.clone(), client));
             let session_name = if i == 0 {
                 String::new()
@@ -190,10 +190,12 @@ impl App {
         self.upload_cut.receiver_count()
     }
 
-    /// SIGHUP (`systemctl reload`): reads the TLS certificate and key, the session key ring and
-    /// the injected credential files again. A file that fails to load is refused with a logged
-    /// error and the one in force stays; requests and uploads in flight are not touched (open
-    /// TLS connections keep their certificate). Returns how many files were refused.
+    /// SIGHUP (`systemctl reload`): reads the TLS certificate and key, the session key ring,
+    /// the injected credential files and each upstream's CA roots (system roots and
+    /// `--upstream-ca`/`ca`) again. A file that fails to load is refused with a logged error and
+    /// the one in force stays; requests and uploads in flight are not touched (open TLS
+    /// connections keep their certificate, and pooled upstream connections their verified
+    /// peer). Returns how many files were refused.
     pub fn reload(&self) -> usize {
         let mut refused = 0;
         if let Some(cert) = &self.server_cert {
@@ -217,6 +219,17 @@ impl App {
             }
         }
         for lane in &self.lanes {
+            let trust = lane.upstream.trust();
+            match (trust.reload(), trust.ca_file()) {
+                (Ok(()), Some(ca)) => {
+                    tracing::info!(upstream = %lane.config.name, file = %ca.display(), "reload: upstream CA re-read; new connections to the upstream and its token service are verified with it")
+                }
+                (Ok(()), None) => {}
+                (Err(err), _) => {
+                    refused += 1;
+                    tracing::error!(upstream = %lane.config.name, error = %err, "reload: new upstream CA refused; the previous roots stay");
+                }
+            }
             if let Some(injected) = &lane.injected {
                 match injected.reload() {
                     Ok(()) => {
