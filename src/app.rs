@@ -124,8 +124,8 @@ impl App {
         // The session-cache budget is shared evenly by the upstreams.
         let cache_bytes = (config.session_cache_max_bytes / config.upstreams.len().max(1)) as u64;
         for (i, u) in config.upstreams.iter().enumerate() {
-            let tls = tls::client_config(u.ca.as_deref())?;
-            let upstream = Upstream::new(&config, tls.clone(), u.origin.clone())
+            let trust = tls::UpstreamTrust::load(u.ca.as_deref())?;
+            let upstream = Upstream::new(&config, &trust, u.origin.clone())
                 .observed_by(metrics.clone(), &u.name)
                 .pressing(pressure.clone());
             let token_origin = u
@@ -133,7 +133,7 @@ impl App {
                 .as_ref()
                 .and_then(Origin::of)
                 .unwrap_or_else(|| u.origin.clone());
-            let client = Upstream::new(&config, tls, token_origin)
+            let client = Upstream::new(&config, &trust, token_origin)
                 .observed_by(metrics.clone(), &u.name)
                 .pressing(pressure.clone());
             let minter = Arc::new(Minter::new(&config, u, upstream.clone(), client));
@@ -188,9 +188,10 @@ impl App {
             .chain(&config.public_aliases)
             .cloned()
             .collect();
-        let probe_tls = tls::client_config(config.upstreams[0].ca.as_deref())?;
+        // The probe trusts what the default upstream trusts (a CA reload included).
+        let default = &lanes[0].upstream;
         let ready = Readiness {
-            probe: Upstream::probe_client(&config, probe_tls, config.upstreams[0].origin.clone()),
+            probe: Upstream::probe_client(&config, default.trust(), default.origin().clone()),
             last: tokio::sync::Mutex::new(None),
         };
         Ok(App {
@@ -226,10 +227,12 @@ impl App {
         self.upload_cut.receiver_count()
     }
 
-    /// SIGHUP (`systemctl reload`): reads the TLS certificate and key, the session key ring and
-    /// the injected credential files again. A file that fails to load is refused with a logged
-    /// error and the one in force stays; requests and uploads in flight are not touched (open
-    /// TLS connections keep their certificate). Returns how many files were refused.
+    /// SIGHUP (`systemctl reload`): reads the TLS certificate and key, the session key ring,
+    /// the injected credential files and each upstream's CA roots (system roots and
+    /// `--upstream-ca`/`ca`) again. A file that fails to load is refused with a logged error and
+    /// the one in force stays; requests and uploads in flight are not touched (open TLS
+    /// connections keep their certificate, and pooled upstream connections their verified
+    /// peer). Returns how many files were refused.
     pub fn reload(&self) -> usize {
         let mut refused = 0;
         if let Some(cert) = &self.server_cert {
@@ -253,6 +256,17 @@ impl App {
             }
         }
         for lane in &self.lanes {
+            let trust = lane.upstream.trust();
+            match (trust.reload(), trust.ca_file()) {
+                (Ok(()), Some(ca)) => {
+                    tracing::info!(upstream = %lane.config.name, file = %ca.display(), "reload: upstream CA re-read; new connections to the upstream and its token service are verified with it")
+                }
+                (Ok(()), None) => {}
+                (Err(err), _) => {
+                    refused += 1;
+                    tracing::error!(upstream = %lane.config.name, error = %err, "reload: new upstream CA refused; the previous roots stay");
+                }
+            }
             if let Some(injected) = &lane.injected {
                 match injected.reload() {
                     Ok(()) => {

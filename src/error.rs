@@ -7,6 +7,10 @@
 
 use http::StatusCode;
 
+mod tls;
+
+pub use tls::TlsRefused;
+
 /// Boxed error used for body and client errors that cross crate boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -351,11 +355,29 @@ impl Error {
         out
     }
 
+    /// The refused TLS handshake behind this error, when that is why the upstream (or its token
+    /// service) was unreachable.
+    pub fn tls_refused(&self) -> Option<&TlsRefused> {
+        let mut cur = std::error::Error::source(self);
+        while let Some(e) = cur {
+            if let Some(refused) = e.downcast_ref::<TlsRefused>() {
+                return Some(refused);
+            }
+            cur = e.source();
+        }
+        None
+    }
+
     /// What the client is told: no internal upstream URL or address, no cause chain (the log
     /// has those); the token service's own messages pass, they are meant for the user.
     pub fn public_message(&self) -> String {
         match self {
-            Error::UpstreamUnreachable { .. } => "the upstream registry is unreachable".into(),
+            Error::UpstreamUnreachable { .. } => match self.tls_refused() {
+                Some(refused) => {
+                    format!("the upstream registry is unreachable: {}", refused.public())
+                }
+                None => "the upstream registry is unreachable".into(),
+            },
             Error::UpstreamFailed { .. } => {
                 "the upstream registry failed while answering; see regrelay's log".into()
             }
@@ -474,5 +496,43 @@ mod tests {
             "the body names no internal address: {msg}"
         );
         assert!(up.chain().contains("http://r:5000") && up.chain().contains("connection refused"));
+    }
+
+    #[test]
+    fn a_refused_certificate_is_explained_in_the_log_and_named_without_address_to_the_client() {
+        let refused = TlsRefused {
+            origin: "https://r.internal:5000".into(),
+            ca: None,
+            reason: rustls::CertificateError::UnknownIssuer.into(),
+        };
+        // As the pool hands it over: the connector's error inside hyper-util's.
+        let up = Error::UpstreamUnreachable {
+            upstream: "https://r.internal:5000".into(),
+            source: Box::new(Wrapper(Box::new(refused))),
+        };
+        assert!(up.chain().contains("--upstream-ca"), "{}", up.chain());
+        let v: serde_json::Value = serde_json::from_str(&up.registry_body()).unwrap();
+        let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("does not trust the upstream's TLS certificate"),
+            "{msg}"
+        );
+        assert!(!msg.contains("r.internal"), "{msg}");
+    }
+
+    /// An error whose source is the one it wraps.
+    #[derive(Debug)]
+    struct Wrapper(BoxError);
+
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(self.0.as_ref())
+        }
     }
 }

@@ -399,8 +399,8 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let tls = crate::tls::client_config(None).unwrap();
-        let up = Upstream::new(&cfg, tls, cfg.registry.clone());
+        let trust = crate::tls::UpstreamTrust::load(None).unwrap();
+        let up = Upstream::new(&cfg, &trust, cfg.registry.clone());
         let m = Minter::new(&cfg, &cfg.upstreams[0], up.clone(), up);
         let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
         let cases = [

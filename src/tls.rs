@@ -1,5 +1,7 @@
 //! rustls configuration: the server side (regrelay's HTTPS listener, ALPN h2 + http/1.1) and the
-//! client side (to the upstream: system roots plus an optional extra CA bundle). Uses the ring
+//! client side (to the upstream: system roots plus an optional extra CA bundle). The upstream
+//! clients' trust is reloadable ([`UpstreamTrust`], in `tls/trust.rs`); [`client_config`] is the
+//! fixed one of the one-shot clients (`regrelay healthcheck`, `regrelay doctor`). Uses the ring
 //! provider explicitly, so no process-wide default provider has to be installed. Errors are
 //! [`ConfigError`]s naming the key, because these run while the configuration is validated.
 
@@ -14,6 +16,10 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::ConfigError;
+
+mod trust;
+
+pub use trust::UpstreamTrust;
 
 fn invalid(key: &'static str, path: &Path, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
@@ -85,8 +91,21 @@ pub fn server_config(cert: Arc<ServerCert>) -> Result<Arc<ServerConfig>, ConfigE
     Ok(Arc::new(cfg))
 }
 
-/// Client config for the upstream: system roots, plus every certificate in `extra_ca`.
+/// Client config for a one-shot client: system roots, plus every certificate in `extra_ca`.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, ConfigError> {
+    let cfg = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Invalid {
+            key: "upstream_ca",
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots(extra_ca)?)
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+/// The system roots plus every certificate in `extra_ca`.
+fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, ConfigError> {
     let mut roots = RootCertStore::empty();
     // Unreadable system certificates are skipped: an explicit CA file still works.
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -97,13 +116,5 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, ConfigErro
                 .map_err(|e| invalid("upstream_ca", path, e))?;
         }
     }
-    let cfg = ClientConfig::builder_with_provider(Arc::new(default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Invalid {
-            key: "upstream_ca",
-            reason: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(cfg)
+    Ok(roots)
 }

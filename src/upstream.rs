@@ -12,8 +12,12 @@
 //! Each client also holds at most its share of those slots ([`crate::clients`]; the request's
 //! [`ClientHandle`] extension says whose it is); a request that finds every slot taken signals
 //! pressure, so requests whose clients take none of their responses are shed first.
-//! Connect has a deadline; nothing else does here (uploads may stream for hours; body silence is
-//! watched by [`crate::body::Watched`]).
+//! Connect and the TLS handshake have a deadline each; nothing else does here (uploads may stream
+//! for hours; body silence is watched by [`crate::body::Watched`]).
+//!
+//! TLS ([`Connector`]): certificates are verified against the upstream's [`UpstreamTrust`], which
+//! SIGHUP replaces without touching the pool; a refused handshake comes back as a
+//! [`crate::error::TlsRefused`] that names the origin, rustls' reason and the fix.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,17 +28,20 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
 
 use crate::body::{self, ProxyBody};
 use crate::clients::{acquire_pressing, ClientHandle, Share};
 use crate::config::{Config, Origin, READY_PROBE_CONNECTIONS};
-use crate::error::Error;
+use crate::error::{BoxError, Error, TlsRefused};
 use crate::metrics::Metrics;
+use crate::tls::UpstreamTrust;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// How long `/-/ready` waits for the upstream.
@@ -51,7 +58,8 @@ pub const POOL_IDLE_SECS: u64 = 90;
 pub struct Upstream {
     origin: Origin,
     body_idle: Duration,
-    client: Client<HttpsConnector<Bounded>, ProxyBody>,
+    client: Client<Connector, ProxyBody>,
+    trust: Arc<UpstreamTrust>,
     slots: Arc<Semaphore>,
     /// Where response times go, under this upstream's name.
     observed: Option<(Arc<Metrics>, Arc<str>)>,
@@ -64,6 +72,78 @@ pub struct Upstream {
 pub struct Bounded {
     inner: HttpConnector,
     permits: Arc<Semaphore>,
+}
+
+/// The upstream connector: TCP through [`Bounded`], then for `https` a TLS handshake (SNI and
+/// name check on the URI's host) verified by the upstream's [`UpstreamTrust`]. The handshake has
+/// a deadline of its own, the connect timeout again: a port that accepts and never answers the
+/// ClientHello would otherwise hold the request forever. A refused handshake comes back as a
+/// [`TlsRefused`] (origin, rustls' reason, fix) rather than as a rustls error three `io::Error`s
+/// deep.
+#[derive(Clone)]
+pub struct Connector {
+    tcp: Bounded,
+    tls: TlsConnector,
+    trust: Arc<UpstreamTrust>,
+    handshake: Duration,
+}
+
+type Socket = Permitted<<HttpConnector as tower_service::Service<http::Uri>>::Response>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = MaybeHttpsStream<Socket>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tcp.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            other => {
+                let err = format!("unsupported scheme {other:?} (http or https)");
+                return Box::pin(async move { Err(err.into()) });
+            }
+        };
+        let origin = Origin::of(&uri);
+        let host = uri.host().unwrap_or_default();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let name = ServerName::try_from(host.to_owned());
+        let connecting = self.tcp.call(uri);
+        let (tls, trust, handshake) = (self.tls.clone(), self.trust.clone(), self.handshake);
+        Box::pin(async move {
+            let tcp = connecting.await?;
+            if !https {
+                return Ok(MaybeHttpsStream::Http(tcp));
+            }
+            let origin = origin.map_or_else(|| "the upstream".into(), |o| o.to_string());
+            let shaking = tls.connect(name?, TokioIo::new(tcp));
+            match tokio::time::timeout(handshake, shaking).await {
+                Ok(Ok(stream)) => Ok(MaybeHttpsStream::Https(TokioIo::new(stream))),
+                Ok(Err(err)) => Err(match TlsRefused::find(&err) {
+                    Some(reason) => Box::new(TlsRefused {
+                        origin,
+                        ca: trust.ca_file().map(Into::into),
+                        reason,
+                    }) as BoxError,
+                    None => Box::new(err),
+                }),
+                Err(_) => Err(format!(
+                    "no TLS handshake with {origin} within {} s: does it serve HTTPS on this \
+                     port? (the deadline is --upstream-connect-timeout-secs)",
+                    handshake.as_secs()
+                )
+                .into()),
+            }
+        })
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -186,20 +266,20 @@ impl Body for UpstreamBody {
 }
 
 impl Upstream {
-    /// A client for `origin` with the config's TLS roots, timeouts and bounds.
-    pub fn new(cfg: &Config, tls: rustls::ClientConfig, origin: Origin) -> Upstream {
-        Upstream::bounded(cfg, tls, origin, cfg.limits.max_upstream_connections)
+    /// A client for `origin` trusting `trust`, with the config's timeouts and bounds.
+    pub fn new(cfg: &Config, trust: &Arc<UpstreamTrust>, origin: Origin) -> Upstream {
+        Upstream::bounded(cfg, trust, origin, cfg.limits.max_upstream_connections)
     }
 
     /// A client for readiness probes of `origin`: its own few connections
     /// ([`READY_PROBE_CONNECTIONS`]), so `/-/ready` answers while clients hold every slot of
     /// the upstream's pool.
-    pub fn probe_client(cfg: &Config, tls: rustls::ClientConfig, origin: Origin) -> Upstream {
+    pub fn probe_client(cfg: &Config, trust: &Arc<UpstreamTrust>, origin: Origin) -> Upstream {
         let max = usize::try_from(READY_PROBE_CONNECTIONS).unwrap_or(1);
-        Upstream::bounded(cfg, tls, origin, max)
+        Upstream::bounded(cfg, trust, origin, max)
     }
 
-    fn bounded(cfg: &Config, tls: rustls::ClientConfig, origin: Origin, max: usize) -> Upstream {
+    fn bounded(cfg: &Config, trust: &Arc<UpstreamTrust>, origin: Origin, max: usize) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -208,19 +288,22 @@ impl Upstream {
             inner: http,
             permits: Arc::new(Semaphore::new(max)),
         };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(bounded);
+        // No ALPN offered: the pool speaks HTTP/1.1 only.
+        let connector = Connector {
+            tcp: bounded,
+            tls: TlsConnector::from(Arc::new(trust.client_config())),
+            trust: trust.clone(),
+            handshake: cfg.timeouts.upstream_connect,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(POOL_IDLE_SECS))
             .pool_max_idle_per_host(max.min(MAX_IDLE_PER_ORIGIN))
-            .build(https);
+            .build(connector);
         Upstream {
             origin,
             body_idle: cfg.timeouts.body_idle,
             client,
+            trust: trust.clone(),
             slots: Arc::new(Semaphore::new(max)),
             observed: None,
             pressure: None,
@@ -242,6 +325,11 @@ impl Upstream {
     /// The upstream origin.
     pub fn origin(&self) -> &Origin {
         &self.origin
+    }
+
+    /// The roots its certificates are verified against (reloaded on SIGHUP).
+    pub fn trust(&self) -> &Arc<UpstreamTrust> {
+        &self.trust
     }
 
     /// Sends a request whose URI is already absolute. Errors name the origin the request went

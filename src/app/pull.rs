@@ -18,10 +18,10 @@ use tokio::time::Instant;
 
 use super::{App, Lane};
 use crate::body::{self, ProxyBody};
-use crate::clients::ClientHandle;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
 use crate::cache::{Fill, Follower, Tee};
+use crate::clients::ClientHandle;
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
 use crate::proxy::Forward;

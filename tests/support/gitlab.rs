@@ -236,6 +236,7 @@ pub struct GitLabBuilder {
     projects: Vec<Project>,
     dp: Vec<DpGroup>,
     rules: Rules,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running token service on 127.0.0.1:0; stops when dropped.
@@ -244,6 +245,9 @@ pub struct GitLab {
     pub addr: SocketAddr,
     state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
+    tls: bool,
+    /// The SNI names of its TLS handshakes.
+    names: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for GitLab {
@@ -260,6 +264,7 @@ pub fn gitlab() -> GitLabBuilder {
         projects: vec![],
         dp: vec![],
         rules: Rules::default(),
+        tls: None,
     }
 }
 
@@ -402,6 +407,13 @@ impl GitLabBuilder {
         self
     }
 
+    /// Serves HTTPS only, with `tls` (see [`super::tls`]); its realm is then by name,
+    /// `https://localhost:PORT/jwt/auth`. Handshakes that fail are dropped.
+    pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Binds 127.0.0.1:0 and serves `/jwt/auth` (and the Dependency Proxy, when configured).
     pub async fn start(self) -> GitLab {
         let pem = std::fs::read_to_string(signing_key_path()).expect("read token signing key");
@@ -431,6 +443,9 @@ impl GitLabBuilder {
             connections: Mutex::new(vec![]),
         });
         let st = state.clone();
+        let tls = self.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let names = Arc::new(Mutex::new(vec![]));
+        let seen_names = names.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -438,28 +453,51 @@ impl GitLabBuilder {
                 };
                 let st = st.clone();
                 let conns = st.clone();
+                let (tls, seen_names) = (tls.clone(), seen_names.clone());
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(handle(&st, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let Some(tls) = tls else {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        return;
+                    };
+                    let Ok(stream) = tls.accept(stream).await else {
+                        return;
+                    };
+                    let name = stream.get_ref().1.server_name().unwrap_or("").to_owned();
+                    seen_names.lock().unwrap().push(name);
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
                 });
                 let mut open = conns.connections.lock().unwrap();
                 open.retain(|c| !c.is_finished());
                 open.push(conn.abort_handle());
             }
         });
-        GitLab { addr, state, task }
+        GitLab {
+            addr,
+            state,
+            task,
+            tls: self.tls.is_some(),
+            names,
+        }
     }
 }
 
 impl GitLab {
-    /// `http://127.0.0.1:PORT/jwt/auth`.
+    /// `http://127.0.0.1:PORT/jwt/auth`; over TLS `https://localhost:PORT/jwt/auth`.
     pub fn realm(&self) -> String {
-        format!("http://{}/jwt/auth", self.addr)
+        match self.tls {
+            true => format!("https://localhost:{}/jwt/auth", self.addr.port()),
+            false => format!("http://{}/jwt/auth", self.addr),
+        }
+    }
+
+    /// The server names (SNI) its TLS handshakes asked for ("" for none), in order.
+    pub fn tls_names(&self) -> Vec<String> {
+        self.names.lock().unwrap().clone()
     }
     /// Tokens minted so far.
     pub fn mints(&self) -> usize {

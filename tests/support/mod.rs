@@ -1,5 +1,6 @@
 //! Test rig: real processes and servers on 127.0.0.1 ephemeral ports, ended on drop.
-//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) with token auth and temp storage;
+//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) with token auth and temp storage,
+//!   over HTTP or HTTPS ([`tls`]: private CAs made for the test);
 //!   [`Registry::start_redirecting`] puts its blobs behind an [`object_store::ObjectStore`].
 //! - [`gitlab`]: the GitLab-behaving token service (in-process).
 //! - [`Regrelay`]: the real `regrelay` binary, output captured for assertions and secret greps.
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod nginx;
 pub mod object_store;
 pub mod relay;
+pub mod tls;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -159,6 +161,17 @@ impl Registry {
         (Registry::launch(dir, &config), store)
     }
 
+    /// Like [`Registry::start`], serving HTTPS only, with `leaf` (`http.tls`); reach it by
+    /// [`Registry::https_url`].
+    pub fn start_tls(realm: &str, leaf: &tls::Leaf) -> Registry {
+        Registry::launch_with(tempfile::tempdir().unwrap(), Some(leaf), &token_auth(realm))
+    }
+
+    /// Like [`Registry::start_open`], serving HTTPS only, with `leaf`.
+    pub fn start_open_tls(leaf: &tls::Leaf) -> Registry {
+        Registry::launch_with(tempfile::tempdir().unwrap(), Some(leaf), "")
+    }
+
     /// Starts `docker-registry` as the CNCF pull-through cache (proxy mode) of `remote`, holding
     /// one credential for it and asking none of its own clients.
     pub fn start_proxy(remote: &str, username: &str, password: &str) -> Registry {
@@ -176,9 +189,21 @@ impl Registry {
     /// Writes a config (storage in `dir`, an ephemeral port, then `auth`: any further top-level
     /// sections) and starts the registry.
     fn launch(dir: tempfile::TempDir, auth: &str) -> Registry {
+        Registry::launch_with(dir, None, auth)
+    }
+
+    /// Like [`Registry::launch`], over TLS with `tls` when given.
+    fn launch_with(dir: tempfile::TempDir, tls: Option<&tls::Leaf>, auth: &str) -> Registry {
         require("docker-registry");
+        let tls = tls.map_or(String::new(), |leaf| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                leaf.cert.display(),
+                leaf.key.display()
+            )
+        });
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n{auth}",
+            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n{tls}{auth}",
             root = dir.path().join("data").display(),
         );
         let cfg_path = dir.path().join("config.yml");
@@ -202,7 +227,8 @@ impl Registry {
             .split("listening on ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
-            .map(|s| s.trim_end_matches('"'))
+            // "listening on 127.0.0.1:PORT" (plain) or "listening on 127.0.0.1:PORT, tls"
+            .map(|s| s.trim_end_matches(['"', ',']))
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("registry address in {line:?}"));
         Registry {
@@ -217,9 +243,14 @@ impl Registry {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// `https://localhost:PORT`: by name, so that TLS checks the certificate's name.
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
 }
 
-/// The registry's `auth:` section: tokens of the GitLab stand-in, `realm` in its challenge.
+/// The registry's `auth.token` section: tokens of the GitLab stand-in, challenges naming `realm`.
 fn token_auth(realm: &str) -> String {
     format!(
         "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {bundle}\n",

@@ -1,0 +1,212 @@
+//! Trust in the upstreams' certificates (a registry and its token service): the system roots plus
+//! the optional `--upstream-ca` (`ca` in an `[[upstream]]` table) file, checked by rustls' own
+//! WebPKI verifier, and replaceable while serving ([`UpstreamTrust::reload`], on SIGHUP).
+//!
+//! The upstream clients keep their pools across a reload: connections already open stay (they
+//! were verified when they opened), and every handshake after it is verified against the new
+//! roots. TLS sessions remembered under the old roots are forgotten at the same moment, so no
+//! connection resumes past a CA that was just removed. This room does not explain a refused
+//! certificate (that is [`crate::error::TlsRefused`]) and does not dial (that is
+//! [`crate::upstream`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
+    Tls13ClientSessionValue, WebPkiServerVerifier,
+};
+use rustls::crypto::ring::default_provider;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, NamedGroup, SignatureScheme};
+
+use crate::config::ConfigError;
+
+/// TLS sessions remembered for resumption (rustls' default).
+const MAX_SESSIONS: usize = 256;
+
+/// The roots the upstream clients of one configured upstream verify against; one per upstream,
+/// shared by its registry client and its token service client.
+pub struct UpstreamTrust {
+    ca: Option<PathBuf>,
+    provider: Arc<CryptoProvider>,
+    /// `None` when there is no root at all (no system bundle, no CA file): every certificate is
+    /// then refused as untrusted, and a plain-HTTP upstream still works.
+    verifier: RwLock<Option<Arc<WebPkiServerVerifier>>>,
+    sessions: RwLock<Arc<ClientSessionMemoryCache>>,
+}
+
+impl std::fmt::Debug for UpstreamTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTrust")
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTrust {
+    /// Reads the system roots and `ca` (every certificate in it).
+    pub fn load(ca: Option<&Path>) -> Result<Arc<UpstreamTrust>, ConfigError> {
+        let provider = Arc::new(default_provider());
+        let verifier = verifier(ca, &provider)?;
+        Ok(Arc::new(UpstreamTrust {
+            ca: ca.map(Path::to_owned),
+            provider,
+            verifier: RwLock::new(verifier),
+            sessions: RwLock::new(Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS))),
+        }))
+    }
+
+    /// Reads the system roots and the CA file again; on any error the roots in force stay and
+    /// the error is returned.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let fresh = verifier(self.ca.as_deref(), &self.provider)?;
+        *self.verifier.write().expect("upstream trust lock") = fresh;
+        *self.sessions.write().expect("upstream sessions lock") =
+            Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS));
+        Ok(())
+    }
+
+    /// The extra CA file, when one is configured.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    /// A client config verifying with whatever roots are in force at each handshake.
+    pub fn client_config(self: &Arc<Self>) -> ClientConfig {
+        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("the ring provider supports TLS 1.2 and 1.3")
+            // rustls calls a verifier of one's own "dangerous"; this one is rustls' WebPKI
+            // verifier behind a reference that SIGHUP replaces, checking exactly as before.
+            .dangerous()
+            .with_custom_certificate_verifier(self.clone())
+            .with_no_client_auth();
+        cfg.resumption = Resumption::store(self.clone());
+        cfg
+    }
+
+    fn sessions(&self) -> Arc<ClientSessionMemoryCache> {
+        self.sessions
+            .read()
+            .expect("upstream sessions lock")
+            .clone()
+    }
+}
+
+/// rustls' WebPKI verifier over the system roots and `ca`; `None` without any root.
+fn verifier(
+    ca: Option<&Path>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Option<Arc<WebPkiServerVerifier>>, ConfigError> {
+    let roots = super::roots(ca)?;
+    if roots.is_empty() {
+        return Ok(None);
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            key: "upstream_ca",
+            reason: e.to_string(),
+        })
+}
+
+impl ServerCertVerifier for UpstreamTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The lock is held only to clone the Arc: a reload never waits for a handshake.
+        let verifier = self.verifier.read().expect("upstream trust lock").clone();
+        match verifier {
+            Some(v) => {
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Resumption goes through the store of the roots in force: a reload starts an empty one.
+impl ClientSessionStore for UpstreamTrust {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.sessions().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.sessions().kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.sessions().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.sessions().tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.sessions().remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.sessions().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.sessions().take_tls13_ticket(server_name)
+    }
+}
+
+#[cfg(test)]
+mod tests;
