@@ -20,6 +20,8 @@ mod cases;
 mod client;
 #[path = "bench/delay.rs"]
 mod delay;
+#[path = "bench/hostile.rs"]
+mod hostile;
 #[path = "bench/origin.rs"]
 mod origin;
 #[path = "bench/procs.rs"]
@@ -41,7 +43,7 @@ use support::gitlab::with_developer_pat;
 const REPO: &str = "bench/blob";
 const USER: &str = "bench";
 const PAT: &str = "glpat-bench-0000000000";
-const ALL_CASES: [&str; 8] = [
+const ALL_CASES: [&str; 9] = [
     "plain",
     "registry",
     "tls",
@@ -50,6 +52,7 @@ const ALL_CASES: [&str; 8] = [
     "small",
     "session",
     "cache",
+    "hostile",
 ];
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -77,6 +80,7 @@ struct Settings {
     cache_mib: u64,
     cache_link_rtt_ms: u64,
     cache_link_window_mib: u64,
+    hostile_secs: u64,
     out: PathBuf,
 }
 
@@ -132,6 +136,7 @@ impl Settings {
             cache_mib: env_or("BENCH_CACHE_MIB", blob_mib).max(1),
             cache_link_rtt_ms: env_or("BENCH_CACHE_LINK_RTT_MS", 20),
             cache_link_window_mib: env_or("BENCH_CACHE_LINK_WINDOW_MIB", 4).max(1),
+            hostile_secs: env_or("BENCH_HOSTILE_SECS", 60u64).max(5),
             out: std::env::var("BENCH_OUT")
                 .map(PathBuf::from)
                 .unwrap_or(default_out),
@@ -146,7 +151,8 @@ impl Settings {
         format!(
             "cases {}; fronts {}; blob {} MiB × {} rounds; TLS {} MiB; RTT {} ms, {} MiB × {} rounds, \
              window {} MiB; concurrent {} × {} MiB × {} rounds; wrk {} connections, {} thread(s), {} s; \
-             sessions {} cold, {} warm; cache {} MiB × {} rounds, link {} ms, window {} MiB",
+             sessions {} cold, {} warm; cache {} MiB × {} rounds, link {} ms, window {} MiB; \
+             hostile soak {} s",
             self.cases.join(","),
             self.fronts.join(","),
             self.blob_mib,
@@ -167,7 +173,8 @@ impl Settings {
             self.cache_mib,
             self.rounds,
             self.cache_link_rtt_ms,
-            self.cache_link_window_mib
+            self.cache_link_window_mib,
+            self.hostile_secs
         )
     }
 }
@@ -492,6 +499,12 @@ async fn run(s: Settings) -> Result<(), String> {
                 "docker-registry is not installed",
             ),
             "cache" => cases::cache(&b).await,
+            "hostile" if registry.is_none() => Case::skip(
+                "hostile",
+                "8. Hostile soak",
+                "docker-registry is not installed",
+            ),
+            "hostile" => hostile::hostile(b.s.hostile_secs).await,
             _ => unreachable!(),
         };
         if let Some(why) = &case.skipped {

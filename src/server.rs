@@ -569,10 +569,6 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
             Some(cut) => cut,
             None => state.idle_deadline(t.header_read, t.idle),
         };
-        let scanning = h2 && state.active() > 0;
-        if !scanning {
-            scan = Instant::now() + STALL_SCAN;
-        }
         tokio::select! {
             res = conn.as_mut() => return res,
             () = tokio::time::sleep_until(wake) => {
@@ -585,9 +581,12 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     closing = Some(Instant::now() + CLOSE_GRACE);
                 }
             }
-            () = tokio::time::sleep_until(scan), if scanning => {
+            // Every second on HTTP/2 (streams come and go without waking this loop).
+            () = tokio::time::sleep_until(scan), if h2 => {
                 scan = Instant::now() + STALL_SCAN;
-                let _ = watch.shed_stalled(t.h2_stall, "stall");
+                if state.active() > 0 {
+                    let _ = watch.shed_stalled(t.h2_stall, "stall");
+                }
             }
             () = shed(watch.requests_pressure, || state.any_stalled(SHED_STALLED_AFTER)) => {
                 if watch.shed_stalled(SHED_STALLED_AFTER, "pressure").is_none() && closing.is_none() {

@@ -7,6 +7,7 @@
 //! - [`OciImage`], [`skopeo`], [`docker`]: real clients and images they can push.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod containerd;
 pub mod gitlab;
 pub mod haproxy;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod nginx;
 pub mod object_store;
 pub mod relay;
+pub mod soak;
 pub mod tls;
 pub mod upstream;
 
@@ -242,6 +244,21 @@ impl Registry {
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `METHOD URI STATUS` of every request the registry logged (its access log), in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.log
+            .text()
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("] \"")?;
+                let (request, rest) = rest.split_once('"')?;
+                let status = rest.split_whitespace().next()?;
+                let request = request.strip_suffix(" HTTP/1.1").unwrap_or(request);
+                Some(format!("{request} {status}"))
+            })
+            .collect()
     }
 
     /// `https://localhost:PORT`: by name, so that TLS checks the certificate's name.
