@@ -647,9 +647,9 @@ pub fn raise_fd_limit(limits: &Limits, upstreams: usize) -> Result<u64, String> 
     if needed > got {
         return Err(format!(
             "the open-file limit is {got}, but --max-connections {} and \
-             --max-upstream-connections {} need {needed} (connections, upstream and token \
-             service sockets of every upstream, plus 64); raise LimitNOFILE / ulimit -n or \
-             lower the bounds",
+             --max-upstream-connections {} need {needed} (connections and 32 reserve ones for \
+             health checks, upstream, token service and readiness sockets of every upstream, \
+             plus 64); raise LimitNOFILE / ulimit -n or lower the bounds",
             limits.max_connections, limits.max_upstream_connections
         ));
     }

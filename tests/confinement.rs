@@ -81,7 +81,10 @@ async fn ask(
 
 fn field(body: &str, name: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
-    v[name].as_str().unwrap_or_else(|| panic!("no {name}: {body}")).to_owned()
+    v[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name}: {body}"))
+        .to_owned()
 }
 
 const FORM: [(&str, &str); 1] = [("content-type", "application/x-www-form-urlencoded")];
@@ -133,7 +136,14 @@ async fn refresh_tokens_sessions_and_injected_identities_stay_with_their_upstrea
     let (status, _) = ask(&px, "POST", "/jwt/auth", &FORM, &as_refresh).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let refresh_bearer = format!("Bearer {refresh}");
-    let (status, _) = ask(&px, "GET", "/v2/team/a/tags/list", &[("authorization", &refresh_bearer)], "").await;
+    let (status, _) = ask(
+        &px,
+        "GET",
+        "/v2/team/a/tags/list",
+        &[("authorization", &refresh_bearer)],
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let bearer = format!("Bearer {session}");
     let hub_requests = w.hub.requests().len();
@@ -147,21 +157,59 @@ async fn refresh_tokens_sessions_and_injected_identities_stay_with_their_upstrea
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("another upstream"), "{body}");
-    assert_eq!(w.hub.requests().len(), hub_requests, "{:?}", w.hub.requests());
+    assert_eq!(
+        w.hub.requests().len(),
+        hub_requests,
+        "{:?}",
+        w.hub.requests()
+    );
     // regrelay's anonymous session for its injected docker.io identity, at the default
     // upstream: refused, and GitLab sees no request with it.
-    let (status, body) = ask(&px, "GET", &format!("/jwt/auth?ns=docker.io&service=container_registry&scope={alpine}"), &[], "").await;
+    let (status, body) = ask(
+        &px,
+        "GET",
+        &format!("/jwt/auth?ns=docker.io&service=container_registry&scope={alpine}"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let injected = format!("Bearer {}", field(&body, "token"));
     let gl_seen = w.gl.attempts();
-    let (status, body) = ask(&px, "GET", "/v2/team/a/tags/list", &[("authorization", &injected)], "").await;
+    let (status, body) = ask(
+        &px,
+        "GET",
+        "/v2/team/a/tags/list",
+        &[("authorization", &injected)],
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    let (status, _) = ask(&px, "GET", "/jwt/auth?service=container_registry&scope=repository%3Ateam%2Fa%3Apull", &[("authorization", &injected)], "").await;
-    assert_eq!(status, StatusCode::OK, "an anonymous token request (the session is dropped)");
+    let (status, _) = ask(
+        &px,
+        "GET",
+        "/jwt/auth?service=container_registry&scope=repository%3Ateam%2Fa%3Apull",
+        &[("authorization", &injected)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an anonymous token request (the session is dropped)"
+    );
     let seen = w.gl.seen();
     assert_eq!(w.gl.attempts(), gl_seen + 1);
-    assert_eq!(seen.last().unwrap().auth_scheme, None, "the session reached GitLab");
-    assert_no_secrets(&px.output.settled(), DEPLOY_USER, &[DEPLOY_TOKEN.to_owned(), PAT.to_owned()]);
+    assert_eq!(
+        seen.last().unwrap().auth_scheme,
+        None,
+        "the session reached GitLab"
+    );
+    assert_no_secrets(
+        &px.output.settled(),
+        DEPLOY_USER,
+        &[DEPLOY_TOKEN.to_owned(), PAT.to_owned()],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -184,15 +232,28 @@ async fn injection_follows_the_client_behind_a_trusted_front() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("--inject-through-trusted-proxies"), "{}", text(&out));
+    assert!(
+        text(&out).contains("--inject-through-trusted-proxies"),
+        "{}",
+        text(&out)
+    );
     let px = Regrelay::start(&[&base[..], &["--inject-through-trusted-proxies"]].concat());
     // Injected: the registry's answer to the deploy token (404, no tags yet); not injected: its
     // challenge to an anonymous request (401).
     let tags = "/v2/team/a/tags/list";
     let cases: [(&[(&str, &str)], StatusCode); 5] = [
-        (&[("x-forwarded-for", "203.0.113.9")], StatusCode::UNAUTHORIZED),
-        (&[("x-forwarded-for", "127.0.0.5, 203.0.113.9")], StatusCode::UNAUTHORIZED),
-        (&[("x-forwarded-for", "not-an-address")], StatusCode::UNAUTHORIZED),
+        (
+            &[("x-forwarded-for", "203.0.113.9")],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            &[("x-forwarded-for", "127.0.0.5, 203.0.113.9")],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            &[("x-forwarded-for", "not-an-address")],
+            StatusCode::UNAUTHORIZED,
+        ),
         (&[("x-forwarded-for", "127.0.0.5")], StatusCode::NOT_FOUND),
         (&[], StatusCode::NOT_FOUND),
     ];
@@ -208,6 +269,16 @@ async fn injection_follows_the_client_behind_a_trusted_front() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(w.gl.attempts(), before + 1, "GitLab was asked");
     let bearer = format!("Bearer {}", field(&body, "token"));
-    let (status, body) = ask(&px, "GET", tags, &[("x-forwarded-for", "203.0.113.9"), ("authorization", &bearer)], "").await;
+    let (status, body) = ask(
+        &px,
+        "GET",
+        tags,
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("authorization", &bearer),
+        ],
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }

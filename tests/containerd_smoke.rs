@@ -146,25 +146,10 @@ fn assert_pulled(ctrd: &Containerd, out: &std::process::Output, name: &str, imag
     }
 }
 
-/// `METHOD URI STATUS` of every request the registry logged (its access log), in order.
-fn registry_requests(reg: &Registry) -> Vec<String> {
-    reg.log
-        .text()
-        .lines()
-        .filter_map(|l| {
-            let (_, rest) = l.split_once("] \"")?;
-            let (request, rest) = rest.split_once('"')?;
-            let status = rest.split_whitespace().next()?;
-            let request = request.strip_suffix(" HTTP/1.1").unwrap_or(request);
-            Some(format!("{request} {status}"))
-        })
-        .collect()
-}
-
 /// The requests the registry logged after the first `skip` ones, printed for the test log.
 fn report_registry(reg: &Registry, name: &str, skip: usize) -> Vec<String> {
     std::thread::sleep(Duration::from_millis(100)); // let the log reader catch up
-    let requests: Vec<String> = registry_requests(reg).into_iter().skip(skip).collect();
+    let requests: Vec<String> = reg.requests().into_iter().skip(skip).collect();
     eprintln!("{name} saw {} requests:", requests.len());
     for r in &requests {
         eprintln!("  {r}");
@@ -187,7 +172,7 @@ async fn containerd_pulls_private_image_with_user_from_token_registry() {
     let host = reg.addr.to_string();
     tokio::task::spawn_blocking(move || {
         let image = push(&host, &format!("{USER}:{PAT}"), 21);
-        let pushed = registry_requests(&reg).len();
+        let pushed = reg.requests().len();
         let ctrd = Containerd::start();
         // containerd 1.6 ignores a hosts.toml without a `[host]` table (issue 10027): the stub
         // makes `server` (and its http scheme) count. No `--plain-http` is passed.
@@ -226,7 +211,7 @@ async fn mirror_answering_404_falls_back_to_server_and_sees_ns() {
     let server = tokio::task::spawn_blocking(move || {
         let host = reg.addr.to_string();
         let image = push(&host, "anyone:anything", 22);
-        let pushed = registry_requests(&reg).len();
+        let pushed = reg.requests().len();
         let ctrd = Containerd::start();
         let hosts = hosts_dir(&[("reg-x.test", &mirror_then_server(mirror_addr, &host))]);
         let out = ctrd.pull("reg-x.test/group/app:v1", hosts.path(), None);
@@ -266,7 +251,7 @@ async fn mirror_answering_404_never_sees_credentials_when_server_challenges() {
     tokio::task::spawn_blocking(move || {
         let host = reg.addr.to_string();
         let image = push(&host, &format!("{USER}:{PAT}"), 23);
-        let pushed = registry_requests(&reg).len();
+        let pushed = reg.requests().len();
         let ctrd = Containerd::start();
         let hosts = hosts_dir(&[("reg-x.test", &mirror_then_server(mirror_addr, &host))]);
         let user = format!("{USER}:{PAT}");
@@ -305,7 +290,7 @@ async fn override_path_mirror_gets_prefixed_path_and_ns() {
     let mirror_addr = mirror.addr;
     let behind = tokio::task::spawn_blocking(move || {
         let image = push(&reg.addr.to_string(), "anyone:anything", 24);
-        let pushed = registry_requests(&reg).len();
+        let pushed = reg.requests().len();
         let ctrd = Containerd::start();
         // No `server`: the default (https://reg-x.test) cannot resolve, so success means the
         // mirror served the pull.

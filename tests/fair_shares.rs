@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use regrelay::body;
 use support::attack::{self, host};
 use support::gitlab::with_developer_pat;
-use support::upstream::{self, client, drain};
+use support::upstream::{self, client};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
@@ -142,20 +142,9 @@ async fn zero_window_http2_streams_of_one_client_lock_no_one_out() {
     drop((health, v2));
 }
 
-/// An upstream that reads upload bodies to their end, slowly: uploads stay in flight.
-async fn sink() -> upstream::Origin {
-    upstream::serve(|req: Request<hyper::body::Incoming>| async move {
-        let _ = drain(req.into_body()).await;
-        let mut resp = http::Response::new(body::full("ok"));
-        *resp.status_mut() = StatusCode::ACCEPTED;
-        resp
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn health_checks_are_answered_when_every_connection_slot_is_busy() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let px = Regrelay::start(&[
         "--registry",
         &origin.url(),
@@ -191,7 +180,11 @@ async fn health_checks_are_answered_when_every_connection_slot_is_busy() {
     let start = Instant::now();
     let healthy = attack::request_from(host(1), px.addr, "GET", "/-/healthy", &[], b"").await;
     assert_eq!(healthy.map(|(s, _)| s), Some(StatusCode::OK));
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
     let ready = attack::request_from(host(1), px.addr, "GET", "/-/ready", &[], b"").await;
     assert_eq!(ready.map(|(s, _)| s), Some(StatusCode::OK));
     // Anything else waits a moment for a slot, then gets 503 and why.
@@ -201,7 +194,11 @@ async fn health_checks_are_answered_when_every_connection_slot_is_busy() {
         .expect("an answer");
     assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("connections"), "{body}");
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     feeding.abort();
     let (_, _, text) = support::metrics::scrape(maddr).await;
     for (outcome, at_least) in [("health", 2.0), ("refused", 1.0)] {

@@ -37,9 +37,21 @@ async fn legitimate_clients_get_through_every_hostile_client_at_once() {
     for line in report.lines() {
         eprintln!("soak: {line}");
     }
-    assert!(report.legit_failures.is_empty(), "{:#?}", report.legit_failures);
-    assert!(report.health_failures.is_empty(), "{:#?}", report.health_failures);
-    assert!(report.transfers >= 2, "{} pushes and pulls", report.transfers);
+    assert!(
+        report.legit_failures.is_empty(),
+        "{:#?}",
+        report.legit_failures
+    );
+    assert!(
+        report.health_failures.is_empty(),
+        "{:#?}",
+        report.health_failures
+    );
+    assert!(
+        report.transfers >= 2,
+        "{} pushes and pulls",
+        report.transfers
+    );
     let (unloaded, loaded) = (report.head_unloaded_ms.1, report.head_loaded_ms.1);
     assert!(
         loaded <= 3.0 * unloaded.max(1.0),
@@ -57,7 +69,10 @@ async fn legitimate_clients_get_through_every_hostile_client_at_once() {
     // streams is not answered: its count is of connections regrelay closed, maybe none).
     for (name, sent, ended) in &report.attacks {
         assert!(*sent > 0, "{name} never ran");
-        assert!(*ended > 0 || name.starts_with("rapid"), "{name}: regrelay ended none of {sent}");
+        assert!(
+            *ended > 0 || name.starts_with("rapid"),
+            "{name}: regrelay ended none of {sent}"
+        );
     }
     drop(gl);
 }

@@ -64,14 +64,6 @@ async fn copy(src: String, dest: String) -> std::process::Output {
     .unwrap()
 }
 
-fn hangup(px: &Regrelay) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &px.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_to_an_https_registry_re_mints_over_https_and_pulls_back_the_same_digests() {
     let ca = TestCa::new("regrelay test upstream CA");
@@ -285,7 +277,7 @@ async fn a_ca_rotated_on_the_upstream_is_trusted_after_sighup_without_a_restart(
     );
 
     std::fs::write(&ca_file, ca2.pem()).unwrap();
-    hangup(&px);
+    px.hangup();
     let reloaded = px
         .output
         .wait_for("reload: upstream CA re-read", Duration::from_secs(5));
@@ -295,7 +287,7 @@ async fn a_ca_rotated_on_the_upstream_is_trusted_after_sighup_without_a_restart(
     // A CA file that does not load: refused, the roots in force stay (a new connection to a
     // new registry with a CA2 certificate is trusted).
     std::fs::write(&ca_file, "not a certificate\n").unwrap();
-    hangup(&px);
+    px.hangup();
     let line = px
         .output
         .wait_for("new upstream CA refused", Duration::from_secs(5))

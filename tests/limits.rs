@@ -5,25 +5,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use regrelay::body;
-use support::upstream::{self, drain, raw};
+use support::upstream::{self, raw};
 use support::Regrelay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn sink() -> upstream::Origin {
-    upstream::serve(|req: Request<hyper::body::Incoming>| async move {
-        let ok = drain(req.into_body()).await.is_ok();
-        let mut resp = Response::new(body::full(if ok { "ok" } else { "broken" }));
-        *resp.status_mut() = StatusCode::ACCEPTED;
-        resp
-    })
-    .await
-}
-
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let px = Regrelay::start(&[
         "--registry",
         &origin.url(),
@@ -50,7 +40,7 @@ async fn slow_headers_are_cut_off() {
 
 #[tokio::test]
 async fn a_silent_upload_is_ended_but_a_slow_one_is_not() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let px = Regrelay::start(&["--registry", &origin.url(), "--body-idle-timeout-secs", "2"]);
     // Slow but steady: 6 chunks, one per second, for longer than the idle timeout in total.
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
@@ -121,7 +111,7 @@ fn shed(text: &str, outcome: &str) -> f64 {
 
 #[tokio::test]
 async fn connection_limit_queues_behind_busy_connections_and_sheds_idle_ones() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let (px, maddr) = one_connection(&origin);
     let get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 512];
@@ -220,7 +210,7 @@ async fn a_connection_not_reading_its_response_is_cut_for_a_waiting_one() {
 /// at 64 KiB) held a 64 MiB upload over 50 ms to 0.68x of HTTP/1.1's speed.
 #[tokio::test]
 async fn http2_advertises_large_flow_control_windows() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let px = Regrelay::start(&["--registry", &origin.url()]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     // Prior-knowledge HTTP/2 (h2c): the preface and an empty SETTINGS frame.

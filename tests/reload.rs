@@ -65,14 +65,6 @@ fn key_line(seed: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([seed; 32])
 }
 
-fn hangup(px: &Regrelay) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &px.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// The key id of a session token `rr1.<kid>.…`.
 fn kid(token: &str) -> String {
     token.split('.').nth(1).unwrap().to_owned()
@@ -133,7 +125,7 @@ async fn sighup_swaps_certificate_and_keys_mid_push_without_dropping_it() {
         &ring_path,
         format!("{}\nopen-only {}\n", key_line(2), key_line(1)).as_bytes(),
     );
-    hangup(&px);
+    px.hangup();
     for line in [
         "TLS certificate and key re-read",
         "session key ring re-read",
@@ -162,7 +154,7 @@ async fn sighup_swaps_certificate_and_keys_mid_push_without_dropping_it() {
         b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
     );
     write_private(&ring_path, b"too short\n");
-    hangup(&px);
+    px.hangup();
     for line in [
         "new TLS certificate or key refused; the previous pair stays",
         "new session key ring refused; the previous ring stays",
@@ -214,7 +206,7 @@ async fn sighup_swaps_certificate_and_keys_mid_push_without_dropping_it() {
     let tags = "/v2/ci/app/tags/list";
     assert_eq!(registry_get(px.addr, &before, tags).await.0, 200);
     write_private(&ring_path, format!("{}\n", key_line(2)).as_bytes());
-    hangup(&px);
+    px.hangup();
     let deadline = Instant::now() + Duration::from_secs(5);
     while px.output.text().matches("session key ring re-read").count() < 2 {
         assert!(Instant::now() < deadline, "{}", px.output.text());

@@ -62,9 +62,16 @@ async fn token_request(
     let headers: Vec<(&str, &str)> = authorization
         .map(|a| vec![("authorization", a)])
         .unwrap_or_default();
-    attack::request_from(host(1), px.addr, "GET", &format!("/jwt/auth?{q}"), &headers, b"")
-        .await
-        .expect("an answer")
+    attack::request_from(
+        host(1),
+        px.addr,
+        "GET",
+        &format!("/jwt/auth?{q}"),
+        &headers,
+        b"",
+    )
+    .await
+    .expect("an answer")
 }
 
 /// A session of regrelay's for `scopes`.
@@ -89,16 +96,25 @@ async fn scopes_are_bounded_and_ignored_types_never_reach_gitlab() {
     let (gl, reg) = world(&projects, Duration::from_secs(2)).await;
     let px = Regrelay::start(&["--registry", &reg.url()]);
     let before = gl.attempts();
-    let many: Vec<String> = (0..1000).map(|i| format!("repository:team/r{i}:pull")).collect();
+    let many: Vec<String> = (0..1000)
+        .map(|i| format!("repository:team/r{i}:pull"))
+        .collect();
     let (status, body) = token_request(&px, &many, Some(&basic())).await;
     let start: String = body.chars().take(300).collect();
     assert_eq!(status, StatusCode::BAD_REQUEST, "{start}");
-    assert!(body.contains("1000 scopes") && body.contains("at most 32"), "{body}");
+    assert!(
+        body.contains("1000 scopes") && body.contains("at most 32"),
+        "{body}"
+    );
     let long = vec![format!("repository:team/{}:pull", "a".repeat(600))];
     let (status, body) = token_request(&px, &long, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("at most 512"), "{body}");
-    assert_eq!(gl.attempts(), before, "refused token requests reached GitLab");
+    assert_eq!(
+        gl.attempts(),
+        before,
+        "refused token requests reached GitLab"
+    );
     // Types GitLab does not read: the client's own request goes as sent, but the session keeps
     // none of them, so its later mints do not carry them.
     let mut scopes = vec!["repository:team/a:pull".to_owned()];
@@ -110,9 +126,16 @@ async fn scopes_are_bounded_and_ignored_types_never_reach_gitlab() {
     let mints = gl.mints();
     let (status, body) = get(&px, "/v2/team/a/tags/list", &bearer).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert_eq!(gl.mints(), mints + 1, "the session's token was minted again");
+    assert_eq!(
+        gl.mints(),
+        mints + 1,
+        "the session's token was minted again"
+    );
     let remint = gl.seen().last().unwrap().query.clone();
-    assert!(remint.contains("team%2Fa") || remint.contains("team/a"), "{remint}");
+    assert!(
+        remint.contains("team%2Fa") || remint.contains("team/a"),
+        "{remint}"
+    );
     assert!(!remint.contains("junk"), "{remint}");
 }
 
@@ -135,9 +158,16 @@ async fn a_refused_scope_costs_no_mint_and_no_registry_request() {
     for _ in 0..200 {
         let (status, body) = get(&px, "/v2/team/secret/manifests/latest", &only_a).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-        assert!(body.contains("not issued for pull on team/secret"), "{body}");
+        assert!(
+            body.contains("not issued for pull on team/secret"),
+            "{body}"
+        );
     }
-    assert_eq!(gl.mints(), mints, "mints for a scope the session never asked for");
+    assert_eq!(
+        gl.mints(),
+        mints,
+        "mints for a scope the session never asked for"
+    );
     assert_eq!(to_secret(&reg), 0, "{:?}", reg.requests());
     // A session that asked for both; GitLab leaves team/secret out of its token. Hammered for
     // 3 s: GitLab is asked again only after each backoff (1 s, then 2 s).
@@ -148,12 +178,18 @@ async fn a_refused_scope_costs_no_mint_and_no_registry_request() {
     while start.elapsed() < Duration::from_secs(3) {
         let (status, body) = get(&px, "/v2/team/secret/manifests/latest", &both).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-        assert!(body.contains("granted this session no pull on team/secret"), "{body}");
+        assert!(
+            body.contains("granted this session no pull on team/secret"),
+            "{body}"
+        );
         asked += 1;
     }
     let reminted = gl.mints() - mints;
     assert!(asked > 50, "{asked} requests in 3 s");
-    assert!(reminted <= 2, "{reminted} mints for {asked} refused requests");
+    assert!(
+        reminted <= 2,
+        "{reminted} mints for {asked} refused requests"
+    );
     assert_eq!(to_secret(&reg), 0, "{:?}", reg.requests());
     // Its token for team/a was never thrown away for it.
     let mints = gl.mints();
@@ -224,8 +260,13 @@ async fn worst_shape_sessions_stay_within_the_cache_bound() {
     let after = px.peak_rss_kib();
     let (_, _, text) = support::metrics::scrape(maddr).await;
     let held = support::metrics::value(&text, "regrelay_session_cache_bytes", &[]);
-    eprintln!("2020 worst-shape sessions: caches hold {held} bytes; peak RSS {before} -> {after} KiB");
-    assert!(held > 0.0 && held <= bound as f64, "{held} > {bound}\n{text}");
+    eprintln!(
+        "2020 worst-shape sessions: caches hold {held} bytes; peak RSS {before} -> {after} KiB"
+    );
+    assert!(
+        held > 0.0 && held <= bound as f64,
+        "{held} > {bound}\n{text}"
+    );
     let grown = after.saturating_sub(before);
     assert!(
         grown < 24 * 1024,
@@ -244,12 +285,21 @@ async fn an_oversized_oauth_form_is_the_clients_413() {
         "repository%3Ateam%2Fa%3Apull+".repeat(246 * 1024 / 30)
     );
     let ctype = [("content-type", "application/x-www-form-urlencoded")];
-    let (status, body) =
-        attack::request_from(host(1), px.addr, "POST", "/jwt/auth", &ctype, form.as_bytes())
-            .await
-            .expect("an answer");
+    let (status, body) = attack::request_from(
+        host(1),
+        px.addr,
+        "POST",
+        "/jwt/auth",
+        &ctype,
+        form.as_bytes(),
+    )
+    .await
+    .expect("an answer");
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
-    assert!(body.contains("OAuth2 token form larger than 65536 bytes"), "{body}");
+    assert!(
+        body.contains("OAuth2 token form larger than 65536 bytes"),
+        "{body}"
+    );
     // Logged as what it is: the client's fault, not a failure of regrelay's.
     let line = px
         .output
@@ -261,9 +311,15 @@ async fn an_oversized_oauth_form_is_the_clients_413() {
     let small = format!(
         "grant_type=password&username={USER}&password={PAT}&service=container_registry&scope=repository%3Ateam%2Fa%3Apull"
     );
-    let (status, body) =
-        attack::request_from(host(1), px.addr, "POST", "/jwt/auth", &ctype, small.as_bytes())
-            .await
-            .expect("an answer");
+    let (status, body) = attack::request_from(
+        host(1),
+        px.addr,
+        "POST",
+        "/jwt/auth",
+        &ctype,
+        small.as_bytes(),
+    )
+    .await
+    .expect("an answer");
     assert_eq!(status, StatusCode::OK, "{body}");
 }

@@ -12,19 +12,9 @@ use support::upstream::{self, drain};
 use support::Regrelay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn sink() -> upstream::Origin {
-    upstream::serve(|req: Request<hyper::body::Incoming>| async move {
-        let n = drain(req.into_body()).await.unwrap_or(0);
-        let mut resp = Response::new(body::full(n.to_string()));
-        *resp.status_mut() = StatusCode::ACCEPTED;
-        resp
-    })
-    .await
-}
-
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_upload_then_exits() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let mut px = Regrelay::start(&[
         "--registry",
         &origin.url(),
@@ -70,7 +60,7 @@ async fn sigterm_drains_an_in_flight_upload_then_exits() {
 
 #[tokio::test]
 async fn the_upload_drain_bounds_the_drain() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let mut px = Regrelay::start(&[
         "--registry",
         &origin.url(),
@@ -249,7 +239,7 @@ async fn sigterm_phases_not_ready_first_then_uploads_outlive_the_grace() {
 
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let origin = sink().await;
+    let origin = upstream::sink().await;
     let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(

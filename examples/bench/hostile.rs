@@ -12,7 +12,9 @@ use crate::support;
 
 /// Runs the soak for `secs`.
 pub async fn hostile(secs: u64) -> Case {
-    let title = format!("8. Hostile soak, {secs} s: every hostile client at once, a legitimate one beside them");
+    let title = format!(
+        "8. Hostile soak, {secs} s: every hostile client at once, a legitimate one beside them"
+    );
     let (gl, reg) = support::soak::world().await;
     let cache: u64 = 16 << 20;
     let px = support::Regrelay::start(&[
@@ -40,8 +42,16 @@ pub async fn hostile(secs: u64) -> Case {
     );
     let mut measurements = vec![];
     for (metric, unloaded, loaded) in [
-        ("manifest HEAD p50", r.head_unloaded_ms.0, r.head_loaded_ms.0),
-        ("manifest HEAD p99", r.head_unloaded_ms.1, r.head_loaded_ms.1),
+        (
+            "manifest HEAD p50",
+            r.head_unloaded_ms.0,
+            r.head_loaded_ms.0,
+        ),
+        (
+            "manifest HEAD p99",
+            r.head_unloaded_ms.1,
+            r.head_loaded_ms.1,
+        ),
     ] {
         measurements.push(Measurement::new(metric, "ms", "unloaded", Some(unloaded)));
         let mut m = Measurement::new(metric, "ms", "under attack", Some(loaded));
@@ -59,14 +69,15 @@ pub async fn hostile(secs: u64) -> Case {
     Case {
         id: "hostile",
         title,
-        about: "For the whole case, from 127.0.0.2 and up: 21 HTTP/2 connections x 100 zero-window \
+        about:
+            "For the whole case, from 127.0.0.2 and up: 21 HTTP/2 connections x 100 zero-window \
                 streams of /-/healthy and 3 x 100 of /v2/, paced rapid resets (100/s), 100 \
                 slowloris and 100 idle sockets, sessions of the largest shape allowed and \
                 1,000-scope token requests (20/s each), hammering of a repository the session \
                 may not pull (100/s), 246 KB OAuth2 forms (10/s). Meanwhile on 127.0.0.1 skopeo \
                 pushes and pulls an image every 8 s and manifest HEADs are timed every 5 ms on a \
                 thread of their own; health checks every 100 ms."
-            .into(),
+                .into(),
         measurements,
         baseline: Some("unloaded"),
         skipped: None,

@@ -104,7 +104,15 @@ pub async fn zero_window_streams(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
-                hold_streams(send, streams, &path, authorization.as_deref(), &sent, &ended).await;
+                hold_streams(
+                    send,
+                    streams,
+                    &path,
+                    authorization.as_deref(),
+                    &sent,
+                    &ended,
+                )
+                .await;
                 driver.abort();
             }
         }));

@@ -377,8 +377,18 @@ impl Regrelay {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP (a reload).
+    pub fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends `SIG<name>`.
+    pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([format!("-{name}"), self.pid().to_string()])
             .status()
             .unwrap();
         assert!(ok.success());

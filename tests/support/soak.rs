@@ -107,7 +107,10 @@ async fn session(px: SocketAddr, scope: &str, basic: Option<&str>) -> Result<Str
         return Err(format!("token request: {status} {body}"));
     }
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ok(format!("Bearer {}", v["token"].as_str().unwrap_or_default()))
+    Ok(format!(
+        "Bearer {}",
+        v["token"].as_str().unwrap_or_default()
+    ))
 }
 
 fn basic(user: &str, secret: &str) -> String {
@@ -160,11 +163,9 @@ async fn push_pull(px: SocketAddr, seed: u64, tag: &str) -> Result<(), String> {
     let (src, dest) = (image.reference(), format!("docker://{px}/{REPO}:{tag}"));
     let pushed = {
         let (s, d, c) = (src.clone(), dest.clone(), creds.clone());
-        tokio::task::spawn_blocking(move || {
-            super::skopeo_copy(&s, &d, &c, &super::Transport::Http)
-        })
-        .await
-        .unwrap()
+        tokio::task::spawn_blocking(move || super::skopeo_copy(&s, &d, &c, &super::Transport::Http))
+            .await
+            .unwrap()
     };
     if !pushed.status.success() {
         return Err(format!("push: {}", super::text(&pushed)));
@@ -180,7 +181,10 @@ async fn push_pull(px: SocketAddr, seed: u64, tag: &str) -> Result<(), String> {
         return Err(format!("pull: {}", super::text(&pulled)));
     }
     for (d, size) in &image.layers {
-        let path = dir.path().join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+        let path = dir
+            .path()
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
         let data = std::fs::read(&path).map_err(|e| format!("pulled {d}: {e}"))?;
         if data.len() != *size || super::digest(&data) != *d {
             return Err(format!("pulled {d} differs"));
@@ -200,7 +204,9 @@ async fn attacks(px: SocketAddr) -> Vec<(&'static str, Attack)> {
         .map(|i| format!("repository:pub/{i}:pull"))
         .collect();
     let pull_public = format!("repository:{}:pull", projects[0]);
-    let outsider = session(px, &pull_public, None).await.expect("an anonymous session");
+    let outsider = session(px, &pull_public, None)
+        .await
+        .expect("an anonymous session");
     vec![
         (
             "zero-window h2 /-/healthy (21 x 100)",
@@ -210,12 +216,18 @@ async fn attacks(px: SocketAddr) -> Vec<(&'static str, Attack)> {
             "zero-window h2 /v2/ (3 x 100)",
             attack::zero_window_streams(host(3), px, 3, 100, "/v2/", None).await,
         ),
-        ("rapid resets (100/s)", attack::rapid_resets(host(4), px, 100).await),
+        (
+            "rapid resets (100/s)",
+            attack::rapid_resets(host(4), px, 100).await,
+        ),
         (
             "slowloris (100 sockets)",
             attack::slowloris(host(5), px, 100, Duration::from_secs(1)).await,
         ),
-        ("idle sockets (100)", attack::idle_sockets(host(6), px, 100).await),
+        (
+            "idle sockets (100)",
+            attack::idle_sockets(host(6), px, 100).await,
+        ),
         (
             "largest sessions (32 scopes, 20/s)",
             attack::token_requests(host(7), px, worst, 20).await,
@@ -253,9 +265,13 @@ pub async fn run(px: &Regrelay, duration: Duration) -> Report {
         return report;
     }
     report.transfers += 1;
-    let bearer = session(addr, &format!("repository:{REPO}:pull"), Some(&basic(USER, PAT)))
-        .await
-        .expect("a session");
+    let bearer = session(
+        addr,
+        &format!("repository:{REPO}:pull"),
+        Some(&basic(USER, PAT)),
+    )
+    .await
+    .expect("a session");
     let stop = Arc::new(AtomicBool::new(false));
     let unloaded = time_heads(addr, bearer.clone(), Duration::from_millis(5), stop.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -296,7 +312,13 @@ pub async fn run(px: &Regrelay, duration: Duration) -> Report {
             Ok(()) => report.transfers += 1,
             Err(e) => fail(&mut report, e),
         }
-        match session(addr, &format!("repository:{REPO}:pull,push"), Some(&basic(USER, PAT))).await {
+        match session(
+            addr,
+            &format!("repository:{REPO}:pull,push"),
+            Some(&basic(USER, PAT)),
+        )
+        .await
+        {
             Ok(_) => report.legit += 1,
             Err(e) => fail(&mut report, e),
         }
@@ -361,8 +383,18 @@ impl Report {
         for (name, sent, ended) in &self.attacks {
             out.push(format!("  {name}: {sent} made, {ended} ended by regrelay"));
         }
-        out.extend(self.legit_failures.iter().take(10).map(|f| format!("  FAILED {f}")));
-        out.extend(self.health_failures.iter().take(10).map(|f| format!("  HEALTH {f}")));
+        out.extend(
+            self.legit_failures
+                .iter()
+                .take(10)
+                .map(|f| format!("  FAILED {f}")),
+        );
+        out.extend(
+            self.health_failures
+                .iter()
+                .take(10)
+                .map(|f| format!("  HEALTH {f}")),
+        );
         out
     }
 }

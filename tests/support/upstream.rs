@@ -147,3 +147,18 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: std::time::Duration) ->
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// An upload sink: reads every request body to its end and answers `202` with the number of
+/// bytes read (or `broken` when the body failed).
+pub async fn sink() -> Origin {
+    serve(|req: Request<Incoming>| async move {
+        let text = match drain(req.into_body()).await {
+            Ok(n) => n.to_string(),
+            Err(_) => "broken".to_owned(),
+        };
+        let mut resp = Response::new(regrelay::body::full(text));
+        *resp.status_mut() = http::StatusCode::ACCEPTED;
+        resp
+    })
+    .await
+}
