@@ -491,6 +491,9 @@ async fn gitlab_permission_outcomes_match_and_refused_pushes_say_why() {
         })
         .project("group/project", false, &[(USER, Role::Developer)])
         .project("group/other", false, &[(USER, Role::Developer)])
+        // group/project's jobs may pull group/other (GitLab's job token allowlist is on by
+        // default, with only the project itself on it): pushing is what they cannot do.
+        .job_token_allowlist("group/other", &["group/project"])
         .start()
         .await;
     let reg = Registry::start(&gl.realm());

@@ -316,10 +316,12 @@ async fn a_token_without_registry_scopes_is_missing_scope() {
     const API_ONLY: &str = "glpat-ApiOnly4Tn8QwZ2xRk6M";
     const READ_ONLY: &str = "glpat-ReadOnly7Vb3NcX9pLq2";
     let gl = gitlab()
+        // read_user: no registry ability at all (read_api would pull: GitLab's read-only
+        // abilities include reading images).
         .credential(Credential::Pat {
             user: USER.into(),
             token: API_ONLY.into(),
-            scopes: vec![TokenScope::ReadApi],
+            scopes: vec![TokenScope::ReadUser],
         })
         .credential(Credential::Pat {
             user: USER.into(),
@@ -331,7 +333,7 @@ async fn a_token_without_registry_scopes_is_missing_scope() {
         .await;
     let reg = Registry::start(&gl.realm());
     let host = reg.addr.to_string();
-    // read_api only: GitLab answers the login 403 "access forbidden"; the made-up control
+    // read_user only: GitLab answers the login 403 "access forbidden"; the made-up control
     // credentials get 401, so the header does reach GitLab: the scope is missing.
     let run = doctor(&ci_env(&host, USER, API_ONLY), &[]).await;
     run.expect(1, "credentials", &["missing_scope"]);

@@ -36,6 +36,9 @@ async fn pushes_gitlab_does_not_grant_are_denied_with_the_reason() {
             &[("dev", Role::Developer), ("reporter", Role::Reporter)],
         )
         .project("group/other", false, &[("dev", Role::Developer)])
+        // The other project's jobs may pull group/app (GitLab's job token allowlist is on by
+        // default, with only the project itself on it): pushing is what they cannot do.
+        .job_token_allowlist("group/app", &["group/other"])
         .lifetime(Duration::from_secs(300))
         .start()
         .await;
