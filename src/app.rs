@@ -136,7 +136,13 @@ impl App {
             let client = Upstream::new(&config, &trust, token_origin)
                 .observed_by(metrics.clone(), &u.name)
                 .pressing(pressure.clone());
-            let minter = Arc::new(Minter::new(&config, u, upstream.clone(), client));
+            let minter = Arc::new(Minter::new(
+                &config,
+                u,
+                upstream.clone(),
+                client,
+                metrics.clone(),
+            ));
             let session_name = if i == 0 {
                 String::new()
             } else {
@@ -429,12 +435,16 @@ impl App {
                     (None, Credentials::Session(session)) => Some(session),
                     (None, Credentials::Untouched) => None,
                 };
+                let method = req.method().clone();
                 let mut resp = match session {
                     None => proxy::forward(&lane.upstream, req, &fwd).await?,
-                    Some(session) => match self.cache_target(&req) {
-                        Some(cached) => self.pull(cached, lane, req, &session, &fwd).await?,
-                        None => self.forward_with_session(lane, req, &session, &fwd).await?,
-                    },
+                    Some(session) => {
+                        let resp = match self.cache_target(&req) {
+                            Some(cached) => self.pull(cached, lane, req, &session, &fwd).await?,
+                            None => self.forward_with_session(lane, req, &session, &fwd).await?,
+                        };
+                        explain_bodiless(resp, &method)
+                    }
                 };
                 log.upstream_status = Some(resp.status().as_u16());
                 lane.access
@@ -819,17 +829,63 @@ fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {
     copy
 }
 
-/// `invalid_token` or `insufficient_scope`, when a registry challenge says so.
+/// `invalid_token` or `insufficient_scope`, when a registry challenge to a request that carried
+/// a token says so. A `Bearer` challenge without `error=` is `invalid_token` too: the registry
+/// names no error only when no token came, and GitLab's Dependency Proxy never names one when it
+/// refuses a token (app/controllers/concerns/dependency_proxy/auth.rb).
 fn token_error(headers: &HeaderMap) -> Option<&'static str> {
     headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok().and_then(Challenge::parse))
         .find_map(|c| match c.error() {
-            Some("invalid_token") => Some("invalid_token"),
+            Some("invalid_token") | None => Some("invalid_token"),
             Some("insufficient_scope") => Some("insufficient_scope"),
             _ => None,
         })
+}
+
+/// An upstream's bodiless `401`, `403` or `404` to a `GET` (GitLab's Dependency Proxy answers
+/// non-members so) gets a body in the registry's error format that says what it may mean:
+/// clients otherwise print only the status.
+fn explain_bodiless(resp: Response<ProxyBody>, method: &Method) -> Response<ProxyBody> {
+    let status = resp.status();
+    let empty = resp.body().is_end_stream()
+        || resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    if *method == Method::HEAD || !empty || !matches!(status.as_u16(), 401 | 403 | 404) {
+        return resp;
+    }
+    let (code, message) = match status.as_u16() {
+        401 => (
+            "UNAUTHORIZED",
+            "the upstream refused this request's token without saying why: log in again",
+        ),
+        403 => (
+            "DENIED",
+            "the upstream refused this request without saying why: the credential may not \
+             read it",
+        ),
+        _ => (
+            "NAME_UNKNOWN",
+            "the upstream answered 404 without saying why: the repository or its group does \
+             not exist, or this credential may not read it (a GitLab Dependency Proxy hides a \
+             group from non-members; its group deploy tokens need read_registry and \
+             write_registry)",
+        ),
+    };
+    let (mut parts, _) = resp.into_parts();
+    let body = crate::error::registry_error_json(code, message);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, body::full(body))
 }
 
 fn json(status: StatusCode, body: String) -> Response<ProxyBody> {

@@ -1,9 +1,12 @@
 //! The token realm regrelay serves on the public URL: `GET|POST /jwt/auth`.
 //!
 //! - `GET /jwt/auth` goes to the upstream realm with the client's `Authorization` byte-for-byte
-//!   and the query unchanged (redirects are followed by [`crate::mint::Minter::fetch`], only to allowed
-//!   origins). GitLab's refusals, rate limits and outages pass through unchanged (status,
-//!   `Retry-After` and message). A regrelay session token presented here is never forwarded.
+//!   and the query unchanged (redirects are followed by [`crate::mint::Minter::fetch`], only to
+//!   allowed origins). GitLab's refusals, rate limits and outages keep their status,
+//!   `Retry-After` and message; in the registry's error format they pass unchanged, in
+//!   GitLab's other formats they are reworded into it ([`crate::mint::answer`]). Failed logins
+//!   are minded ([`crate::logins`]): a credential refused a moment ago gets the same answer
+//!   without asking GitLab again. A regrelay session token presented here is never forwarded.
 //! - `POST /jwt/auth` (OAuth2 password / refresh_token grants, tried first by containerd) becomes
 //!   GitLab's GET with Basic; refresh tokens live no longer than the configured session lifetime.
 //! - A successful answer becomes a sealed [`Session`] whose GitLab token seeds the cache.
@@ -28,7 +31,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use zeroize::Zeroizing;
@@ -39,10 +42,8 @@ use crate::challenge;
 use crate::clients::ClientHandle;
 use crate::config::Origin;
 use crate::error::Error;
-use crate::mint::{sensitive_header, token_from_answer, upstream_token, Caller};
-use crate::proxy;
+use crate::mint::{sensitive_header, upstream_token, Answered, Caller};
 use crate::session::{Kind, Session, TOKEN_PREFIX};
-use crate::upstream::UpstreamBody;
 
 /// Longest token request query (`GET /jwt/auth?…`): 32 scopes of 512 bytes, percent-encoded, fit.
 pub const MAX_TOKEN_QUERY_BYTES: usize = 32 * 1024;
@@ -176,14 +177,14 @@ impl Auth {
             user_agent: req.headers().get(header::USER_AGENT),
             client: handle.as_ref(),
         };
-        let resp = access
+        let jwt = match access
             .minter()
-            .fetch(&query, authorization.as_ref(), &caller)
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Ok(pass_through(resp));
-        }
-        let jwt = token_from_answer(resp.into_body()).await?;
+            .ask(&query, authorization.as_ref(), &caller)
+            .await?
+        {
+            Answered::Token(jwt) => jwt,
+            Answered::Refused(refused) => return Ok(refused.response()),
+        };
         let mut session = Session::new(
             Kind::Access,
             authorization.map(|a| a.as_bytes().to_vec()),
@@ -276,14 +277,14 @@ impl Auth {
             user_agent: user_agent.as_ref(),
             client: handle.as_ref(),
         };
-        let resp = access
+        let jwt = match access
             .minter()
-            .fetch(&query, auth_header.as_ref(), &caller)
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Ok(pass_through(resp));
-        }
-        let jwt = token_from_answer(resp.into_body()).await?;
+            .ask(&query, auth_header.as_ref(), &caller)
+            .await?
+        {
+            Answered::Token(jwt) => jwt,
+            Answered::Refused(refused) => return Ok(refused.response()),
+        };
         let mut session = Session::new(
             Kind::Access,
             authorization,
@@ -378,15 +379,6 @@ fn log_token_request(method: &str, authorization: Option<&HeaderValue>) {
         username = username.as_deref().unwrap_or("-"),
         "token request"
     );
-}
-
-/// GitLab's own answer (401, 403, 404, 429, 503…) goes back unchanged, streamed; only
-/// hop-by-hop headers and cookies go.
-fn pass_through(resp: Response<UpstreamBody>) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    proxy::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::SET_COOKIE);
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (civil-from-days, H. Hinnant).

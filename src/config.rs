@@ -69,6 +69,11 @@ pub const DEFAULT_H2_STALL_TIMEOUT_SECS: u64 = 30;
 /// Memory for cached sessions and their upstream tokens, all upstreams together: 64 MiB, about
 /// 25,000 typical sessions (a GitLab token is 1–2 KiB), and a small part of a 256 MiB container.
 pub const DEFAULT_SESSION_CACHE_MAX_BYTES: u64 = 64 << 20;
+/// Failed logins a minute through regrelay, all clients together, before credentials it never
+/// saw succeed are refused (429) without asking: below GitLab's default ban (10 in a minute).
+pub const DEFAULT_FAILED_LOGINS_PER_MINUTE: usize = 8;
+/// The same, per client.
+pub const DEFAULT_CLIENT_FAILED_LOGINS_PER_MINUTE: usize = 4;
 
 /// A configuration problem; its message names the key (`--flag` / `REGRELAY_*` / TOML key).
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +272,14 @@ pub struct ConfigFile {
     /// own connections are not counted per client). 100 turns the shares off.
     #[arg(long, env = "REGRELAY_CLIENT_SHARE_PERCENT")]
     pub client_share_percent: Option<u8>,
+    /// Failed logins a minute the token service may see through regrelay, all clients together,
+    /// before credentials regrelay never saw succeed get 429 without asking; keep it below
+    /// GitLab's ban threshold (10 failures in 60 s bans an address for an hour) [default: 8].
+    #[arg(long, env = "REGRELAY_FAILED_LOGINS_PER_MINUTE")]
+    pub failed_logins_per_minute: Option<usize>,
+    /// The same, for one client [default: 4].
+    #[arg(long, env = "REGRELAY_CLIENT_FAILED_LOGINS_PER_MINUTE")]
+    pub client_failed_logins_per_minute: Option<usize>,
     /// Seconds an HTTP/2 stream may go without the client taking any of its response (its
     /// flow-control window held at zero) before the stream is reset [default: 30].
     #[arg(long, env = "REGRELAY_H2_STALL_TIMEOUT_SECS")]
@@ -416,6 +429,8 @@ impl ConfigFile {
             session_cache_max_bytes,
             client_share_percent,
             h2_stall_timeout_secs,
+            failed_logins_per_minute,
+            client_failed_logins_per_minute,
             upload_chunk_max,
             upload_split,
             cache_dir,
@@ -787,6 +802,8 @@ pub struct Config {
     pub token_cache_max_entries: usize,
     /// Bytes of cached sessions and upstream tokens, all upstreams together.
     pub session_cache_max_bytes: usize,
+    /// Failed logins a minute per token service: all clients together, and per client.
+    pub failed_logins: (usize, usize),
     /// Largest upstream upload request, when bounded.
     pub upload_chunk_max: Option<u64>,
     /// Upload splitting mode.
@@ -1065,6 +1082,20 @@ impl TryFrom<ConfigFile> for Config {
         {
             refuse_injection_through_fronts(&inject_credentials_for, &trusted_proxies)?;
         }
+        let failed_logins = (
+            bounded(
+                "failed_logins_per_minute",
+                raw.failed_logins_per_minute,
+                DEFAULT_FAILED_LOGINS_PER_MINUTE,
+                (1, 100_000),
+            )?,
+            bounded(
+                "client_failed_logins_per_minute",
+                raw.client_failed_logins_per_minute,
+                DEFAULT_CLIENT_FAILED_LOGINS_PER_MINUTE,
+                (1, 100_000),
+            )?,
+        );
         let session_cache_max_bytes = bounded(
             "session_cache_max_bytes",
             raw.session_cache_max_bytes,
@@ -1106,6 +1137,7 @@ impl TryFrom<ConfigFile> for Config {
             session_lifetime,
             token_cache_max_entries,
             session_cache_max_bytes: usize::try_from(session_cache_max_bytes).unwrap_or(usize::MAX),
+            failed_logins,
             upload_chunk_max,
             upload_split: raw.upload_split.unwrap_or_default(),
             cache: cache(&raw)?,

@@ -53,6 +53,12 @@ pub enum MintFailure {
         /// The deadline.
         secs: u64,
     },
+    /// The token service bans regrelay's address (too many failed logins came from it).
+    #[error("{}", BAN_MESSAGE)]
+    Banned {
+        /// Seconds until regrelay asks the token service again.
+        retry_after: u64,
+    },
     /// The token service could not be reached, or answered something unusable.
     #[error("{reason}")]
     Failed {
@@ -74,10 +80,20 @@ impl MintFailure {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             MintFailure::Busy { retry_after, .. } => *retry_after,
+            MintFailure::Banned { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
 }
+
+/// What a client (and the log) is told when GitLab bans regrelay's address.
+pub const BAN_MESSAGE: &str = "GitLab refuses regrelay's address: too many failed logins came \
+    from it (GitLab's failed-login ban, typically 1 hour), so every user behind regrelay is \
+    refused until the ban ends. Fix: add regrelay's address to GitLab's trusted proxies \
+    (gitlab_rails['trusted_proxies'] in gitlab.rb) so that GitLab counts failures per client \
+    address from X-Forwarded-For, keep client addresses at the balancer in front of regrelay \
+    (--trusted-proxies), and find the failing credential (a revoked deploy token in a CI \
+    variable?)";
 
 /// Errors on the request path.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +243,25 @@ pub enum Error {
         /// The bound.
         limit: usize,
     },
+    /// The token service bans regrelay's address: asked again once a minute meanwhile.
+    #[error("{}", BAN_MESSAGE)]
+    Banned {
+        /// Seconds until regrelay asks again.
+        retry_after: u64,
+    },
+    /// Too many failed logins through regrelay for a credential it never saw succeed.
+    #[error(
+        "too many failed logins through regrelay in the last minute ({whose} budget; GitLab \
+         bans an address after 10): this credential is refused without asking GitLab for \
+         {retry_after} s, while credentials that worked before still pass; check it (a revoked \
+         deploy token or an expired CI variable?)"
+    )]
+    LoginsThrottled {
+        /// Seconds until a failure leaves the budget's window.
+        retry_after: u64,
+        /// Whose budget: this client's or all clients'.
+        whose: &'static str,
+    },
     /// A token request regrelay cannot serve (bad OAuth2 form).
     #[error("bad token request: {reason}")]
     BadTokenRequest {
@@ -271,12 +306,14 @@ impl Error {
             | Error::Unauthorized { .. }
             | Error::Denied { .. }
             | Error::TooLarge { .. }
+            | Error::LoginsThrottled { .. }
             | Error::BadTokenRequest { .. } => Blame::Client,
             Error::UpstreamUnreachable { .. }
             | Error::UpstreamFailed { .. }
             | Error::UpstreamProtocol { .. }
             | Error::ObjectStorage { .. }
             | Error::Mint(_)
+            | Error::Banned { .. }
             | Error::AuthRedirectRefused { .. }
             | Error::TooManyRedirects { .. }
             | Error::BadTokenAnswer { .. }
@@ -302,12 +339,16 @@ impl Error {
             (Blame::Client, Error::Unauthorized { .. }) => StatusCode::UNAUTHORIZED,
             (Blame::Client, Error::Denied { .. }) => StatusCode::FORBIDDEN,
             (Blame::Client, Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            (Blame::Client, Error::LoginsThrottled { .. }) => StatusCode::TOO_MANY_REQUESTS,
             (Blame::Client, _) => StatusCode::BAD_REQUEST,
             (Blame::Upstream, Error::Mint(MintFailure::Busy { status, .. })) => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             (Blame::Upstream, Error::Mint(MintFailure::Timeout { .. })) => {
                 StatusCode::GATEWAY_TIMEOUT
+            }
+            (Blame::Upstream, Error::Banned { .. } | Error::Mint(MintFailure::Banned { .. })) => {
+                StatusCode::FORBIDDEN
             }
             (Blame::Upstream, _) => StatusCode::BAD_GATEWAY,
             (Blame::Internal, Error::Overloaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
@@ -320,6 +361,9 @@ impl Error {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Mint(f @ MintFailure::Busy { .. }) => Some(f.retry_after().unwrap_or(1)),
+            Error::Mint(MintFailure::Banned { retry_after })
+            | Error::Banned { retry_after }
+            | Error::LoginsThrottled { retry_after, .. } => Some(*retry_after),
             Error::Overloaded { .. } | Error::UploadCut { .. } => Some(OVERLOAD_RETRY_AFTER_SECS),
             _ => None,
         }
@@ -328,7 +372,9 @@ impl Error {
     /// The error code in the registry's JSON error format (distribution's errcode names).
     pub fn registry_code(&self) -> &'static str {
         match (self.blame(), self) {
-            (_, Error::Mint(MintFailure::Busy { status: 429, .. })) => "TOOMANYREQUESTS",
+            (_, Error::Mint(MintFailure::Busy { status: 429, .. }))
+            | (_, Error::LoginsThrottled { .. }) => "TOOMANYREQUESTS",
+            (_, Error::Banned { .. } | Error::Mint(MintFailure::Banned { .. })) => "DENIED",
             (Blame::Upstream, _) | (_, Error::Overloaded { .. }) => "UNAVAILABLE",
             (_, Error::UploadCut { .. }) => "BLOB_UPLOAD_INVALID",
             (_, Error::NameUnknown { .. }) => "NAME_UNKNOWN",

@@ -32,6 +32,7 @@ pub mod doctor;
 pub mod error;
 pub mod healthcheck;
 pub mod injected;
+pub mod logins;
 pub mod metrics;
 pub mod mint;
 pub mod mirror;

@@ -110,6 +110,13 @@ pub struct Metrics {
     /// reset (HTTP/2) or cut with their connection (HTTP/1.1): `stall` (past
     /// `--h2-stall-timeout-secs`) or `pressure` (a shared pool was exhausted).
     pub requests_shed: Family<OutcomeLabels, Counter>,
+    /// `regrelay_token_service_bans_total`: answers of a token service that bans regrelay's
+    /// address (GitLab's failed-login ban).
+    pub token_service_bans: Counter,
+    /// `regrelay_logins_answered_locally_total{outcome}`: token requests regrelay answered
+    /// without asking the token service: `replayed` (a refusal of the same credential a moment
+    /// ago), `throttled` (429, failed-login budget spent), `banned` (the ban, taken as given).
+    pub logins_answered_locally: Family<OutcomeLabels, Counter>,
     /// `regrelay_reserve_connections_total{outcome}`: connections accepted past
     /// `--max-connections`: `health` (answered a health check), `promoted` (got a slot),
     /// `refused` (503, no slot in time).
@@ -194,6 +201,8 @@ impl Metrics {
             client_share_refused: Family::default(),
             requests_shed: Family::default(),
             reserve_connections: Family::default(),
+            token_service_bans: Counter::default(),
+            logins_answered_locally: Family::default(),
 
             shutdown_phase: Gauge::default(),
             unknown_host_requests: Counter::default(),
@@ -212,6 +221,11 @@ impl Metrics {
         }
         for outcome in ["stall", "pressure"] {
             let _ = m.requests_shed.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["replayed", "throttled", "banned"] {
+            let _ = m
+                .logins_answered_locally
+                .get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["health", "promoted", "refused"] {
             let _ = m
@@ -316,6 +330,16 @@ impl Metrics {
             "requests_shed",
             "Requests whose client took none of their response, reset or cut: stall (past --h2-stall-timeout-secs) or pressure (a shared pool was exhausted)",
             m.requests_shed.clone(),
+        );
+        r.register(
+            "token_service_bans",
+            "Answers of a token service that bans regrelay's address (GitLab's failed-login ban)",
+            m.token_service_bans.clone(),
+        );
+        r.register(
+            "logins_answered_locally",
+            "Token requests answered without asking the token service: replayed (a refusal of the same credential a moment ago), throttled (failed-login budget spent), banned (the ban, taken as given)",
+            m.logins_answered_locally.clone(),
         );
         r.register(
             "reserve_connections",

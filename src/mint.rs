@@ -10,10 +10,16 @@
 //!   upgrade, and `--auth-redirect-allow` origins (scheme included); an https realm never
 //!   redirects credentials to http.
 //! - Answers are mapped faithfully ([`MintFailure`]): 401/403/404 stay refusals with GitLab's
-//!   own message, 429/503 stay "busy" with `Retry-After`, a deadline is a timeout.
+//!   own message (in any of its formats, [`answer`]), 429/503 stay "busy" with `Retry-After`, a
+//!   deadline is a timeout.
+//! - Logins are watched so that regrelay never gets its own address banned ([`Logins`]): a
+//!   refused credential's answer is replayed for a while instead of asking again, failed logins
+//!   are budgeted, and GitLab's ban is recognised and explained ([`Minter::ask`]).
+
+pub mod answer;
 
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +31,8 @@ use crate::body;
 use crate::challenge::{self, Challenge};
 use crate::config::{self, AllowedOrigin, Config, Origin, UpstreamConfig};
 use crate::error::{Error, MintFailure};
+use crate::logins::{Gate, Logins};
+use crate::metrics::Metrics;
 use crate::session::Session;
 use crate::token::UpstreamToken;
 use crate::upstream::{Upstream, UpstreamBody};
@@ -44,10 +52,20 @@ pub struct Caller<'a> {
     pub client: Option<&'a crate::clients::ClientHandle>,
 }
 
+/// What the token service answered.
+pub enum Answered {
+    /// A token.
+    Token(zeroize::Zeroizing<String>),
+    /// Anything else, kept whole: a refusal, a rate limit, an outage.
+    Refused(answer::Refusal),
+}
+
 /// Talks to the token service.
 pub struct Minter {
     registry: Upstream,
     client: Upstream,
+    logins: Logins,
+    metrics: Arc<Metrics>,
     realm: RwLock<Option<Uri>>,
     service: RwLock<Option<String>>,
     allow: Vec<AllowedOrigin>,
@@ -64,10 +82,13 @@ impl Minter {
         upstream: &UpstreamConfig,
         registry: Upstream,
         client: Upstream,
+        metrics: Arc<Metrics>,
     ) -> Minter {
         Minter {
             registry,
             client,
+            logins: Logins::new(cfg.failed_logins.0, cfg.failed_logins.1),
+            metrics,
             realm: RwLock::new(upstream.token_realm.clone()),
             service: RwLock::new(None),
             allow: upstream.auth_redirect_allow.clone(),
@@ -132,6 +153,78 @@ impl Minter {
         tracing::info!(realm = %realm, "upstream token realm (announced by the registry)");
         *self.realm.write().expect("realm lock") = Some(realm.clone());
         Ok(realm)
+    }
+
+    /// Asks the token service for a token with `query` and `authorization`, minding failed
+    /// logins ([`Logins`]): a credential it refused a moment ago gets its answer again without
+    /// asking; past the failed-login budgets a credential never seen succeed is refused with
+    /// 429; while the service bans regrelay's address, nothing is asked (once a minute it is).
+    pub async fn ask(
+        &self,
+        query: &str,
+        authorization: Option<&HeaderValue>,
+        caller: &Caller<'_>,
+    ) -> Result<Answered, Error> {
+        if let Some(retry_after) = self.logins.ban_remaining() {
+            self.count_login("banned");
+            return Err(Error::Banned { retry_after });
+        }
+        let client = caller.client.map(|c| c.client.key());
+        let login = authorization.and_then(|a| self.logins.login(a.as_bytes(), client));
+        if let Some(l) = &login {
+            match self.logins.gate(l) {
+                Gate::Ask => {}
+                Gate::Replay(refused) => {
+                    self.count_login("replayed");
+                    return Ok(Answered::Refused(refused));
+                }
+                Gate::Throttled { retry_after, whose } => {
+                    self.count_login("throttled");
+                    return Err(Error::LoginsThrottled { retry_after, whose });
+                }
+            }
+        }
+        let resp = self.fetch(query, authorization, caller).await?;
+        let status = resp.status();
+        if status == StatusCode::OK {
+            self.logins.not_banned();
+            let jwt = token_from_answer(resp.into_body()).await?;
+            if let Some(l) = &login {
+                self.logins.succeeded(l);
+            }
+            return Ok(Answered::Token(zeroize::Zeroizing::new(jwt)));
+        }
+        let headers = resp.headers().clone();
+        let body = read_small(resp.into_body()).await.unwrap_or_default();
+        if crate::logins::is_ban(status, &body) {
+            self.logins.banned();
+            self.metrics.token_service_bans.inc();
+            tracing::error!(
+                token_service = %self.client.origin(),
+                "{}",
+                Error::Banned { retry_after: 0 }.public_message()
+            );
+            return Err(Error::Banned {
+                retry_after: crate::logins::BAN_RECHECK.as_secs(),
+            });
+        }
+        self.logins.not_banned();
+        let refused = answer::refusal(status, &headers, body);
+        if let (StatusCode::UNAUTHORIZED, Some(l)) = (status, &login) {
+            let hold = self.logins.refused(l, refused.clone());
+            tracing::info!(
+                hold_secs = hold.as_secs(),
+                "the token service refused these credentials: the same ones are answered so, without asking it, for the hold"
+            );
+        }
+        Ok(Answered::Refused(refused))
+    }
+
+    fn count_login(&self, outcome: &'static str) {
+        self.metrics
+            .logins_answered_locally
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Sends a GET for the upstream realm with `query`, following allowed redirects, within the
@@ -222,57 +315,42 @@ impl Minter {
             .map(sensitive_header)
             .transpose()
             .map_err(|e| failed(&e))?;
-        let resp = self
-            .fetch(&query, authorization.as_ref(), caller)
+        let answered = self
+            .ask(&query, authorization.as_ref(), caller)
             .await
             .map_err(|e| failed(&e))?;
-        let status = resp.status();
-        if status == StatusCode::OK {
-            let jwt = token_from_answer(resp.into_body())
-                .await
-                .map_err(|e| failed(&e))?;
-            return upstream_token(&jwt).map_err(|e| failed(&e));
+        match answered {
+            Answered::Token(jwt) => upstream_token(&jwt).map_err(|e| failed(&e)),
+            Answered::Refused(refused) => {
+                let failure = refused.failure();
+                tracing::warn!(status = refused.status.as_u16(), error = %failure, "token service gave no token for a session");
+                Err(failure)
+            }
         }
-        let failure = refusal(resp).await;
-        tracing::warn!(status = status.as_u16(), error = %failure, "token service gave no token for a session");
-        Err(failure)
     }
 }
 
 /// A [`MintFailure`] for an error on the way (logged in full here, once).
 fn failed(err: &Error) -> MintFailure {
-    if let Error::Mint(f) = err {
-        return f.clone();
+    match err {
+        Error::Mint(f) => return f.clone(),
+        Error::Banned { retry_after } => {
+            return MintFailure::Banned {
+                retry_after: *retry_after,
+            }
+        }
+        Error::LoginsThrottled { retry_after, .. } => {
+            return MintFailure::Busy {
+                status: 429,
+                retry_after: Some(*retry_after),
+                message: err.to_string(),
+            }
+        }
+        _ => {}
     }
     tracing::warn!(error = %err.chain(), "token request failed");
     MintFailure::Failed {
         reason: err.public_message(),
-    }
-}
-
-/// Maps a non-200 answer of the token service.
-pub async fn refusal(resp: Response<UpstreamBody>) -> MintFailure {
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let message = read_small(resp.into_body())
-        .await
-        .ok()
-        .and_then(|b| registry_error_message(&b))
-        .unwrap_or_else(|| status.to_string());
-    match status.as_u16() {
-        s @ (429 | 503) => MintFailure::Busy {
-            status: s,
-            retry_after,
-            message,
-        },
-        s @ 400..=499 => MintFailure::Refused { status: s, message },
-        s => MintFailure::Failed {
-            reason: format!("token service answered {s}: {message}"),
-        },
     }
 }
 
@@ -322,12 +400,6 @@ pub async fn token_from_answer(body: UpstreamBody) -> Result<String, Error> {
         .ok_or(Error::BadTokenAnswer {
             reason: "the answer has no token",
         })
-}
-
-/// The first `message` of a registry-format error body.
-fn registry_error_message(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    Some(v["errors"][0]["message"].as_str()?.to_owned())
 }
 
 fn with_query(realm: &Uri, query: &str) -> Result<Uri, Error> {
@@ -401,7 +473,13 @@ mod tests {
         .unwrap();
         let trust = crate::tls::UpstreamTrust::load(None).unwrap();
         let up = Upstream::new(&cfg, &trust, cfg.registry.clone());
-        let m = Minter::new(&cfg, &cfg.upstreams[0], up.clone(), up);
+        let m = Minter::new(
+            &cfg,
+            &cfg.upstreams[0],
+            up.clone(),
+            up,
+            Arc::new(Metrics::new()),
+        );
         let o = |s: &str| Origin::of(&s.parse().unwrap()).unwrap();
         let cases = [
             (

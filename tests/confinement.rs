@@ -193,11 +193,9 @@ async fn refresh_tokens_sessions_and_injected_identities_stay_with_their_upstrea
         "",
     )
     .await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "an anonymous token request (the session is dropped)"
-    );
+    // An anonymous token request (the session is dropped): GitLab grants an anonymous caller
+    // nothing of a private project, and says so (jwt_controller.rb).
+    assert_eq!(status, StatusCode::FORBIDDEN, "an anonymous token request");
     let seen = w.gl.seen();
     assert_eq!(w.gl.attempts(), gl_seen + 1);
     assert_eq!(
@@ -261,24 +259,17 @@ async fn injection_follows_the_client_behind_a_trusted_front() {
         let (status, body) = ask(&px, "GET", tags, headers, "").await;
         assert_eq!(status, want, "{headers:?}: {body}");
     }
-    // Token requests: an outside client behind the front gets an anonymous session from GitLab,
-    // not one regrelay issues for its own credentials.
+    // Token requests: an outside client behind the front is asked about by GitLab as anonymous
+    // (which grants it nothing of a private project), not given a session of regrelay's own
+    // credentials.
     let q = "/jwt/auth?service=container_registry&scope=repository%3Ateam%2Fa%3Apull";
     let before = w.gl.attempts();
     let (status, body) = ask(&px, "GET", q, &[("x-forwarded-for", "203.0.113.9")], "").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(w.gl.attempts(), before + 1, "GitLab was asked");
-    let bearer = format!("Bearer {}", field(&body, "token"));
-    let (status, body) = ask(
-        &px,
-        "GET",
-        tags,
-        &[
-            ("x-forwarded-for", "203.0.113.9"),
-            ("authorization", &bearer),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(w.gl.seen().last().unwrap().auth_scheme, None);
+    // The front's own token request gets regrelay's anonymous session (injected pulls).
+    let (status, body) = ask(&px, "GET", q, &[], "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(w.gl.attempts(), before + 1, "GitLab was not asked");
 }
