@@ -525,15 +525,20 @@ impl Access {
 
 /// Why GitLab granted no push on `name` to `session`'s credential (never a secret): GitLab drops
 /// what a credential may not do without an error, so the kind of credential tells the likely
-/// cause.
+/// cause; EE's maintenance mode drops every push, whoever asks
+/// (ee/app/services/ee/auth/container_registry_authentication_service.rb).
 fn push_denied_reason(session: &Session, name: &str) -> String {
     let user = session
         .authorization
         .as_deref()
         .and_then(crate::challenge::basic_username);
-    match user.as_deref() {
+    const MAINTENANCE: &str = "; or GitLab is in maintenance mode (Admin > Settings > General > \
+                               Maintenance mode), which refuses every push";
+    let cause = match user.as_deref() {
         None => {
-            format!("push denied: anonymous sessions cannot push to {name}; `docker login` first")
+            return format!(
+                "push denied: anonymous sessions cannot push to {name}; `docker login` first"
+            )
         }
         Some("gitlab-ci-token") => format!(
             "push denied: GitLab granted this CI job token no push on {name}: a job token \
@@ -541,8 +546,9 @@ fn push_denied_reason(session: &Session, name: &str) -> String {
         ),
         Some(u) if u.starts_with("gitlab+deploy-token") => format!(
             "push denied: GitLab granted deploy token {u} no push on {name}: a deploy token \
-             needs the write_registry scope (read_registry ones are read-only) and pushes \
-             only to its own project"
+             needs the write_registry scope (read_registry ones are read-only), and reaches only \
+             its project (a project deploy token) or the projects of its group (a group deploy \
+             token)"
         ),
         Some(u) => format!(
             "push denied: GitLab granted {u} no push on {name}: the credential needs the \
@@ -550,7 +556,8 @@ fn push_denied_reason(session: &Session, name: &str) -> String {
              (deploy tokens without write_registry are read-only; job tokens push only to \
              their own project)"
         ),
-    }
+    };
+    format!("{cause}{MAINTENANCE}")
 }
 
 /// The token of a `Bearer` `Authorization`, if any.

@@ -77,6 +77,10 @@ async fn pushes_gitlab_does_not_grant_are_denied_with_the_reason() {
         .await
         .unwrap();
         assert!(said.contains(want), "{creds}: {said}");
+        if creds.starts_with("gitlab+deploy-token") {
+            // Group deploy tokens reach every project of their group (GitLab's docs).
+            assert!(said.contains("the projects of its group"), "{said}");
+        }
     }
     // Nothing reached the registry's upload endpoint for any of them.
     let log = px.output.text();
@@ -85,4 +89,38 @@ async fn pushes_gitlab_does_not_grant_are_denied_with_the_reason() {
         "{log}"
     );
     assert!(log.contains("status=403"), "{log}");
+}
+
+/// GitLab's EE maintenance mode drops every push from the grant, whoever asks: a Developer with
+/// a read/write token is refused too, and told that maintenance mode may be why.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_refused_by_maintenance_mode_and_group_deploy_tokens_are_explained() {
+    let gl = gitlab()
+        .credential(Credential::Pat {
+            user: "dev".into(),
+            token: "glpat-DeveloperTok12345".into(),
+            scopes: vec![TokenScope::ReadRegistry, TokenScope::WriteRegistry],
+        })
+        .project("group/app", false, &[("dev", Role::Developer)])
+        .maintenance_mode()
+        .lifetime(Duration::from_secs(300))
+        .start()
+        .await;
+    let reg = Registry::start(&gl.realm());
+    let px = Regrelay::start(&["--registry", &reg.url()]);
+    let said = tokio::task::spawn_blocking(move || {
+        let image = OciImage::random(172, &[64 << 10]);
+        let out = skopeo_copy(
+            &image.reference(),
+            &format!("docker://{}/group/app:v1", px.addr),
+            "dev:glpat-DeveloperTok12345",
+            &Transport::Http,
+        );
+        assert!(!out.status.success(), "the push must fail: {}", text(&out));
+        text(&out)
+    })
+    .await
+    .unwrap();
+    assert!(said.contains("maintenance mode"), "{said}");
+    assert!(!said.contains("its own project's registry"), "{said}");
 }
