@@ -595,6 +595,46 @@ async fn group_dp_pulls_outlive_dp_tokens_with_pat_and_ci_job_credentials() {
     );
 }
 
+/// A DP token GitLab stops accepting (its secret changed) is refused with the DP's 401, whose
+/// challenge names no `error=` (app/controllers/concerns/dependency_proxy/auth.rb): regrelay
+/// forgets it as it would an `invalid_token` and retries once with a new one, so the client sees
+/// nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dp_token_gitlab_stops_accepting_is_minted_again() {
+    let w = world().await;
+    let px = Regrelay::start(&["--registry", &w.gl_url()]);
+    let path = format!("{GROUP}/dependency_proxy/containers/library/alpine");
+    let (status, _, body) = get(
+        &format!(
+            "{}/jwt/auth?service={DP_SERVICE}&scope=repository:{path}:pull",
+            px.url()
+        ),
+        &[("authorization", &basic(USER, PAT))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let bearer = format!("Bearer {}", v["token"].as_str().unwrap());
+    let manifest = format!("{}/v2/{path}/manifests/3", px.url());
+    let headers = [("authorization", bearer.as_str()), ("accept", ACCEPT)];
+    let (status, _, _) = get(&manifest, &headers).await;
+    assert_eq!(status, StatusCode::OK);
+    w.gl.rotate_dp_secret();
+    let (mints, seen) = (w.gl.dp_mints(), w.gl.dp_requests().len());
+    let (status, _, body) = get(&manifest, &headers).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(w.gl.dp_mints(), mints + 1, "one new DP token");
+    let statuses: Vec<u16> = w.gl.dp_requests()[seen..]
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [401, 200],
+        "the stale token refused, the new one served"
+    );
+}
+
 /// regrelay for (b): the GitLab host as the default upstream, and the group's Dependency Proxy
 /// as the `docker.io` mirror at the root, with a deploy token for credential-less pulls.
 fn mirror_relay(w: &World, creds: &tempfile::NamedTempFile) -> Regrelay {

@@ -237,7 +237,7 @@ struct State {
     key: RsaKeyPair,
     kid: String,
     /// The Dependency Proxy's HMAC secret (GitLab derives it from `db_key_base`).
-    dp_secret: Vec<u8>,
+    dp_secret: Mutex<Vec<u8>>,
     rules: Rules,
     lifetime: Duration,
     credentials: Mutex<Vec<Credential>>,
@@ -390,6 +390,12 @@ impl GitLab {
     pub fn user_id(&self, user: &str) -> Option<u64> {
         self.state.user_id(user)
     }
+    /// Replaces the secret the Dependency Proxy signs and checks its tokens with: every DP
+    /// token issued so far is refused from now on (its 401, with no `error=`), as after GitLab
+    /// changes its secrets.
+    pub fn rotate_dp_secret(&self) {
+        *self.state.dp_secret.lock().unwrap() = keys::random_bytes::<32>().to_vec();
+    }
     /// Dependency Proxy tokens minted so far (`/jwt/auth?service=dependency_proxy`); not counted
     /// in [`GitLab::mints`]. The registry tokens the proxy mints itself for its backing pulls are
     /// counted nowhere and never leave it.
@@ -413,7 +419,7 @@ impl GitLab {
     /// Signs `claims` as the Dependency Proxy signs its tokens (HS256 with its secret). Not
     /// recorded.
     pub fn sign_dp(&self, claims: &serde_json::Value) -> String {
-        keys::sign_hs256(&self.state.dp_secret, claims)
+        keys::sign_hs256(&self.state.dp_secret.lock().unwrap(), claims)
     }
 }
 

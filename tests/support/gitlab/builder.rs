@@ -305,7 +305,7 @@ impl GitLabBuilder {
         let state = Arc::new(State {
             key,
             kid,
-            dp_secret: keys::random_bytes::<32>().to_vec(),
+            dp_secret: Mutex::new(keys::random_bytes::<32>().to_vec()),
             rules: self.rules,
             lifetime: self.lifetime,
             credentials: Mutex::new(self.credentials),

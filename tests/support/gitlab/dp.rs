@@ -105,7 +105,7 @@ pub(super) fn token(st: &State, actor: &Actor) -> Response<Full<Bytes>> {
     ] {
         claims[k] = v;
     }
-    let token = sign_hs256(&st.dp_secret, &claims);
+    let token = sign_hs256(&st.dp_secret.lock().unwrap(), &claims);
     st.dp_mints.fetch_add(1, Ordering::SeqCst);
     st.dp_holders.lock().unwrap().insert(jti, holder);
     st.issued.lock().unwrap().push(token.clone());
@@ -137,7 +137,7 @@ fn authenticate(st: &State, req: &Request<Incoming>) -> Result<(Holder, String),
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("Token "))
         .ok_or(false)?;
-    let claims = verify_hs256(&st.dp_secret, jwt).ok_or(false)?;
+    let claims = verify_hs256(&st.dp_secret.lock().unwrap(), jwt).ok_or(false)?;
     let now = st.now();
     let expired = claims["exp"]
         .as_u64()
