@@ -499,7 +499,7 @@ async fn run(s: Settings) -> Result<(), String> {
                 "docker-registry is not installed",
             ),
             "cache" => cases::cache(&b).await,
-            "hostile" if registry.is_none() => Case::skip(
+            "hostile" if !procs::have("docker-registry") => Case::skip(
                 "hostile",
                 "8. Hostile soak",
                 "docker-registry is not installed",

@@ -87,8 +87,9 @@ impl MintFailure {
 }
 
 /// What a client (and the log) is told when GitLab bans regrelay's address.
-pub const BAN_MESSAGE: &str = "GitLab refuses regrelay's address: too many failed logins came \
-    from it (GitLab's failed-login ban, typically 1 hour), so every user behind regrelay is \
+pub const BAN_MESSAGE: &str = "GitLab refuses regrelay's address: too many failed \
+    authentication attempts (failed logins) came from it (GitLab's failed-login ban, typically \
+    1 hour), so every user behind regrelay is \
     refused until the ban ends. Fix: add regrelay's address to GitLab's trusted proxies \
     (gitlab_rails['trusted_proxies'] in gitlab.rb) so that GitLab counts failures per client \
     address from X-Forwarded-For, keep client addresses at the balancer in front of regrelay \

@@ -203,7 +203,7 @@ async fn gitlabs_ban_is_recognised_explained_and_not_hammered() {
     assert_eq!(v["errors"][0]["code"], "DENIED", "{body}");
     let message = v["errors"][0]["message"].as_str().unwrap();
     assert!(
-        message.contains("too many failed logins")
+        message.contains("too many failed authentication attempts")
             && message.contains("gitlab_rails['trusted_proxies']"),
         "{message}"
     );
