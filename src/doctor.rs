@@ -6,14 +6,19 @@
 //!    loopback one): a 401 with a `Bearer` challenge names the realm and service.
 //! 2. When the realm is on another host than the one addressed: `GET /v2/` there. A registry
 //!    endpoint answering there is a proxy (regrelay) whose `--public-url` is not the name in use.
-//! 3. The realm without a scope (what `docker login` asks), never following a redirect; a 403
-//!    is told apart (credentials without registry scope vs. a front that strips
-//!    `Authorization`) by one more request with made-up credentials, which GitLab answers 401
-//!    only when it sees them.
+//! 3. The realm without a scope (what `docker login` asks), never following a redirect. A 403
+//!    (credentials without any registry ability vs. a front that strips `Authorization`) is told
+//!    apart with real credentials only: GitLab never answers a CI job token 403, so the job's
+//!    own `CI_JOB_TOKEN` settles it; without one doctor names both. Doctor never sends a
+//!    credential it made up: GitLab's failed-login IP ban would count it against this runner
+//!    (or regrelay) for everyone behind it. GitLab's ban itself and Rack::Attack's 429 are
+//!    named as such wherever the realm answers them (doctor/refusals.rs).
 //! 4. The realm with `scope=repository:<project>:pull,push`: the JWT's payload (not verified)
 //!    says what GitLab granted; dropped actions are explained by the credential's kind (the
-//!    token's `auth_type`, else the username and token prefix). A token doctor cannot read (a
-//!    regrelay session) is tried on the registry itself: a pull and an upload that is cancelled.
+//!    token's `auth_type`, else the username and token prefix; doctor/grants.rs). A token doctor
+//!    cannot read (a regrelay session) is tried on the registry itself: a pull and an upload
+//!    that is cancelled. The tag a push will use is checked against protected and immutable tag
+//!    rules (doctor/tags.rs).
 //! 5. Clocks: `Date` headers and the JWT's `iat`/`nbf`/`exp` against the local clock.
 //!
 //! Secrets (the password or token, its Basic encoding, every token received) never reach the
@@ -35,6 +40,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::challenge::{self, Challenge};
+
+mod gitlab_answers;
+mod grants;
+mod patterns;
+mod refusals;
+mod tags;
 
 /// Exit code for a usage error (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -92,6 +103,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
         env,
         setup,
         report: Report::default(),
+        registry_origin: None,
     };
     doctor.examine().await;
     doctor.report.redact_all();
@@ -731,18 +743,14 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// The first registry-format error's `(code, message)`.
-    fn error(&self) -> (String, String) {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
-        let first = &v["errors"][0];
-        (
-            first["code"].as_str().unwrap_or("").to_owned(),
-            first["message"]
-                .as_str()
-                .or_else(|| v["message"].as_str())
-                .unwrap_or("")
-                .to_owned(),
-        )
+    /// What a refusal says, in whichever of GitLab's formats it came.
+    fn message(&self) -> String {
+        gitlab_answers::message(&self.headers, &self.body)
+    }
+
+    /// The registry-format error code, if any.
+    fn code(&self) -> String {
+        gitlab_answers::code(&self.body)
     }
 
     /// The Bearer challenge, if any.
@@ -921,6 +929,8 @@ struct Doctor {
     env: Env,
     setup: Setup,
     report: Report,
+    /// `(host, port)` of the registry that answered `/v2/`, once found.
+    registry_origin: Option<(String, u16)>,
 }
 
 impl Doctor {
@@ -928,6 +938,12 @@ impl Doctor {
         if let Some(c) = &self.setup.creds {
             let basic = STANDARD.encode(format!("{}:{}", c.user, c.secret));
             self.report.redactor.add(&c.secret);
+            self.report.redactor.add(&basic);
+        }
+        // The job token may be sent too (to tell a 403's causes apart), in its own Basic form.
+        if let Some(job) = self.env.get("CI_JOB_TOKEN") {
+            let basic = STANDARD.encode(format!("gitlab-ci-token:{job}"));
+            self.report.redactor.add(job);
             self.report.redactor.add(&basic);
         }
         for (cause, message, fix) in std::mem::take(&mut self.setup.cred_notes) {
@@ -1035,7 +1051,12 @@ impl Doctor {
             return None;
         };
         self.skew_from_date("registry", &answer);
+        let scheme = base.split("://").next().unwrap_or("https");
+        self.registry_origin = Some(host_port(&target.authority, scheme));
         let url = format!("{base}/v2/");
+        if self.limits_refusal(&url, &answer) {
+            return None;
+        }
         match answer.status {
             StatusCode::OK => {
                 self.report.add(
@@ -1317,13 +1338,14 @@ impl Doctor {
                 None
             }
             _ => {
-                self.realm_refusal(&url, &realm.service, &answer, None);
+                self.realm_refusal(&url, &realm.service, &answer);
                 None
             }
         }
     }
 
-    /// One realm request; a network failure is reported (`realm_unreachable`) and ends the run.
+    /// One realm request; a network failure (`realm_unreachable`), GitLab's failed-login IP ban
+    /// or a rate limit is reported and ends the run.
     async fn realm_call(
         &mut self,
         url: &str,
@@ -1333,6 +1355,7 @@ impl Doctor {
         auth: Option<String>,
     ) -> Option<Answer> {
         match self.token_request(url, service, scope, user, auth).await {
+            Ok(a) if self.limits_refusal(url, &a) => None,
             Ok(a) => Some(a),
             Err(e) => {
                 let (cause, fix) = match e {
@@ -1385,195 +1408,6 @@ impl Doctor {
         })
     }
 
-    /// 401 from the realm: GitLab does not say why; hints from what the credentials look like.
-    fn bad_credentials(&mut self, answer: &Answer, creds: &Creds) {
-        let (_, message) = answer.error();
-        let said = if message.is_empty() {
-            "401".to_owned()
-        } else {
-            format!("401 \"{message}\"")
-        };
-        let mut hints = vec![];
-        let job_token = self.env.get("CI_JOB_TOKEN");
-        let is_job_token = job_token == Some(creds.secret.as_str());
-        if (creds.secret.starts_with("gldt-") || creds.user.starts_with("gitlab+deploy-token"))
-            && !creds.user.starts_with("gitlab+deploy-token")
-        {
-            hints.push(format!(
-                "this looks like a deploy token (gldt- prefix) sent with username '{}': a deploy \
-                 token works only with its own username (gitlab+deploy-token-N unless chosen \
-                 otherwise, shown when it was created)",
-                creds.user
-            ));
-        } else if creds.secret.starts_with("gldt-") {
-            hints.push(
-                "a deploy token: check that the username is the token's own and that the token \
-                 is not expired or revoked (Settings → Repository → Deploy tokens)"
-                    .into(),
-            );
-        }
-        if is_job_token && creds.user != "gitlab-ci-token" {
-            hints.push(format!(
-                "the password is CI_JOB_TOKEN but the username is '{}': job tokens work only \
-                 with the username gitlab-ci-token",
-                creds.user
-            ));
-        } else if creds.user == "gitlab-ci-token" && job_token.is_some() && !is_job_token {
-            hints.push(
-                "username gitlab-ci-token takes this job's CI_JOB_TOKEN, and the password is not \
-                 it (a job token dies when its job ends)"
-                    .into(),
-            );
-        } else if creds.user == "gitlab-ci-token" || creds.secret.starts_with("glcbt-") {
-            hints.push("a job token is valid only while its job runs".into());
-        }
-        if creds.secret.starts_with("glpat-") {
-            hints.push(
-                "a personal/project/group access token (glpat-): GitLab does not say whether it \
-                 is wrong, revoked or expired: check its expiry date (Settings → Access tokens)"
-                    .into(),
-            );
-        } else if Kind::guess(creds) == Kind::Unknown {
-            hints.push(
-                "if this is an account password: it is refused when 2FA is on (use an access \
-                 token)"
-                    .into(),
-            );
-        }
-        let mut text = format!(
-            "the token service refuses user {} from {}: {said}; GitLab answers the same for a \
-             wrong, expired or revoked token and a wrong username, so doctor cannot tell which",
-            creds.user, creds.source
-        );
-        for h in hints {
-            text.push_str("; ");
-            text.push_str(&h);
-        }
-        self.report.add(
-            "bad_credentials",
-            Class::Credentials,
-            text,
-            "log in with a valid token: CI_REGISTRY_USER/CI_REGISTRY_PASSWORD in a job, a \
-             deploy token with its own username, or an access token with read_registry and \
-             write_registry (any username); renew it if it expired"
-                .into(),
-        );
-    }
-
-    /// 403 on login: credentials without registry ability, or a front that strips them. GitLab
-    /// answers made-up credentials 401 when it sees them, and 403 when they arrive stripped.
-    async fn forbidden_login(&mut self, url: &str, service: &str, answer: &Answer, creds: &Creds) {
-        let (_, message) = answer.error();
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let probe_user = "regrelay-doctor-probe";
-        let probe = basic_header(probe_user, &format!("not-a-token-{nonce:08x}"));
-        let Some(control) = self
-            .realm_call(url, service, None, probe_user, Some(probe))
-            .await
-        else {
-            return;
-        };
-        match control.status {
-            StatusCode::FORBIDDEN => self.report.add(
-                "authorization_stripped",
-                Class::Network,
-                format!(
-                    "the token service answers 403 \"{message}\" to user {} from {}, and the \
-                     same to made-up credentials that GitLab answers 401: the Authorization \
-                     header does not reach GitLab (a proxy or front between here and {url} \
-                     drops it), so every login is anonymous",
-                    creds.user, creds.source
-                ),
-                "let Authorization through on /jwt/auth (nginx: no `proxy_set_header \
-                 Authorization \"\"`, no auth_request there), or serve /jwt/auth on the \
-                 registry host with regrelay"
-                    .into(),
-            ),
-            StatusCode::UNAUTHORIZED => self.report.add(
-                "missing_scope",
-                Class::Credentials,
-                format!(
-                    "GitLab knows user {} from {} but answers the login 403 \"{message}\": the \
-                     token has no registry scope (e.g. only read_api or read_repository); \
-                     pulling needs read_registry, pushing write_registry (api also works)",
-                    creds.user, creds.source
-                ),
-                "create a token with read_registry and write_registry (Settings → Access tokens, \
-                 or a deploy token with both) and log in with it"
-                    .into(),
-            ),
-            _ => self.realm_refusal(url, service, &control, Some(&message)),
-        }
-    }
-
-    /// Any other refusal from the realm: 404s, rate limits, outages.
-    fn realm_refusal(
-        &mut self,
-        url: &str,
-        service: &str,
-        answer: &Answer,
-        login_403: Option<&str>,
-    ) {
-        let (code, message) = answer.error();
-        let status = answer.status;
-        if status == StatusCode::NOT_FOUND
-            && (code == "UNAVAILABLE" || message.contains("registry not enabled"))
-        {
-            self.report.add(
-                "registry_disabled",
-                Class::Credentials,
-                format!(
-                    "GitLab answers 404 \"{message}\": the container registry is not enabled on \
-                     this GitLab instance"
-                ),
-                "an administrator must enable the container registry (gitlab.rb: \
-                 registry['enable'] / registry_external_url)"
-                    .into(),
-            );
-            return;
-        }
-        if status == StatusCode::NOT_FOUND {
-            self.report.add(
-                "realm_not_found",
-                Class::Network,
-                format!(
-                    "{url} answers 404 to service={service}: not GitLab's /jwt/auth for this \
-                     service (GitLab answers an empty 404 when service is not \
-                     container_registry)"
-                ),
-                "check the registry's auth.token.realm and auth.token.service".into(),
-            );
-            return;
-        }
-        let retry = answer
-            .header(&header::RETRY_AFTER)
-            .map(|r| format!(", Retry-After {r}"))
-            .unwrap_or_default();
-        let earlier = login_403
-            .map(|m| format!(" (the login itself got 403 \"{m}\")"))
-            .unwrap_or_default();
-        let fix = if status == StatusCode::TOO_MANY_REQUESTS {
-            "wait and retry; GitLab rate-limits failed logins per client IP, so stop jobs that \
-             retry with bad credentials (a proxy calling /jwt/auth for many users must send \
-             X-Forwarded-For)"
-        } else if status.is_server_error() {
-            "GitLab (or a proxy in front of it) is failing: retry later, check GitLab's status"
-        } else {
-            "check the token service's configuration and logs"
-        };
-        self.report.add(
-            "realm_error",
-            Class::Network,
-            format!(
-                "{url} answers {} \"{message}\"{retry}{earlier}",
-                status.as_u16()
-            ),
-            fix.into(),
-        );
-    }
-
     /// The token for `repository:<project>:pull,push`, and what GitLab dropped.
     async fn check_project(&mut self, realm: &Realm, url: &str, creds: &Creds, project: &str) {
         let scope = format!("repository:{project}:pull,push");
@@ -1587,7 +1421,7 @@ impl Doctor {
         match answer.status {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN => {
-                let (_, message) = answer.error();
+                let message = answer.message();
                 if message.contains("protected repository path") {
                     self.report.add(
                         "protected_path",
@@ -1602,7 +1436,7 @@ impl Doctor {
                             .into(),
                     );
                 } else {
-                    self.realm_refusal(url, &realm.service, &answer, None);
+                    self.realm_refusal(url, &realm.service, &answer);
                 }
                 return;
             }
@@ -1611,7 +1445,7 @@ impl Doctor {
                 return;
             }
             _ => {
-                self.realm_refusal(url, &realm.service, &answer, None);
+                self.realm_refusal(url, &realm.service, &answer);
                 return;
             }
         }
@@ -1619,6 +1453,10 @@ impl Doctor {
             return;
         };
         self.skew_from_token(&answer, &token);
+        let raw = serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v["token"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         let (pull, push, entry) = match &token.claims {
             Some(claims) => {
                 let entry = claims["access"].as_array().and_then(|a| {
@@ -1635,16 +1473,10 @@ impl Doctor {
                 };
                 (has("pull"), has("push"), entry)
             }
-            None => {
-                let raw = serde_json::from_slice::<serde_json::Value>(&answer.body)
-                    .ok()
-                    .and_then(|v| v["token"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                match self.try_on_registry(realm, &raw, project).await {
-                    Some((pull, push)) => (pull, push, None),
-                    None => return,
-                }
-            }
+            None => match self.try_on_registry(realm, &raw, project).await {
+                Some((pull, push)) => (pull, push, None),
+                None => return,
+            },
         };
         let kind = token
             .claims
@@ -1659,292 +1491,15 @@ impl Doctor {
             ));
             if let Some(entry) = &entry {
                 self.check_protected_tags(project, entry);
+                self.check_immutable_tags(realm, &raw, project, entry).await;
             }
             return;
         }
-        let dropped = match (pull, push) {
-            (false, false) => "pull and push",
-            (true, false) => "push",
-            _ => "pull",
-        };
         if pull {
             self.report
                 .ok(format!("pull on {project} granted to user {}", creds.user));
         }
-        self.explain_drop(kind, creds, project, dropped, pull, push)
-            .await;
-    }
-
-    /// Explains actions GitLab dropped, by the credential's kind.
-    async fn explain_drop(
-        &mut self,
-        kind: Kind,
-        creds: &Creds,
-        project: &str,
-        dropped: &str,
-        pull: bool,
-        push: bool,
-    ) {
-        let who = format!("user {} from {}", creds.user, creds.source);
-        match kind {
-            Kind::Job => {
-                let own = self
-                    .env
-                    .get("CI_PROJECT_PATH")
-                    .map(|p| p.to_ascii_lowercase());
-                match own.filter(|o| o != project) {
-                    Some(own) => {
-                        let mut fixes = vec![];
-                        if !pull {
-                            fixes.push(format!(
-                                "to pull, add {own} to {project}'s CI/CD job token allowlist \
-                                 ({project}: Settings → CI/CD → Job token permissions) and give \
-                                 the job's user access to {project}"
-                            ));
-                        }
-                        if !push {
-                            fixes.push(format!(
-                                "to push, use a deploy token or project access token of \
-                                 {project} with write_registry (masked CI variables), since a \
-                                 job token never pushes to another project"
-                            ));
-                        }
-                        self.report.add(
-                            "job_token_not_allowed",
-                            Class::Credentials,
-                            format!(
-                                "GitLab dropped {dropped} on {project} for the CI job token of \
-                                 {own}: a job token pushes only to its own project, and pulls \
-                                 from another project only when that project's job token \
-                                 allowlist names {own}{}",
-                                if pull { " (pull is allowed here)" } else { "" }
-                            ),
-                            fixes.join("; "),
-                        );
-                    }
-                    None => self.report.add(
-                        "job_token_not_allowed",
-                        Class::Credentials,
-                        format!(
-                            "GitLab dropped {dropped} on {project} for a CI job token ({who}) \
-                             {}: the job's user may have lost access, or {project}'s container \
-                             registry is disabled",
-                            if self.env.get("CI_PROJECT_PATH").is_some() {
-                                "of this very project"
-                            } else {
-                                "(CI_PROJECT_PATH unknown, so doctor cannot tell whose)"
-                            }
-                        ),
-                        format!(
-                            "check that the user running the job is a Developer of {project} \
-                             and that its Container registry is enabled (Settings → General → \
-                             Visibility)"
-                        ),
-                    ),
-                }
-            }
-            Kind::Deploy if pull && !push => self.report.add(
-                "deploy_token_read_only",
-                Class::Credentials,
-                format!(
-                    "push denied: the deploy token has no write_registry (GitLab granted pull \
-                     on {project} and dropped push, {who})"
-                ),
-                format!(
-                    "create a deploy token in {project} (Settings → Repository → Deploy tokens) \
-                     with read_registry and write_registry, store it as masked CI variables, \
-                     and log in with its own username"
-                ),
-            ),
-            Kind::Deploy => self.report.add(
-                "deploy_token_wrong_project",
-                Class::Credentials,
-                format!(
-                    "GitLab dropped {dropped} on {project} for the deploy token ({who}): deploy \
-                     tokens are bound to the project or group they were created in"
-                ),
-                format!(
-                    "create the deploy token in {project} (or its group) with read_registry and \
-                     write_registry"
-                ),
-            ),
-            _ if !pull && !push => self.no_access(creds, project).await,
-            _ => {
-                let (scope, role) = if push {
-                    ("read_registry", "Reporter")
-                } else {
-                    ("write_registry", "Developer")
-                };
-                self.report.add(
-                    "missing_scope",
-                    Class::Credentials,
-                    format!(
-                        "GitLab dropped {dropped} on {project} ({who}): the token lacks \
-                         {scope}, or the user's role in {project} is below {role}; GitLab \
-                         does not say which"
-                    ),
-                    format!(
-                        "use a token with {scope} (Settings → Access tokens) and check that the \
-                         user is at least {role} in {project}"
-                    ),
-                );
-            }
-        }
-    }
-
-    /// Neither pull nor push for a user's token: ask GitLab's API, when it can be reached with
-    /// the same token, whether the project's registry is disabled.
-    async fn no_access(&mut self, creds: &Creds, project: &str) {
-        let who = format!("user {} from {}", creds.user, creds.source);
-        let api = self
-            .env
-            .get("CI_API_V4_URL")
-            .map(|u| u.trim_end_matches('/').to_owned());
-        let mut api_said = String::new();
-        if let Some(api) = api {
-            let url = format!("{api}/projects/{}", challenge::percent_encode(project));
-            match self
-                .http
-                .send(
-                    Method::GET,
-                    &url,
-                    &[(
-                        header::HeaderName::from_static("private-token"),
-                        creds.secret.clone(),
-                    )],
-                )
-                .await
-            {
-                Ok(a) if a.status == StatusCode::OK => {
-                    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
-                    let disabled = v["container_registry_access_level"] == "disabled"
-                        || v["container_registry_enabled"] == false;
-                    if disabled {
-                        self.report.add(
-                            "registry_disabled",
-                            Class::Credentials,
-                            format!(
-                                "the Container Registry of {project} is disabled (the API says \
-                                 container_registry_access_level \"{}\"): GitLab grants no pull \
-                                 or push on it to anyone ({who})",
-                                v["container_registry_access_level"]
-                                    .as_str()
-                                    .unwrap_or("disabled")
-                            ),
-                            format!(
-                                "enable it: {project} → Settings → General → Visibility, project \
-                                 features, permissions → Container registry"
-                            ),
-                        );
-                        return;
-                    }
-                    api_said = format!(
-                        "; the API shows {project} to this user with its registry enabled, so \
-                         the user's role is too low (Guest) or the token lacks read_registry"
-                    );
-                }
-                Ok(a) if a.status == StatusCode::NOT_FOUND => {
-                    api_said = format!(
-                        "; the API does not show {project} to this user: it does not exist or \
-                         the user is not a member"
-                    );
-                }
-                Ok(a) => {
-                    api_said = format!(
-                        "; the API could not tell ({} with this token)",
-                        a.status.as_u16()
-                    );
-                }
-                Err(e) => api_said = format!("; the API could not tell ({e})"),
-            }
-        }
-        self.report.add(
-            "no_access",
-            Class::Credentials,
-            format!(
-                "GitLab dropped pull and push on {project} ({who}): the user is not a member \
-                 of {project} (or it does not exist), the token lacks read_registry and \
-                 write_registry, or {project}'s Container Registry is disabled{api_said}"
-            ),
-            format!(
-                "check the project path (CI_PROJECT_PATH/--project), add the user to {project} \
-                 (Reporter to pull, Developer to push), and check Settings → General → \
-                 Visibility → Container registry"
-            ),
-        );
-    }
-
-    /// Protected tags: GitLab lists the patterns this user may not push in the access entry's
-    /// `meta.tag_deny_access_patterns.push`.
-    fn check_protected_tags(&mut self, project: &str, entry: &serde_json::Value) {
-        let Some(patterns) = entry["meta"]["tag_deny_access_patterns"]["push"].as_array() else {
-            return;
-        };
-        let patterns: Vec<String> = patterns
-            .iter()
-            .filter_map(|p| {
-                p.as_str()
-                    .or_else(|| p["tag"].as_str())
-                    .or_else(|| p["pattern"].as_str())
-                    .map(str::to_owned)
-            })
-            .collect();
-        if patterns.is_empty() {
-            return;
-        }
-        let fix = "push that tag as a role the protection rule allows (Settings → Packages and \
-                   registries → Protected container tags), or pick a tag it does not cover";
-        let Some(tag) = self.setup.tag.clone() else {
-            self.report.add(
-                "protected_tag",
-                Class::Note,
-                format!(
-                    "this user may not push tags of {project} matching {}: the registry will \
-                     refuse those pushes (no --tag or CI_COMMIT_REF_SLUG to check)",
-                    patterns.join(", ")
-                ),
-                fix.into(),
-            );
-            return;
-        };
-        let mut unreadable = vec![];
-        for p in &patterns {
-            match Regex::parse(p) {
-                Some(re) if re.is_match(&tag) => {
-                    self.report.add(
-                        "protected_tag",
-                        Class::Credentials,
-                        format!(
-                            "tag {tag} matches the protected tag pattern {p} of {project}: this \
-                             user's role may not push it (GitLab put {p} in the token's \
-                             tag_deny_access_patterns), so the manifest PUT will be denied"
-                        ),
-                        fix.into(),
-                    );
-                    return;
-                }
-                Some(_) => {}
-                None => unreadable.push(p.clone()),
-            }
-        }
-        let unread = if unreadable.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (doctor could not evaluate {}: compare yourself)",
-                unreadable.join(", ")
-            )
-        };
-        self.report.add(
-            "protected_tag",
-            Class::Note,
-            format!(
-                "this user may not push tags of {project} matching {}; tag {tag} is not one of \
-                 them{unread}",
-                patterns.join(", ")
-            ),
-            fix.into(),
-        );
+        self.explain_drop(kind, creds, project, pull, push).await;
     }
 
     /// A token doctor cannot read (a regrelay session): a pull and a cancelled upload on the
@@ -2243,408 +1798,14 @@ fn describe_offset(off: i64) -> String {
     }
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into Unix seconds.
+/// An HTTP date (`Date`) in Unix seconds.
 fn parse_http_date(s: &str) -> Option<i64> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts[..] else {
-        return None;
-    };
-    let d: i64 = day.parse().ok()?;
-    let m = MONTHS.iter().position(|x| *x == month)? as i64 + 1;
-    let y: i64 = year.parse().ok()?;
-    let hms: Vec<i64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, min, sec] = hms[..] else {
-        return None;
-    };
-    // Days from civil (H. Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + min * 60 + sec)
-}
-
-// ---------------------------------------------------------------------------------------------
-// A small regex engine for GitLab's tag name patterns (RE2 syntax; Go's MatchString semantics:
-// a match anywhere unless anchored). Supports literals, `.`, classes `[a-z]` `[^…]`, escapes
-// `\d \w \s \D \W \S` and escaped punctuation, groups `(…)` `(?:…)`, `|`, `^`, `$`, and the
-// quantifiers `* + ? {n} {n,} {n,m}` (lazy forms match the same set). Anything else: `None`,
-// and doctor says it could not evaluate the pattern. Like RE2 it never backtracks: the pattern
-// compiles to an NFA that runs in lockstep over the tag.
-
-#[derive(Debug, Clone)]
-enum Node {
-    Char(char),
-    Any,
-    Class(Vec<(char, char)>, bool),
-    Start,
-    End,
-    Alt(Vec<Vec<Node>>),
-    Repeat(Box<Node>, usize, Option<usize>),
-}
-
-struct Regex {
-    prog: Vec<Inst>,
-}
-
-/// A compiled pattern: a Thompson NFA, run in lockstep (time linear in the tag's length, so
-/// nested quantifiers cannot blow up).
-#[derive(Debug, Clone)]
-enum Inst {
-    /// One character matching this `Char`, `Any` or `Class` node.
-    Atom(Node),
-    Split(usize, usize),
-    Jmp(usize),
-    Start,
-    End,
-    Match,
-}
-
-/// Largest program compiled (counted repetitions multiply it).
-const MAX_PROGRAM: usize = 20_000;
-
-impl Regex {
-    fn parse(pattern: &str) -> Option<Regex> {
-        let chars: Vec<char> = pattern.chars().collect();
-        let mut pos = 0;
-        let root = parse_alt(&chars, &mut pos, 0)?;
-        if pos != chars.len() {
-            return None;
-        }
-        let mut prog = vec![];
-        compile(&root, &mut prog)?;
-        prog.push(Inst::Match);
-        Some(Regex { prog })
-    }
-
-    /// A match anywhere in `text` (Go's `MatchString`).
-    fn is_match(&self, text: &str) -> bool {
-        let s: Vec<char> = text.chars().collect();
-        let mut seen = vec![usize::MAX; self.prog.len()];
-        let mut list = vec![];
-        for pos in 0..=s.len() {
-            // A thread starting here (unanchored search), next to those carried over.
-            if self.add(&mut list, &mut seen, 0, pos, s.len()) {
-                return true;
-            }
-            let Some(&ch) = s.get(pos) else { break };
-            let mut next = vec![];
-            for &pc in &list {
-                if matches!(&self.prog[pc], Inst::Atom(node) if match_one(node, ch))
-                    && self.add(&mut next, &mut seen, pc + 1, pos + 1, s.len())
-                {
-                    return true;
-                }
-            }
-            list = next;
-        }
-        false
-    }
-
-    /// Adds `pc`'s epsilon closure at `pos` to `list`; true when it reaches `Match`.
-    fn add(
-        &self,
-        list: &mut Vec<usize>,
-        seen: &mut [usize],
-        pc: usize,
-        pos: usize,
-        len: usize,
-    ) -> bool {
-        let mut stack = vec![pc];
-        while let Some(pc) = stack.pop() {
-            if seen[pc] == pos {
-                continue;
-            }
-            seen[pc] = pos;
-            match &self.prog[pc] {
-                Inst::Match => return true,
-                Inst::Atom(_) => list.push(pc),
-                Inst::Jmp(to) => stack.push(*to),
-                Inst::Split(a, b) => {
-                    stack.push(*b);
-                    stack.push(*a);
-                }
-                Inst::Start if pos == 0 => stack.push(pc + 1),
-                Inst::End if pos == len => stack.push(pc + 1),
-                Inst::Start | Inst::End => {}
-            }
-        }
-        false
-    }
-}
-
-/// Appends `node`'s instructions; `None` when the program grows past [`MAX_PROGRAM`].
-fn compile(node: &Node, prog: &mut Vec<Inst>) -> Option<()> {
-    if prog.len() > MAX_PROGRAM {
-        return None;
-    }
-    match node {
-        Node::Char(_) | Node::Any | Node::Class(..) => prog.push(Inst::Atom(node.clone())),
-        Node::Start => prog.push(Inst::Start),
-        Node::End => prog.push(Inst::End),
-        Node::Alt(alts) => {
-            let mut jumps = vec![];
-            for (i, alt) in alts.iter().enumerate() {
-                let split = (i + 1 < alts.len()).then(|| {
-                    prog.push(Inst::Split(0, 0));
-                    prog.len() - 1
-                });
-                for n in alt {
-                    compile(n, prog)?;
-                }
-                if let Some(split) = split {
-                    prog.push(Inst::Jmp(0));
-                    jumps.push(prog.len() - 1);
-                    prog[split] = Inst::Split(split + 1, prog.len());
-                }
-            }
-            let end = prog.len();
-            for j in jumps {
-                prog[j] = Inst::Jmp(end);
-            }
-        }
-        Node::Repeat(inner, min, max) => {
-            for _ in 0..*min {
-                compile(inner, prog)?;
-            }
-            match max {
-                None => {
-                    let split = prog.len();
-                    prog.push(Inst::Split(0, 0));
-                    compile(inner, prog)?;
-                    prog.push(Inst::Jmp(split));
-                    prog[split] = Inst::Split(split + 1, prog.len());
-                }
-                Some(max) => {
-                    let mut splits = vec![];
-                    for _ in *min..*max {
-                        splits.push(prog.len());
-                        prog.push(Inst::Split(0, 0));
-                        compile(inner, prog)?;
-                    }
-                    let end = prog.len();
-                    for split in splits {
-                        prog[split] = Inst::Split(split + 1, end);
-                    }
-                }
-            }
-        }
-    }
-    Some(())
-}
-
-fn parse_alt(c: &[char], pos: &mut usize, depth: usize) -> Option<Node> {
-    if depth > 32 {
-        return None;
-    }
-    let mut alts = vec![parse_seq(c, pos, depth)?];
-    while c.get(*pos) == Some(&'|') {
-        *pos += 1;
-        alts.push(parse_seq(c, pos, depth)?);
-    }
-    Some(Node::Alt(alts))
-}
-
-fn parse_seq(c: &[char], pos: &mut usize, depth: usize) -> Option<Vec<Node>> {
-    let mut seq = vec![];
-    while let Some(&ch) = c.get(*pos) {
-        let atom = match ch {
-            '|' | ')' => break,
-            '(' => {
-                *pos += 1;
-                if c.get(*pos) == Some(&'?') {
-                    if c.get(*pos + 1) != Some(&':') {
-                        return None;
-                    }
-                    *pos += 2;
-                }
-                let inner = parse_alt(c, pos, depth + 1)?;
-                if c.get(*pos) != Some(&')') {
-                    return None;
-                }
-                *pos += 1;
-                inner
-            }
-            '[' => {
-                *pos += 1;
-                parse_class(c, pos)?
-            }
-            '.' => {
-                *pos += 1;
-                Node::Any
-            }
-            '^' => {
-                *pos += 1;
-                Node::Start
-            }
-            '$' => {
-                *pos += 1;
-                Node::End
-            }
-            '\\' => {
-                *pos += 1;
-                let e = *c.get(*pos)?;
-                *pos += 1;
-                escape(e)?
-            }
-            '*' | '+' | '?' | '{' => return None,
-            other => {
-                *pos += 1;
-                Node::Char(other)
-            }
-        };
-        let atom = parse_quantifier(c, pos, atom)?;
-        seq.push(atom);
-    }
-    Some(seq)
-}
-
-fn parse_quantifier(c: &[char], pos: &mut usize, atom: Node) -> Option<Node> {
-    let (min, max) = match c.get(*pos) {
-        Some('*') => (0, None),
-        Some('+') => (1, None),
-        Some('?') => (0, Some(1)),
-        Some('{') => {
-            let close = c[*pos..].iter().position(|x| *x == '}')? + *pos;
-            let body: String = c[*pos + 1..close].iter().collect();
-            let (min, max) = match body.split_once(',') {
-                None => {
-                    let n = body.parse().ok()?;
-                    (n, Some(n))
-                }
-                Some((a, "")) => (a.parse().ok()?, None),
-                Some((a, b)) => (a.parse().ok()?, Some(b.parse().ok()?)),
-            };
-            if max.is_some_and(|m| m < min) || min > 1000 {
-                return None;
-            }
-            *pos = close;
-            (min, max)
-        }
-        _ => return Some(atom),
-    };
-    *pos += 1;
-    if c.get(*pos) == Some(&'?') {
-        *pos += 1;
-    }
-    if matches!(atom, Node::Start | Node::End) {
-        return None;
-    }
-    Some(Node::Repeat(Box::new(atom), min, max))
-}
-
-fn escape(e: char) -> Option<Node> {
-    let digit = vec![('0', '9')];
-    let word = vec![('a', 'z'), ('A', 'Z'), ('0', '9'), ('_', '_')];
-    let space = vec![(' ', ' '), ('\t', '\r')];
-    Some(match e {
-        'd' => Node::Class(digit, false),
-        'D' => Node::Class(digit, true),
-        'w' => Node::Class(word, false),
-        'W' => Node::Class(word, true),
-        's' => Node::Class(space, false),
-        'S' => Node::Class(space, true),
-        c if c.is_ascii_punctuation() => Node::Char(c),
-        _ => return None,
-    })
-}
-
-fn parse_class(c: &[char], pos: &mut usize) -> Option<Node> {
-    let negated = c.get(*pos) == Some(&'^');
-    if negated {
-        *pos += 1;
-    }
-    let mut ranges = vec![];
-    let mut first = true;
-    loop {
-        let ch = *c.get(*pos)?;
-        if ch == ']' && !first {
-            *pos += 1;
-            break;
-        }
-        first = false;
-        *pos += 1;
-        let lo = if ch == '\\' {
-            let e = *c.get(*pos)?;
-            *pos += 1;
-            match escape(e)? {
-                Node::Char(x) => x,
-                Node::Class(rs, false) => {
-                    ranges.extend(rs);
-                    continue;
-                }
-                _ => return None,
-            }
-        } else {
-            ch
-        };
-        if c.get(*pos) == Some(&'-') && c.get(*pos + 1).is_some_and(|x| *x != ']') {
-            let hi = *c.get(*pos + 1)?;
-            if hi == '\\' || hi < lo {
-                return None;
-            }
-            *pos += 2;
-            ranges.push((lo, hi));
-        } else {
-            ranges.push((lo, lo));
-        }
-    }
-    Some(Node::Class(ranges, negated))
-}
-
-fn match_one(node: &Node, ch: char) -> bool {
-    match node {
-        Node::Char(c) => *c == ch,
-        Node::Any => ch != '\n',
-        Node::Class(ranges, negated) => {
-            ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&ch)) != *negated
-        }
-        _ => false,
-    }
+    httpdate::parse_http_date(s).ok().map(unix)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tag_patterns_match_like_go_matchstring() {
-        let cases: &[(&str, &str, bool)] = &[
-            ("v.*", "v1.2.3", true),
-            ("v.*", "release-v1", true),
-            ("^v.*", "release-v1", false),
-            ("^v[0-9]+\\.[0-9]+$", "v1.22", true),
-            ("^v[0-9]+\\.[0-9]+$", "v1.22-rc", false),
-            ("^(main|release-\\d+)$", "release-12", true),
-            ("^(main|release-\\d+)$", "mainline", false),
-            ("latest", "latest", true),
-            ("^[^-]+$", "a-b", false),
-            ("^x{2,3}$", "xxx", true),
-            ("^x{2,3}$", "xxxx", false),
-            ("^(?:a|b)*c$", "ababc", true),
-            ("^(a*)*$", "aaaaaaaaaaaaaaaaaaaaaaaaaaaab", false),
-            ("^(a|aa|a*)*c$", &"a".repeat(120), false),
-            ("^(a|aa|a*)*c$", &format!("{}c", "a".repeat(120)), true),
-            ("^$", "", true),
-            ("(?:)", "x", true),
-        ];
-        for (pattern, tag, want) in cases {
-            let re = Regex::parse(pattern).unwrap_or_else(|| panic!("parse {pattern}"));
-            assert_eq!(re.is_match(tag), *want, "{pattern} ~ {tag}");
-        }
-        for bad in ["(", "a{", "*a", "[a", "(?i)a", "\\q"] {
-            assert!(Regex::parse(bad).is_none(), "{bad}");
-        }
-    }
 
     #[test]
     fn http_dates_parse() {
@@ -2656,7 +1817,7 @@ mod tests {
             parse_http_date("Tue, 29 Feb 2000 00:00:00 GMT"),
             Some(951_782_400)
         );
-        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("not a date"), None);
     }
 
     #[test]
