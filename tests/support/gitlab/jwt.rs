@@ -516,9 +516,9 @@ fn registry_access(
 /// `ContainerRegistry::Path#valid?` (`Gitlab::Regex.container_repository_name_regex`, fewer
 /// than 20 components, at least 2).
 fn valid_path(path: &str) -> bool {
-    static NAME: OnceLock<regex_lite::Regex> = OnceLock::new();
+    static NAME: OnceLock<regex::Regex> = OnceLock::new();
     let name = NAME.get_or_init(|| {
-        regex_lite::Regex::new(r"\A[a-z0-9]+(([._/]|__|-*)[a-z0-9])*\z").expect("a regex")
+        regex::Regex::new(r"\A[a-z0-9]+(([._/]|__|-*)[a-z0-9])*\z").expect("a regex")
     });
     let components = path.split('/').count();
     name.is_match(path) && components > 1 && components < MAX_COMPONENTS
