@@ -6,13 +6,7 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_good_is_exit_0() {
-    let gl = gitlab()
-        .credential(pat(USER, PAT))
-        .project(PROJECT, false, &[(USER, Role::Developer)])
-        .start()
-        .await;
-    let reg = Registry::start(&gl.realm());
-    let host = reg.addr.to_string();
+    let (gl, _reg, host) = developer().await;
     let run = doctor(&ci_env(&host, USER, PAT), &[]).await;
     run.expect(0, "ok", &[]);
     assert!(
@@ -29,13 +23,7 @@ async fn all_good_is_exit_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_credentials_is_exit_1_and_names_the_credential_helper() {
-    let gl = gitlab()
-        .credential(pat(USER, PAT))
-        .project(PROJECT, false, &[(USER, Role::Developer)])
-        .start()
-        .await;
-    let reg = Registry::start(&gl.realm());
-    let host = reg.addr.to_string();
+    let (gl, _reg, host) = developer().await;
     // Nothing at all, but a Docker config whose credentials live in a helper.
     let helper_host = host.clone();
     let run = tokio::task::spawn_blocking(move || {
@@ -135,12 +123,7 @@ async fn a_disabled_registry_is_registry_disabled() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_public_url_other_than_the_name_in_use_is_public_url_mismatch() {
-    let gl = gitlab()
-        .credential(pat(USER, PAT))
-        .project(PROJECT, false, &[(USER, Role::Developer)])
-        .start()
-        .await;
-    let reg = Registry::start(&gl.realm());
+    let (gl, reg, _) = developer().await;
     let addr = free_addr();
     let listen = addr.to_string();
     let public = format!("http://localhost:{}", addr.port());
@@ -228,12 +211,7 @@ async fn a_closed_port_is_registry_unreachable_and_no_registry_is_usage() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_with_a_private_ca_is_tls_error_until_ca_file_names_it() {
-    let gl = gitlab()
-        .credential(pat(USER, PAT))
-        .project(PROJECT, false, &[(USER, Role::Developer)])
-        .start()
-        .await;
-    let reg = Registry::start(&gl.realm());
+    let (gl, reg, _) = developer().await;
     let px = Regrelay::start(&[
         "--registry",
         &reg.url(),

@@ -267,13 +267,7 @@ async fn gitlabs_failed_login_ip_ban_is_ip_banned() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rack_attacks_throttle_is_rate_limited() {
-    let gl = gitlab()
-        .credential(pat(USER, PAT))
-        .project(PROJECT, false, &[(USER, Role::Developer)])
-        .start()
-        .await;
-    let reg = Registry::start(&gl.realm());
-    let host = reg.addr.to_string();
+    let (gl, _reg, host) = developer().await;
     gl.fail_with(429, Some(42), "Retry later");
     let run = doctor(&ci_env(&host, USER, PAT), &[]).await;
     run.expect(2, "network", &["rate_limited"]);

@@ -161,6 +161,19 @@ async fn doctor(env: &[(&str, &str)], args: &[&str]) -> Run {
 }
 
 /// A PAT with both registry scopes.
+/// GitLab with USER a Developer of PROJECT (her read/write PAT), its registry, and the
+/// registry's `host:port`.
+async fn developer() -> (GitLab, Registry, String) {
+    let gl = gitlab()
+        .credential(pat(USER, PAT))
+        .project(PROJECT, false, &[(USER, Role::Developer)])
+        .start()
+        .await;
+    let reg = Registry::start(&gl.realm());
+    let host = reg.addr.to_string();
+    (gl, reg, host)
+}
+
 fn pat(user: &str, token: &str) -> Credential {
     Credential::Pat {
         user: user.into(),
