@@ -2,7 +2,8 @@
 //! GitLab registry auth.
 //!
 //! # Layout
-//! Data flows one way: client → [`server`] (listen, TLS, HTTP/1.1 + h2, drain) → [`app`]
+//! Data flows one way: client → [`server`] (listen, TLS, HTTP/1.1 + h2, drain; which budget each
+//! request takes, [`clients`]' fair shares of every shared pool) → [`app`]
 //! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
 //! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
