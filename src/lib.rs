@@ -9,8 +9,9 @@
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
 //! Several upstreams (the mirror endpoint): [`mirror`] (pure: which upstream a request is for)
 //! and [`injected`] (pull credentials regrelay holds); [`cache`] (the authorizing pull-through
-//! cache: content by digest, and who may be served it). Auth's pieces: [`mint`] (the token service: pinned realm, redirects, answers mapped),
-//! [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
+//! cache: content by digest, and who may be served it). Auth's pieces: [`mint`] (the token
+//! service: pinned realm, redirects, answers mapped), [`logins`] (failed logins: refused
+//! credentials remembered, budgets, GitLab's ban), [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
