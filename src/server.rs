@@ -22,11 +22,12 @@
 //! exhausted, holders that make no progress go first:
 //! - at `--max-connections`, connections with no request in flight (or no handshake or first
 //!   request yet) for [`SHED_IDLE_AFTER`], and those not taking their responses for
-//!   [`SHED_STALLED_AFTER`] (a write stuck, or every stream stalled), are asked to leave; up to
+//!   [`SHED_STALLED_AFTER`] (a write stuck) or [`SHED_STREAM_AFTER`] (every stream stalled), are
+//!   asked to leave; up to
 //!   [`RESERVE_CONNECTIONS`] more are accepted meanwhile, which answer health checks and wait a
 //!   moment for a slot for anything else;
 //! - at `--max-requests` or `--max-upstream-connections`, requests not taking their responses
-//!   for [`SHED_STALLED_AFTER`] are reset (HTTP/2) or their connection cut (HTTP/1.1).
+//!   for [`SHED_STREAM_AFTER`] are reset (HTTP/2) or their connection cut (HTTP/1.1).
 //!
 //! Health checks take no budget at all. Bounds: `--max-connections` sockets,
 //! `--h2-max-concurrent-streams` per HTTP/2 connection, `--max-requests` in flight over all
@@ -78,6 +79,12 @@ pub const SHED_IDLE_AFTER: Duration = Duration::from_millis(500);
 /// connection whose write has not progressed, an HTTP/2 stream whose window stays at zero). A
 /// slow but reading client frees buffer space within milliseconds.
 pub const SHED_STALLED_AFTER: Duration = Duration::from_secs(1);
+/// When a shared pool is exhausted, requests whose response the client has taken nothing of for
+/// this long are shed (an HTTP/2 stream held at a zero window; an HTTP/1.1 response not asked
+/// for more). Longer than a socket write's stall: a slow but reading client's kernel buffer can
+/// hide its progress from user space for a second or more between wake-ups, and such a client
+/// makes progress; a zero-window client never does.
+pub const SHED_STREAM_AFTER: Duration = Duration::from_secs(5);
 /// How often the accept loop, blocked at the limit, asks idle connections to leave.
 const PRESSURE_INTERVAL: Duration = Duration::from_millis(100);
 /// How often an HTTP/2 connection with streams in flight looks for stalled ones.
@@ -588,12 +595,12 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     let _ = watch.shed_stalled(t.h2_stall, "stall");
                 }
             }
-            () = shed(watch.requests_pressure, || state.any_stalled(SHED_STALLED_AFTER)) => {
-                if watch.shed_stalled(SHED_STALLED_AFTER, "pressure").is_none() && closing.is_none() {
+            () = shed(watch.requests_pressure, || state.any_stalled(SHED_STREAM_AFTER)) => {
+                if watch.shed_stalled(SHED_STREAM_AFTER, "pressure").is_none() && closing.is_none() {
                     closing = Some(Instant::now() + CLOSE_GRACE);
                 }
             }
-            () = shed(watch.pressure, || state.sheddable(SHED_IDLE_AFTER, SHED_STALLED_AFTER)), if closing.is_none() => {
+            () = shed(watch.pressure, || state.sheddable(SHED_IDLE_AFTER, SHED_STALLED_AFTER, SHED_STREAM_AFTER)), if closing.is_none() => {
                 let stalled = state.idle_since().is_none();
                 let why = if stalled { "stalled" } else { "idle" };
                 watch.metrics.connections_shed.get_or_create(&OutcomeLabels { outcome: why }).inc();

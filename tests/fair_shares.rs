@@ -207,3 +207,53 @@ async fn health_checks_are_answered_when_every_connection_slot_is_busy() {
         assert!(n >= at_least, "{outcome}: {n}\n{text}");
     }
 }
+
+/// When every request slot is held (here by one client: shares are off, as if many clients held
+/// them), requests whose clients have taken nothing of their responses for 5 s are reset to make
+/// room, and the request that found no slot is served within a second of asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_streams_are_shed_for_a_request_that_finds_every_slot_taken() {
+    let gl = with_developer_pat(USER, PAT, REPO, Duration::from_secs(300)).await;
+    let reg = Registry::start(&gl.realm());
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--max-requests",
+        "8",
+        "--client-share-percent",
+        "100",
+        "--h2-stall-timeout-secs",
+        "300",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let maddr = support::metrics::addr(&px);
+    let held = attack::zero_window_streams(host(2), px.addr, 1, 8, "/v2/", None).await;
+    let start = Instant::now();
+    while held.sent() < 8 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "streams not open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stalled for less than 5 s: nothing is shed yet, the newcomer gets its 503.
+    let url = format!("{}/v2/", px.url());
+    assert_eq!(status(&url, None).await, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let asked = Instant::now();
+    assert_eq!(status(&url, None).await, StatusCode::UNAUTHORIZED);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (_, _, text) = support::metrics::scrape(maddr).await;
+    let shed = support::metrics::value(
+        &text,
+        "regrelay_requests_shed_total",
+        &["outcome=\"pressure\""],
+    );
+    assert!(shed >= 1.0, "{text}");
+    drop(held);
+}

@@ -163,13 +163,17 @@ impl ConnState {
         }
     }
 
-    /// True when the connection may be shed at the connection limit: idle for `idle_after`, or
-    /// not taking its responses for `stalled_after` (a write stuck, or every request in flight
-    /// stalled).
-    pub(super) fn sheddable(&self, idle_after: Duration, stalled_after: Duration) -> bool {
+    /// True when the connection may be shed at the connection limit: idle for `idle_after`, a
+    /// write stuck for `stuck_after`, or every request in flight stalled for `stalled_after`.
+    pub(super) fn sheddable(
+        &self,
+        idle_after: Duration,
+        stuck_after: Duration,
+        stalled_after: Duration,
+    ) -> bool {
         let write_stuck = self
             .stalled_since()
-            .is_some_and(|t| t.elapsed() >= stalled_after);
+            .is_some_and(|t| t.elapsed() >= stuck_after);
         let idle = self.idle_since().is_some_and(|t| t.elapsed() >= idle_after);
         write_stuck || idle || self.all_stalled(stalled_after)
     }
