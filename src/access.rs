@@ -197,6 +197,11 @@ impl Access {
         &self.minter
     }
 
+    /// The token service, shared (for a task of its own).
+    pub fn shared_minter(&self) -> Arc<Minter> {
+        self.minter.clone()
+    }
+
     /// The key ring.
     pub fn keys(&self) -> Arc<KeyRing> {
         self.keys.current()

@@ -39,6 +39,9 @@ use crate::upload::{self, Uploader};
 use crate::upstream::Upstream;
 
 mod pull;
+mod ready;
+
+use ready::Readiness;
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -92,16 +95,6 @@ pub struct App {
     ready: Readiness,
 }
 
-/// `/-/ready`'s upstream probe, outside every client budget and cached briefly, so a flood of
-/// health checks costs the upstream at most one request a second.
-struct Readiness {
-    probe: Upstream,
-    last: tokio::sync::Mutex<Option<(std::time::Instant, Result<StatusCode, String>)>>,
-}
-
-/// How long a readiness answer is reused.
-const READY_CACHE: Duration = Duration::from_secs(1);
-
 /// Distinct unknown `Host`s remembered for the once-per-host warning.
 const MAX_UNKNOWN_HOSTS: usize = 1024;
 
@@ -135,7 +128,8 @@ impl App {
                 .unwrap_or_else(|| u.origin.clone());
             let client = Upstream::new(&config, &trust, token_origin)
                 .observed_by(metrics.clone(), &u.name)
-                .pressing(pressure.clone());
+                .pressing(pressure.clone())
+                .serving("token service");
             let minter = Arc::new(Minter::new(
                 &config,
                 u,
@@ -319,6 +313,16 @@ impl App {
         self.server_tls.clone()
     }
 
+    /// What the operator should hear about the configuration once logging is up (files
+    /// readable by others, and the like): the configuration works, but not as safely as it could.
+    pub fn startup_warnings(&self) -> Vec<String> {
+        let mut out = vec![];
+        if let Some(t) = &self.config.tls {
+            out.extend(tls::key_file_warning(&t.key));
+        }
+        out
+    }
+
     /// What each client holds of the shared pools.
     pub fn clients(&self) -> &Clients {
         &self.clients
@@ -409,8 +413,10 @@ impl App {
                     public: &public,
                     idle: self.config.timeouts.body_idle,
                     bytes_in: log.bytes_in.clone(),
+                    notes: log.notes.clone(),
                     client: req.extensions().get::<ClientHandle>().cloned(),
                 };
+                fwd.notes.upstream(&lane.config.name);
                 let creds = lane.access.credentials(
                     req.method(),
                     req.uri().path(),
@@ -430,10 +436,20 @@ impl App {
                 let session = match (injected, creds) {
                     (Some(session), _) => {
                         tracing::debug!(upstream = %lane.config.name, "pull with injected credentials");
+                        fwd.notes.principal("injected");
                         Some(session)
                     }
-                    (None, Credentials::Session(session)) => Some(session),
-                    (None, Credentials::Untouched) => None,
+                    (None, Credentials::Session(session)) => {
+                        fwd.notes
+                            .principal(principal(session.authorization.as_deref()));
+                        Some(session)
+                    }
+                    (None, Credentials::Untouched) => {
+                        let auth = req.headers().get(header::AUTHORIZATION);
+                        fwd.notes
+                            .principal(principal(auth.map(HeaderValue::as_bytes)));
+                        None
+                    }
                 };
                 let method = req.method().clone();
                 let mut resp = match session {
@@ -636,41 +652,6 @@ impl App {
         }
         Ok(canonical.clone())
     }
-
-    /// `/-/ready`: 200 when the upstream answers HTTP at all, else 503 ("not ready" is not a
-    /// gateway error of a proxied request, so it is not the 502 of [`Error::status`]). It names
-    /// no upstream address. The probe has its own connections and its answer is reused for
-    /// [`READY_CACHE`], so readiness answers at every limit and costs the upstream little.
-    async fn ready(&self) -> Response<ProxyBody> {
-        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
-            let body = serde_json::json!({ "status": "draining" });
-            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-        }
-        let probed = {
-            let mut last = self.ready.last.lock().await;
-            match &*last {
-                Some((at, probed)) if at.elapsed() < READY_CACHE => probed.clone(),
-                _ => {
-                    let probed = self.ready.probe.probe().await.map_err(|err| {
-                        tracing::warn!(error = %err.chain(), "not ready");
-                        err.registry_body()
-                    });
-                    *last = Some((std::time::Instant::now(), probed.clone()));
-                    probed
-                }
-            }
-        };
-        match probed {
-            Ok(status) => {
-                let body = serde_json::json!({
-                    "status": "ready",
-                    "upstream_status": status.as_u16(),
-                });
-                json(StatusCode::OK, body.to_string())
-            }
-            Err(body) => json(StatusCode::SERVICE_UNAVAILABLE, body),
-        }
-    }
 }
 
 impl Lane {
@@ -807,6 +788,15 @@ fn translate_location(headers: &mut HeaderMap, routed: &Routed) {
     };
     if let Ok(v) = HeaderValue::from_str(&new) {
         headers.insert(header::LOCATION, v);
+    }
+}
+
+/// Who an `Authorization` value says asks, for the access line: the Basic username, `bearer`
+/// (a token regrelay did not issue), `anonymous`. Never a secret.
+fn principal(authorization: Option<&[u8]>) -> String {
+    match authorization {
+        None => "anonymous".into(),
+        Some(a) => challenge::basic_username(a).unwrap_or_else(|| "bearer".into()),
     }
 }
 

@@ -272,6 +272,11 @@ pub struct ConfigFile {
     /// own connections are not counted per client). 100 turns the shares off.
     #[arg(long, env = "REGRELAY_CLIENT_SHARE_PERCENT")]
     pub client_share_percent: Option<u8>,
+    /// Make the replica not ready (`/-/ready` 503) while an upstream's token service does not
+    /// answer. Off by default: during a GitLab outage cached tokens, sessions and the cache still
+    /// serve, and a fleet-wide outage would empty every replica's Service.
+    #[arg(long, env = "REGRELAY_READY_REQUIRES_TOKEN_SERVICE", num_args = 0..=1, default_missing_value = "true")]
+    pub ready_requires_token_service: Option<bool>,
     /// Failed logins a minute the token service may see through regrelay, all clients together,
     /// before credentials regrelay never saw succeed get 429 without asking; keep it below
     /// GitLab's ban threshold (10 failures in 60 s bans an address for an hour) [default: 8].
@@ -388,7 +393,7 @@ impl ConfigFile {
             reason,
         };
         let text = read_bounded(path, MAX_CONFIG_FILE_BYTES).map_err(file_err)?;
-        toml::from_str(&text).map_err(|e| file_err(e.to_string()))
+        toml::from_str(&text).map_err(|e| file_err(toml_hint(e.to_string())))
     }
 
     /// `self` (flags and env) over `file`: each key takes the first value present.
@@ -431,6 +436,7 @@ impl ConfigFile {
             h2_stall_timeout_secs,
             failed_logins_per_minute,
             client_failed_logins_per_minute,
+            ready_requires_token_service,
             upload_chunk_max,
             upload_split,
             cache_dir,
@@ -444,6 +450,17 @@ impl ConfigFile {
             root_upstream,
         )
     }
+}
+
+/// A TOML error with the fix for the mistakes it words least clearly.
+fn toml_hint(message: String) -> String {
+    if message.contains("[upstream]") && message.contains("expected a sequence") {
+        return format!(
+            "{message}\n`upstream` is a list of tables: write each upstream as an [[upstream]] \
+             table (double brackets), one per registry"
+        );
+    }
+    message
 }
 
 /// Reads a UTF-8 file of at most `max` bytes (a bigger one is refused, not truncated).
@@ -468,6 +485,9 @@ pub fn read_private(path: &Path, max: u64) -> Result<String, String> {
     {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        if meta.is_dir() {
+            return Err("is a directory: give the path of the file itself".into());
+        }
         let mode = meta.mode();
         if !private_enough(mode, meta.gid(), &own_groups()) {
             return Err(format!(
@@ -804,6 +824,8 @@ pub struct Config {
     pub session_cache_max_bytes: usize,
     /// Failed logins a minute per token service: all clients together, and per client.
     pub failed_logins: (usize, usize),
+    /// A token service that does not answer makes the replica not ready.
+    pub ready_requires_token_service: bool,
     /// Largest upstream upload request, when bounded.
     pub upload_chunk_max: Option<u64>,
     /// Upload splitting mode.
@@ -1138,6 +1160,7 @@ impl TryFrom<ConfigFile> for Config {
             token_cache_max_entries,
             session_cache_max_bytes: usize::try_from(session_cache_max_bytes).unwrap_or(usize::MAX),
             failed_logins,
+            ready_requires_token_service: raw.ready_requires_token_service.unwrap_or(false),
             upload_chunk_max,
             upload_split: raw.upload_split.unwrap_or_default(),
             cache: cache(&raw)?,

@@ -160,8 +160,10 @@ pub enum Error {
         what: &'static str,
     },
     /// The upstream could not be reached (DNS, connect, TLS).
-    #[error("upstream registry {upstream} is unreachable")]
+    #[error("{what} {upstream} is unreachable")]
     UpstreamUnreachable {
+        /// What it is: `upstream registry` or `token service`.
+        what: &'static str,
         /// The upstream origin.
         upstream: String,
         /// What failed.
@@ -169,8 +171,10 @@ pub enum Error {
         source: BoxError,
     },
     /// The upstream connection failed after the request was sent.
-    #[error("upstream registry {upstream} failed")]
+    #[error("{what} {upstream} failed")]
     UpstreamFailed {
+        /// What it is: `upstream registry` or `token service`.
+        what: &'static str,
         /// The upstream origin.
         upstream: String,
         /// What failed.
@@ -419,14 +423,12 @@ impl Error {
     /// has those); the token service's own messages pass, they are meant for the user.
     pub fn public_message(&self) -> String {
         match self {
-            Error::UpstreamUnreachable { .. } => match self.tls_refused() {
-                Some(refused) => {
-                    format!("the upstream registry is unreachable: {}", refused.public())
-                }
-                None => "the upstream registry is unreachable".into(),
+            Error::UpstreamUnreachable { what, .. } => match self.tls_refused() {
+                Some(refused) => format!("the {what} is unreachable: {}", refused.public()),
+                None => format!("the {what} is unreachable"),
             },
-            Error::UpstreamFailed { .. } => {
-                "the upstream registry failed while answering; see regrelay's log".into()
+            Error::UpstreamFailed { what, .. } => {
+                format!("the {what} failed while answering; see regrelay's log")
             }
             Error::ObjectStorage { problem, .. } => {
                 format!("object storage, where the registry redirected this blob, {problem}")
@@ -464,6 +466,7 @@ mod tests {
     #[test]
     fn blame_decides_status_class() {
         let up = Error::UpstreamUnreachable {
+            what: "upstream registry",
             upstream: "http://r:5000".into(),
             source: "connection refused".into(),
         };
@@ -531,6 +534,7 @@ mod tests {
     #[test]
     fn body_is_registry_json_with_cause() {
         let up = Error::UpstreamUnreachable {
+            what: "upstream registry",
             upstream: "http://r:5000".into(),
             source: "connection refused".into(),
         };
@@ -554,6 +558,7 @@ mod tests {
         };
         // As the pool hands it over: the connector's error inside hyper-util's.
         let up = Error::UpstreamUnreachable {
+            what: "upstream registry",
             upstream: "https://r.internal:5000".into(),
             source: Box::new(Wrapper(Box::new(refused))),
         };

@@ -60,6 +60,15 @@ pub struct PoolLabels {
     pub pool: &'static str,
 }
 
+/// A dependency of readiness and the upstream it belongs to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// `registry`, `token_service` or `cache_dir`.
+    pub dependency: &'static str,
+    /// `default` or a configured `--upstream` name.
+    pub upstream: String,
+}
+
 /// One outcome from a fixed list.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -110,6 +119,9 @@ pub struct Metrics {
     /// reset (HTTP/2) or cut with their connection (HTTP/1.1): `stall` (past
     /// `--h2-stall-timeout-secs`) or `pressure` (a shared pool was exhausted).
     pub requests_shed: Family<OutcomeLabels, Counter>,
+    /// `regrelay_dependency_up{dependency,upstream}`: 1 when the last readiness probe found the
+    /// dependency answering (`registry`, `token_service`, `cache_dir`), else 0.
+    pub dependency_up: Family<DependencyLabels, Gauge>,
     /// `regrelay_token_service_bans_total`: answers of a token service that bans regrelay's
     /// address (GitLab's failed-login ban).
     pub token_service_bans: Counter,
@@ -202,6 +214,7 @@ impl Metrics {
             requests_shed: Family::default(),
             reserve_connections: Family::default(),
             token_service_bans: Counter::default(),
+            dependency_up: Family::default(),
             logins_answered_locally: Family::default(),
 
             shutdown_phase: Gauge::default(),
@@ -330,6 +343,11 @@ impl Metrics {
             "requests_shed",
             "Requests whose client took none of their response, reset or cut: stall (past --h2-stall-timeout-secs) or pressure (a shared pool was exhausted)",
             m.requests_shed.clone(),
+        );
+        r.register(
+            "dependency_up",
+            "1 when the last readiness probe found the dependency answering (registry, token_service, cache_dir), else 0",
+            m.dependency_up.clone(),
         );
         r.register(
             "token_service_bans",

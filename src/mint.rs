@@ -103,6 +103,11 @@ impl Minter {
         }
     }
 
+    /// The client that carries token requests (readiness probes its realm with it).
+    pub fn token_client(&self) -> &Upstream {
+        &self.client
+    }
+
     /// The upstream realm: configured, or asked of the registry by regrelay itself, once.
     pub async fn realm(&self) -> Result<Uri, Error> {
         if let Some(r) = self.realm.read().expect("realm lock").clone() {

@@ -78,6 +78,8 @@ pub struct Forward<'a> {
     pub idle: Duration,
     /// Receives the count of request body bytes.
     pub bytes_in: Arc<AtomicU64>,
+    /// What the handling learns for the access line.
+    pub notes: Arc<crate::telemetry::Notes>,
     /// The client, whose share of upstream connections the request's own take
     /// ([`crate::clients`]); `None` outside the server (no share).
     pub client: Option<crate::clients::ClientHandle>,

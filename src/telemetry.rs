@@ -2,7 +2,10 @@
 //! access log — exactly one line per request, written when the response body has been sent (or
 //! dropped), so it carries the real byte counts and duration of a streamed blob. The access log
 //! records method, path (never the query: upload state and token-request parameters stay out),
-//! status, upstream status, bytes both ways, duration and peer; no header is ever logged.
+//! status, upstream status (none when the upstream was not asked: a cache hit), bytes both ways,
+//! duration, peer, and what the handling learned ([`Notes`]): who asked (a Basic username or a
+//! session's, `anonymous`; never a secret), which upstream, the cache's outcome, and for uploads
+//! the parts and the tokens refreshed mid-upload. No header is ever logged.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -22,7 +25,8 @@ use crate::metrics::Metrics;
 
 /// Installs the global subscriber (stderr). Called once by `main`; a second call is ignored.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("REGRELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let asked = std::env::var("REGRELAY_LOG").ok();
+    let (filter, refused) = log_filter(asked.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -31,6 +35,80 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if let Some(why) = refused {
+        tracing::warn!("{why}");
+    }
+}
+
+/// The filter `REGRELAY_LOG` asks for, or `info` and why not. A bare word that is no level
+/// (`verbose`, `bogus`) is a valid filter for a target of that name, and would hide every line
+/// regrelay writes, fatal ones included: it is refused, as is anything that does not parse.
+pub fn log_filter(asked: Option<&str>) -> (EnvFilter, Option<String>) {
+    let Some(asked) = asked.map(str::trim).filter(|a| !a.is_empty()) else {
+        return (EnvFilter::new("info"), None);
+    };
+    let refuse = |why: &str| {
+        let msg = format!(
+            "REGRELAY_LOG={asked:?} {why}: logging at info. Want a level (error, warn, info, \
+             debug, trace) or target=level pairs, e.g. regrelay=debug,info"
+        );
+        (EnvFilter::new("info"), Some(msg))
+    };
+    let bare_word = asked.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains('=')
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+    });
+    if let Some(word) = bare_word {
+        return refuse(&format!(
+            "names no level ({word:?} would show only a target of that name)"
+        ));
+    }
+    match EnvFilter::try_new(asked) {
+        Ok(filter) => (filter, None),
+        Err(e) => refuse(&format!("does not parse ({e})")),
+    }
+}
+
+/// What a request's handling learns for its access line, set by whichever room learns it.
+#[derive(Debug, Default)]
+pub struct Notes {
+    principal: std::sync::OnceLock<String>,
+    upstream: std::sync::OnceLock<String>,
+    cache: std::sync::OnceLock<&'static str>,
+    parts: std::sync::atomic::AtomicU32,
+    refreshes: std::sync::atomic::AtomicU32,
+}
+
+impl Notes {
+    /// Who asked: a username, `anonymous`, `injected` (regrelay's own pull credentials).
+    pub fn principal(&self, who: impl Into<String>) {
+        let _ = self.principal.set(who.into());
+    }
+
+    /// Which upstream served it.
+    pub fn upstream(&self, name: &str) {
+        let _ = self.upstream.set(name.to_owned());
+    }
+
+    /// What the cache did (`hit`, `miss`, `follower`, `denied`, `pass`, `stale`).
+    pub fn cache(&self, outcome: &'static str) {
+        let _ = self.cache.set(outcome);
+    }
+
+    /// The cache answered without asking the upstream.
+    pub fn answered_by_cache(&self) -> bool {
+        matches!(self.cache.get(), Some(&("hit" | "follower" | "stale")))
+    }
+
+    /// One more upload part went upstream; `refreshed`: with a newer token than the last.
+    pub fn part(&self, refreshed: bool) {
+        self.parts.fetch_add(1, Ordering::Relaxed);
+        if refreshed {
+            self.refreshes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The facts of one request, logged once on drop.
@@ -55,6 +133,8 @@ pub struct AccessLog {
     pub complete: bool,
     /// Where the request is counted.
     pub metrics: Arc<Metrics>,
+    /// What the handling learned.
+    pub notes: Arc<Notes>,
 }
 
 impl AccessLog {
@@ -71,6 +151,7 @@ impl AccessLog {
             bytes_out: 0,
             complete: false,
             metrics,
+            notes: Arc::default(),
         }
     }
 }
@@ -98,17 +179,25 @@ impl Drop for AccessLog {
             );
             return;
         }
+        let n = &self.notes;
+        let or_dash = |v: Option<&String>| v.map_or("-", String::as_str).to_owned();
+        let upstream_status = self.upstream_status.filter(|_| !n.answered_by_cache());
         tracing::info!(
             target: "regrelay::access",
             method = %self.method,
             path = %self.path,
             status = self.status,
-            upstream_status = self.upstream_status,
+            upstream_status = upstream_status,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out = self.bytes_out,
             duration_ms = self.start.elapsed().as_millis() as u64,
             complete = self.complete,
             peer = %self.peer,
+            user = %or_dash(n.principal.get()),
+            upstream = %or_dash(n.upstream.get()),
+            cache = %n.cache.get().copied().unwrap_or("-"),
+            parts = n.parts.load(Ordering::Relaxed),
+            refreshes = n.refreshes.load(Ordering::Relaxed),
             "request"
         );
     }
@@ -162,5 +251,31 @@ impl<B: Body<Data = Bytes>> Body for Logged<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_filter_that_hides_everything_falls_back_to_info() {
+        for (asked, ok) in [
+            (None, true),
+            (Some(""), true),
+            (Some("debug"), true),
+            (Some("regrelay=debug,info"), true),
+            (Some("WARN"), true),
+            (Some("bogus"), false),
+            (Some("verbose"), false),
+            (Some("info,verbose"), false),
+            (Some("regrelay=loud"), false),
+        ] {
+            let (_, refused) = log_filter(asked);
+            assert_eq!(refused.is_none(), ok, "{asked:?}: {refused:?}");
+            if let Some(why) = refused {
+                assert!(why.contains("logging at info"), "{why}");
+            }
+        }
     }
 }

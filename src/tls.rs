@@ -6,7 +6,7 @@
 //! [`ConfigError`]s naming the key, because these run while the configuration is validated.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::crypto::ring::default_provider;
 use rustls::pki_types::pem::PemObject;
@@ -61,23 +61,66 @@ impl ServerCert {
     /// Reads the files again; on any error the pair in force stays and the error is returned.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let fresh = certified_key(&self.cert, &self.key)?;
-        *self.current.write().expect("server cert lock") = Arc::new(fresh);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
         Ok(())
     }
 }
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().expect("server cert lock").clone())
+        // Every handshake passes here: a poisoned lock (a panic elsewhere while it was held;
+        // the pair in it is whole either way) must not make every later handshake panic.
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 
 fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
+    for (name, path) in [("tls_cert", cert), ("tls_key", key)] {
+        if path.is_dir() {
+            return Err(invalid(
+                name,
+                path,
+                "is a directory: give the path of the PEM file itself",
+            ));
+        }
+    }
     let chain = load_certs("tls_cert", cert)?;
     // The key's own parse error says nothing secret (it never echoes key bytes).
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("tls_key", key, e))?;
-    CertifiedKey::from_der(chain, private, &default_provider())
-        .map_err(|e| invalid("tls_key", key, e))
+    CertifiedKey::from_der(chain, private, &default_provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => invalid(
+            "tls_key",
+            key,
+            format!(
+                "this private key does not belong to the certificate in {} (their public keys \
+                 differ): give --tls-key the key the certificate was issued for",
+                cert.display()
+            ),
+        ),
+        e => invalid("tls_key", key, e),
+    })
+}
+
+/// A warning when the TLS key file can be read by other users (it is used as it is: many setups
+/// ship it so, and refusing it would stop them at the next start; the session key ring and
+/// credential files, new with regrelay, are refused instead).
+pub fn key_file_warning(key: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(key).ok()?;
+    let mode = meta.mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "the TLS private key {} is readable by every user (mode {:04o}): `chmod 600` it (or \
+             0640 with a group of the service)",
+            key.display(),
+            mode & 0o7777
+        )
+    })
 }
 
 /// Server config presenting `cert`'s current pair; advertises h2 and http/1.1.

@@ -226,9 +226,11 @@ impl Uploader<'_> {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
             metrics.upload_parts.inc();
-            if last_token.as_ref().is_some_and(|t| *t != token.header) {
+            let refreshed = last_token.as_ref().is_some_and(|t| *t != token.header);
+            if refreshed {
                 metrics.upload_token_refreshes.inc();
             }
+            self.fwd.notes.part(refreshed);
             last_token = Some(token.header.clone());
             let started = Instant::now();
             let resp = proxy::forward_to(self.upstream, &target.0, req, self.fwd).await;

@@ -65,6 +65,8 @@ pub struct Upstream {
     observed: Option<(Arc<Metrics>, Arc<str>)>,
     /// Signalled when every slot is taken: stalled requests are shed.
     pressure: Option<Arc<Notify>>,
+    /// What it is, for errors: `upstream registry` or `token service`.
+    what: &'static str,
 }
 
 /// A TCP connector whose sockets each hold a permit until they close.
@@ -307,7 +309,14 @@ impl Upstream {
             slots: Arc::new(Semaphore::new(max)),
             observed: None,
             pressure: None,
+            what: "upstream registry",
         }
+    }
+
+    /// Names it `what` in errors (`token service`).
+    pub fn serving(mut self, what: &'static str) -> Upstream {
+        self.what = what;
+        self
     }
 
     /// Signals `pressure` when every slot is taken.
@@ -376,11 +385,13 @@ impl Upstream {
                 Error::ClientBody { source }
             } else if e.is_connect() {
                 Error::UpstreamUnreachable {
+                    what: self.what,
                     upstream,
                     source: Box::new(e),
                 }
             } else {
                 Error::UpstreamFailed {
+                    what: self.what,
                     upstream,
                     source: Box::new(e),
                 }
@@ -407,6 +418,7 @@ impl Upstream {
         match tokio::time::timeout(timeout, self.send(req)).await {
             Ok(res) => res,
             Err(elapsed) => Err(Error::UpstreamUnreachable {
+                what: self.what,
                 upstream: self.origin.to_string(),
                 source: Box::new(elapsed),
             }),

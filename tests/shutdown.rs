@@ -115,6 +115,11 @@ async fn slow_origin() -> upstream::Origin {
         let n = drain(req.into_body()).await.unwrap_or(0);
         let mut resp = Response::new(body::full(n.to_string()));
         *resp.status_mut() = StatusCode::ACCEPTED;
+        // A registry's header: readiness takes this origin for one.
+        resp.headers_mut().insert(
+            "docker-distribution-api-version",
+            http::HeaderValue::from_static("registry/2.0"),
+        );
         resp
     })
     .await

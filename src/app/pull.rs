@@ -233,11 +233,11 @@ impl App {
                 return Ok(resp);
             }
             if p.head() {
-                self.count("pass");
+                self.count(p, "pass");
                 return self.answer_head(p, target, check).await;
             }
             if ranged {
-                self.count("pass");
+                self.count(p, "pass");
                 return Ok(self.fetch(p, target).await?.0);
             }
         }
@@ -247,7 +247,7 @@ impl App {
                 let (resp, token) = self.fetch(p, target).await?;
                 if resp.status() != StatusCode::OK {
                     // Dropping the writer abandons the fill.
-                    self.count("denied");
+                    self.count(p, "denied");
                     return Ok(resp);
                 }
                 p.grant(target, &token);
@@ -256,7 +256,7 @@ impl App {
                         p.cache.set_media_type(&target.digest, t);
                     }
                 }
-                self.count("miss");
+                self.count(p, "miss");
                 Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
             }
             Ok(Fill::Follower(follower)) => self.follow_fill(p, target, follower).await,
@@ -273,7 +273,7 @@ impl App {
                 if let Err(err) = &fill {
                     tracing::warn!(error = %err, "cache fill could not start; proxying");
                 }
-                self.count("pass");
+                self.count(p, "pass");
                 Ok(self.fetch(p, target).await?.0)
             }
         }
@@ -300,7 +300,7 @@ impl App {
                 registry
             }
         };
-        self.count("follower");
+        self.count(p, "follower");
         parts.headers.insert(
             "x-regrelay-cache",
             header::HeaderValue::from_static("follow"),
@@ -319,7 +319,7 @@ impl App {
         let (check, token) = self.ask(p, Method::HEAD).await?;
         match check {
             Answer::Here(refusal) if refusal.status() != StatusCode::OK => {
-                self.count("denied");
+                self.count(p, "denied");
                 Ok(Err(refusal))
             }
             check => {
@@ -402,7 +402,7 @@ impl App {
             .await
         {
             Ok(Some(resp)) => {
-                self.count(outcome);
+                self.count(p, outcome);
                 if !head {
                     let sent = resp
                         .headers()
@@ -439,7 +439,8 @@ impl App {
             .await
     }
 
-    fn count(&self, outcome: &'static str) {
+    fn count(&self, p: &Pull<'_>, outcome: &'static str) {
+        p.fwd.notes.cache(outcome);
         self.metrics
             .cache_requests
             .get_or_create(&OutcomeLabels { outcome })

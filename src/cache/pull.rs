@@ -173,6 +173,15 @@ pub struct PullCache {
 }
 
 impl PullCache {
+    /// `Ok` when fills can be written: the directory where they start can take a file (a full
+    /// disk, a directory gone or made read-only says so here, for `/-/ready`).
+    pub fn usable(&self) -> Result<(), String> {
+        let probe = self.store.inner.tmp.join(".ready");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("the cache directory cannot take a file: {e}"))
+    }
+
     /// Opens (or creates) the cache in `dir`: the store in `dir`, manifest media types in
     /// `dir/types/`.
     pub fn open(dir: &Path, max_bytes: u64, serve_stale: bool) -> std::io::Result<PullCache> {

@@ -149,7 +149,8 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: std::time::Duration) ->
 }
 
 /// An upload sink: reads every request body to its end and answers `202` with the number of
-/// bytes read (or `broken` when the body failed).
+/// bytes read (or `broken` when the body failed), with the registry API's version header (so
+/// regrelay's readiness takes it for a registry).
 pub async fn sink() -> Origin {
     serve(|req: Request<Incoming>| async move {
         let text = match drain(req.into_body()).await {
@@ -158,6 +159,10 @@ pub async fn sink() -> Origin {
         };
         let mut resp = Response::new(regrelay::body::full(text));
         *resp.status_mut() = http::StatusCode::ACCEPTED;
+        resp.headers_mut().insert(
+            "docker-distribution-api-version",
+            http::HeaderValue::from_static("registry/2.0"),
+        );
         resp
     })
     .await

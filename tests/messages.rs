@@ -1,0 +1,131 @@
+//! Every message names the cause and the fix (issue 23): what an operator sees when something is
+//! wrong in regrelay's environment or configuration, one test per finding.
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn regrelay(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(support::regrelay_bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REGRELAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
+}
+
+fn said(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `REGRELAY_LOG=bogus` (a bare word is a filter for a target of that name) used to hide every
+/// line, the fatal ones too: with the port in use `serve` exited 1 saying nothing.
+#[test]
+fn a_log_filter_that_hides_everything_falls_back_to_info_and_says_so() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for bad in ["bogus", "verbose"] {
+        let out = regrelay(
+            &[
+                "serve",
+                "--listen",
+                &addr,
+                "--registry",
+                "http://127.0.0.1:1",
+            ],
+            &[("REGRELAY_LOG", bad)],
+        );
+        let text = said(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains(&format!("REGRELAY_LOG=\"{bad}\"")), "{text}");
+        assert!(text.contains("logging at info"), "{text}");
+        assert!(text.contains("bind") && text.contains(&addr), "{text}");
+    }
+}
+
+/// Access lines say who asked (never a secret), which upstream served it, what the cache did (a
+/// hit names no upstream status: the registry saw nothing) and, for uploads, how many parts went
+/// up and how many tokens were refreshed mid-upload.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_lines_say_who_which_upstream_and_what_the_cache_did() {
+    use support::*;
+    const USER: &str = "mia";
+    const PAT: &str = "glpat-M14Acc3ssL1n3sT0k3n";
+    let gl = support::gitlab::with_developer_pat(
+        USER,
+        PAT,
+        "lines/app",
+        std::time::Duration::from_secs(300),
+    )
+    .await;
+    let reg = Registry::start(&gl.realm());
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().display().to_string();
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--cache-dir",
+        &cache_dir,
+        "--upload-split",
+        "always",
+    ]);
+    let image = OciImage::random(4401, &[300 << 10]);
+    let (src, dest) = (
+        image.reference(),
+        format!("docker://{}/lines/app:v1", px.addr),
+    );
+    let creds = format!("{USER}:{PAT}");
+    let out = tokio::task::spawn_blocking({
+        let (d, c) = (dest.clone(), creds.clone());
+        move || skopeo_copy(&src, &d, &c, &Transport::Http)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for round in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let back = format!("oci:{}:v1", dir.path().display());
+        let (d, c) = (dest.clone(), creds.clone());
+        let out = tokio::task::spawn_blocking(move || skopeo_copy(&d, &back, &c, &Transport::Http))
+            .await
+            .unwrap();
+        assert!(out.status.success(), "round {round}: {}", text(&out));
+    }
+    let log = px.output.settled();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("regrelay::access"))
+        .collect();
+    let layer = &image.layers[0].0;
+    let hit = lines
+        .iter()
+        .find(|l| {
+            l.contains(&format!("/blobs/{layer}"))
+                && l.contains("method=GET")
+                && l.contains("cache=hit")
+        })
+        .unwrap_or_else(|| panic!("no cache hit line:\n{}", lines.join("\n")));
+    assert!(hit.contains(&format!("user={USER}")), "{hit}");
+    assert!(hit.contains(&format!("upstream={}", reg.addr)), "{hit}");
+    assert!(
+        !hit.contains("upstream_status="),
+        "a hit names no upstream status: {hit}"
+    );
+    let upload = lines
+        .iter()
+        .find(|l| l.contains("method=PATCH") && l.contains("/blobs/uploads/"))
+        .unwrap_or_else(|| panic!("no upload line:\n{}", lines.join("\n")));
+    assert!(
+        upload.contains("parts=") && !upload.contains("parts=0"),
+        "{upload}"
+    );
+    assert!(upload.contains("refreshes=0"), "{upload}");
+    assert_no_secrets(&log, USER, &[PAT.to_owned()]);
+}
