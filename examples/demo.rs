@@ -38,7 +38,7 @@ async fn main() {
     println!(
         "What this shows: a push that outlives GitLab's registry token. Plain, the registry \
          would refuse it\n(`unauthorized: authentication required`) once the token has expired; \
-         through regrelay it completes.\nEverything runs on 127.0.0.1 and stops at the end.\n"
+         through regrelay it completes.\nEverything runs on 127.0.0.1 and stops at the end."
     );
     step(
         1,
@@ -76,14 +76,20 @@ async fn main() {
     let image = OciImage::random(99, &[8 << 20, 8 << 20, 6 << 20]);
     let total: usize = image.layers.iter().map(|(_, s)| s).sum();
     let dest = format!("docker://{}/demo/app:v1", link.addr);
+    let secs = total as u64 / rate + 2;
+    // distribution accepts a token up to 60 s past its expiry: only a longer push proves the point.
+    let outlives = if secs > token_secs + 60 {
+        format!("longer than the {token_secs} s token plus the registry's 60 s leeway")
+    } else {
+        format!("NOT longer than the {token_secs} s token plus the registry's 60 s leeway at this DEMO_RATE_KIB")
+    };
     step(
         5,
         &format!(
-            "pushing {} layers ({:.1} MB) with skopeo as {USER} over the slow link: about {} s, \
-             longer than the {token_secs} s token plus the registry's 60 s leeway",
+            "pushing {} layers ({:.1} MB) with skopeo as {USER} over the slow link: about {secs} s, \
+             {outlives}",
             image.layers.len(),
             total as f64 / 1e6,
-            total as u64 / rate + 2
         ),
     );
     println!(
