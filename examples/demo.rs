@@ -26,37 +26,74 @@ fn env_or(key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Announces one step of the demo: what it does now, and why.
+fn step(n: u32, what: &str) {
+    println!("\n[{n}/7] {what}");
+}
+
 #[tokio::main]
 async fn main() {
     let token_secs = env_or("DEMO_TOKEN_SECS", 5);
     let rate = env_or("DEMO_RATE_KIB", 320) << 10;
+    println!(
+        "What this shows: a push that outlives GitLab's registry token. Plain, the registry \
+         would refuse it\n(`unauthorized: authentication required`) once the token has expired; \
+         through regrelay it completes.\nEverything runs on 127.0.0.1 and stops at the end."
+    );
+    step(
+        1,
+        "starting a GitLab-style token service (GitLab's /jwt/auth rules, test stand-in)",
+    );
     let gl = with_developer_pat(USER, PAT, "demo/app", Duration::from_secs(token_secs)).await;
     println!(
-        "1. GitLab-style token service  {}  (RS256, libtrust kid, tokens live {token_secs} s)",
+        "      {}  RS256 tokens with a libtrust kid, each valid {token_secs} s; user {USER} may push demo/app",
         gl.realm()
+    );
+    step(
+        2,
+        "starting a real registry (Debian's docker-registry, CNCF distribution 2.8)",
     );
     let reg = Registry::start(&gl.realm());
     println!(
-        "2. docker-registry (CNCF distribution 2.8)  {}  token auth, realm = the token service",
+        "      {}  token auth: it trusts only the token service's tokens",
         reg.url()
     );
+    step(3, "starting regrelay in front of the registry");
     let px = Regrelay::start(&["--registry", &reg.url()]);
-    println!("3. regrelay  {}  -> {}", px.url(), reg.url());
+    println!(
+        "      {} -> {}  serves the token realm itself and re-mints GitLab tokens",
+        px.url(),
+        reg.url()
+    );
+    step(4, "starting a slow link to regrelay (a CI runner's uplink)");
     let link = Relay::start(vec![px.addr], Some(rate)).await;
     println!(
-        "4. a slow CI uplink ({} KiB/s)  {}  -> regrelay",
-        rate >> 10,
-        link.addr
+        "      {} -> regrelay  throttled to {} KiB/s",
+        link.addr,
+        rate >> 10
     );
 
     let image = OciImage::random(99, &[8 << 20, 8 << 20, 6 << 20]);
     let total: usize = image.layers.iter().map(|(_, s)| s).sum();
     let dest = format!("docker://{}/demo/app:v1", link.addr);
+    let secs = total as u64 / rate + 2;
+    // distribution accepts a token up to 60 s past its expiry: only a longer push proves the point.
+    let outlives = if secs > token_secs + 60 {
+        format!("longer than the {token_secs} s token plus the registry's 60 s leeway")
+    } else {
+        format!("NOT longer than the {token_secs} s token plus the registry's 60 s leeway at this DEMO_RATE_KIB")
+    };
+    step(
+        5,
+        &format!(
+            "pushing {} layers ({:.1} MB) with skopeo as {USER} over the slow link: about {secs} s, \
+             {outlives}",
+            image.layers.len(),
+            total as f64 / 1e6,
+        ),
+    );
     println!(
-        "\npushing {} layers ({:.1} MB) with skopeo as {USER}; this takes about {} s…",
-        image.layers.len(),
-        total as f64 / 1e6,
-        total as u64 / rate + 2
+        "      skopeo logs in once; regrelay asks GitLab for a fresh token whenever one runs low"
     );
     let start = Instant::now();
     let (src, d, creds) = (image.reference(), dest.clone(), format!("{USER}:{PAT}"));
@@ -66,7 +103,7 @@ async fn main() {
         tokio::select! {
             out = &mut push => break out.unwrap(),
             () = tokio::time::sleep(Duration::from_secs(15)) => println!(
-                "   … {:>3} s: GitLab has minted {} tokens so far", start.elapsed().as_secs(), gl.mints()
+                "      … {:>3} s: GitLab has minted {} tokens so far", start.elapsed().as_secs(), gl.mints()
             ),
         }
     };
@@ -84,6 +121,10 @@ async fn main() {
     println!("push OK in {:.0} s: {} GitLab tokens of {token_secs} s were minted for {asked} token request(s) from skopeo",
         took.as_secs_f64(), gl.mints());
 
+    step(
+        6,
+        "pulling the image back through regrelay (no throttle) and comparing every digest",
+    );
     let pulled = tempfile::tempdir().unwrap();
     let (src, d, creds) = (
         format!("docker://{}/demo/app:v1", px.addr),
@@ -100,8 +141,9 @@ async fn main() {
     assert_same_blobs(&image, pulled.path());
     println!("pull OK through regrelay: every layer digest matches what was pushed");
 
-    println!(
-        "\nregrelay's log (a line per request and per token request; no query, header or secret):"
+    step(
+        7,
+        "regrelay's log: a line per request and per token request (no query, header or secret)",
     );
     let shown = |l: &&str| l.contains("regrelay::access") || l.contains("regrelay::auth");
     for line in px.output.text().lines().filter(shown) {

@@ -272,6 +272,19 @@ fn the_unit_has_credentials_sandbox_limits_and_a_sighup_reload() {
             assert!(creds.iter().any(|(c, _)| c == id), "{k}={v}: not loaded");
         }
     }
+    // The settings file too: /etc/regrelay stays root-only (0700), so the dynamic user reads
+    // nothing there itself.
+    for command in [&pre, &start] {
+        for word in command.split_whitespace().skip(1) {
+            assert!(!word.contains(CONFIG_DIR), "{command}: reads {word} itself");
+            if let Some(id) = word.strip_prefix("%d/") {
+                assert!(
+                    creds.iter().any(|(c, _)| c == id),
+                    "{command}: {id} not loaded"
+                );
+            }
+        }
+    }
 
     // Privileges: port 443 and nothing else.
     assert_eq!(svc("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
@@ -367,6 +380,8 @@ impl ConfigFiles {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         };
         std::fs::copy(support::cert("server.pem"), etc.join("tls.pem")).unwrap();
+        // What the commented `upstream_ca` example names.
+        std::fs::copy(support::cert("ca.pem"), etc.join("upstream-ca.pem")).unwrap();
         private(
             "tls.key",
             &std::fs::read(support::cert("server.key")).unwrap(),
@@ -409,7 +424,7 @@ fn relocate(s: &str, etc: &Path) -> String {
 }
 
 /// Runs a unit command line as `regrelay check-config`: the binary under test, the unit's own
-/// arguments (config paths relocated), the unit's environment with `%d` = `creds`.
+/// arguments and environment with `%d` = `creds` (and /etc/regrelay/ relocated).
 fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: &Path) -> Output {
     assert!(
         !command.contains(['"', '\'', '$']),
@@ -421,7 +436,8 @@ fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: 
     assert!(matches!(sub, "serve" | "check-config"), "{command}");
     let mut cmd = Command::new(support::regrelay_bin());
     cmd.arg("check-config");
-    cmd.args(words.map(|w| relocate(w, &files.etc())));
+    let creds_dir = creds.display().to_string();
+    cmd.args(words.map(|w| relocate(&w.replace("%d", &creds_dir), &files.etc())));
     for (k, _) in std::env::vars() {
         if k.starts_with("REGRELAY_") {
             cmd.env_remove(k);
@@ -441,7 +457,10 @@ fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: 
 fn the_units_command_lines_pass_check_config_with_the_shipped_toml() {
     let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
     let files = ConfigFiles::new();
-    let creds = files.credentials(&unit, &["session.keys", "tls.key"]);
+    let creds = files.credentials(
+        &unit,
+        &["regrelay.toml", "tls.pem", "tls.key", "session.keys"],
+    );
     for key in ["ExecStartPre", "ExecStart"] {
         let command = unit.service(key);
         let out = check_config_as_unit(command, &unit, &files, &creds);
@@ -459,7 +478,7 @@ fn the_units_command_lines_pass_check_config_with_the_shipped_toml() {
 
     // The credentials are what it reads: without the session key credential it refuses to
     // start, though the TOML's own session_key_file exists.
-    let partial = files.credentials(&unit, &["tls.key"]);
+    let partial = files.credentials(&unit, &["regrelay.toml", "tls.pem", "tls.key"]);
     let out = check_config_as_unit(unit.service("ExecStartPre"), &unit, &files, &partial);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("session_key_file"), "{}", text(&out));
@@ -474,4 +493,52 @@ fn the_unit_parser_reads_what_systemd_reads() {
     assert_eq!(unit.all("Install", "WantedBy"), vec!["m.target"]);
     assert_eq!(seconds("960"), 960);
     assert_eq!(seconds("16min"), 960);
+}
+
+/// A commented `key = value` line of the example TOML: the line without its `#`, when what
+/// follows the `#` is one TOML key-value pair (prose comments do not parse as TOML).
+fn commented_example(line: &str) -> Option<String> {
+    let rest = line.trim_start().strip_prefix('#')?.trim_start();
+    let table: toml::Table = toml::from_str(rest).ok()?;
+    (table.len() == 1).then(|| rest.to_owned())
+}
+
+/// Every commented example of the shipped regrelay.toml is accepted by the real binary once
+/// uncommented, one at a time (issue 23: `auth_redirect_allow = ["gitlab.example.com"]` was
+/// refused for want of a scheme). check-config refuses unknown keys and bad values, so a typo'd
+/// or stale example fails here.
+#[test]
+fn every_commented_example_of_the_toml_passes_check_config_uncommented() {
+    let shipped = std::fs::read_to_string(deploy("regrelay.toml")).unwrap();
+    let files = ConfigFiles::new();
+    let lines: Vec<&str> = shipped.lines().collect();
+    let mut tried = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        let Some(example) = commented_example(line) else {
+            continue;
+        };
+        let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        edited[i] = example.clone();
+        let toml = files.etc().join(format!("example-{i}.toml"));
+        std::fs::write(&toml, relocate(&(edited.join("\n") + "\n"), &files.etc())).unwrap();
+        let mut cmd = Command::new(support::regrelay_bin());
+        cmd.args(["check-config", "--config"]).arg(&toml);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("REGRELAY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd.output().expect("run regrelay check-config");
+        assert!(
+            out.status.success(),
+            "regrelay.toml line {}, uncommented: `{example}`: {}",
+            i + 1,
+            text(&out)
+        );
+        tried.push(example);
+    }
+    assert!(
+        tried.iter().any(|e| e.starts_with("auth_redirect_allow")) && tried.len() >= 5,
+        "the examples were not found: {tried:?}"
+    );
 }

@@ -117,3 +117,54 @@ accepts a 0440 file whose group is one of its own, and reads it at start.
       - key: {{ .Values.sessionKeys.key }}
         path: session.keys
 {{- end }}
+
+{{/*
+The pull-through cache: its flags, its mount (volume "cache" at the directory it passes) and
+its volume. (dict "cache" <cache values>)
+*/}}
+{{- define "regrelay.cacheArgs" -}}
+{{- $c := .cache -}}
+- --cache-dir={{ $c.dir }}
+- --cache-max-bytes={{ int64 $c.maxBytes }}
+{{- if $c.serveStale }}
+- --cache-serve-stale
+{{- end }}
+{{- end }}
+
+{{- define "regrelay.cacheMount" -}}
+- name: cache
+  mountPath: {{ .cache.dir }}
+{{- end }}
+
+{{/* The volume's size: cache.size, else maxBytes plus 10 % (index, partial fills). */}}
+{{- define "regrelay.cacheSize" -}}
+{{- $c := .cache -}}
+{{- $c.size | default (add (int64 $c.maxBytes) (div (int64 $c.maxBytes) 10)) }}
+{{- end }}
+
+{{- define "regrelay.cacheVolume" -}}
+{{- $c := .cache -}}
+- name: cache
+  {{- if eq $c.volume "emptyDir" }}
+  emptyDir:
+    sizeLimit: {{ include "regrelay.cacheSize" . | quote }}
+    {{- with $c.medium }}
+    medium: {{ . }}
+    {{- end }}
+  {{- else if eq $c.volume "pvc" }}
+  # A claim per pod, made and deleted with it (generic ephemeral volume).
+  ephemeral:
+    volumeClaimTemplate:
+      spec:
+        accessModes: [ReadWriteOnce]
+        {{- with $c.storageClassName }}
+        storageClassName: {{ . }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ include "regrelay.cacheSize" . | quote }}
+  {{- else }}
+  {{- fail (printf "cache.volume %q: emptyDir or pvc" $c.volume) }}
+  {{- end }}
+{{- end }}
+
