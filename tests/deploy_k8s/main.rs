@@ -58,7 +58,7 @@ use rules::{
 };
 use run::{own_groups, run_pod, run_pod_with};
 use serde_json::Value;
-use support::{text, Regrelay};
+use support::{text, Registry, Regrelay};
 
 /// The oldest Kubernetes the manifests are for: native sidecars are on by default from 1.29.
 const KUBE_MIN: &str = "1.29.0";
@@ -93,6 +93,10 @@ const VARIANTS: &[(&str, &str)] = &[
         "chart: mirror with a cache, metrics on the node's IP and a ServiceMonitor",
         r#"{"front":{"enabled":false},"mirror":{"enabled":true,"cache":{"enabled":true,"size":"20Gi"},"metrics":{"enabled":true}},
            "metrics":{"serviceMonitor":{"enabled":true}}}"#,
+    ),
+    (
+        "chart: front whose replicas leave the Service while GitLab's token service is down",
+        r#"{"readyRequiresTokenService":true,"front":{"tls":{"secretName":""}}}"#,
     ),
 ];
 
@@ -252,10 +256,10 @@ fn str_list(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A regrelay whose /-/healthy and /-/ready answer 200: its upstream is another regrelay (any
-/// HTTP answer makes an upstream ready).
-fn live_regrelay() -> (Regrelay, Regrelay) {
-    let upstream = Regrelay::start(&["--registry", "http://127.0.0.1:9"]);
+/// A regrelay whose /-/healthy and /-/ready answer 200: its upstream is a real registry (ready
+/// asks for one: an answer without the registry API's header is not ready).
+fn live_regrelay() -> (Registry, Regrelay) {
+    let upstream = Registry::start_open();
     let live = Regrelay::start(&["--registry", &upstream.url()]);
     (upstream, live)
 }
