@@ -129,3 +129,109 @@ async fn access_lines_say_who_which_upstream_and_what_the_cache_did() {
     assert!(upload.contains("refreshes=0"), "{upload}");
     assert_no_secrets(&log, USER, &[PAT.to_owned()]);
 }
+
+/// A TLS pair that cannot work, and a directory where a key file belongs, are refused before
+/// anything binds, saying what is wrong and what to pass instead (they said `KeyMismatch`, and
+/// told a directory to `chmod 600`).
+#[test]
+fn tls_pairs_and_key_paths_that_cannot_work_are_explained() {
+    let ca = support::tls::TestCa::new("messages");
+    let (one, other) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
+    let (cert, key) = (
+        one.cert.display().to_string(),
+        other.key.display().to_string(),
+    );
+    let out = regrelay(
+        &[
+            "check-config",
+            "--registry",
+            "http://r",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("does not belong to the certificate")
+            && text.contains("the key the certificate was issued for"),
+        "{text}"
+    );
+    assert!(!text.contains("KeyMismatch"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().display().to_string();
+    for (flag, extra) in [
+        ("--tls-key", vec!["--tls-cert", cert.as_str()]),
+        ("--session-key-file", vec![]),
+    ] {
+        let mut args = vec!["check-config", "--registry", "http://r", flag, &dir_path];
+        args.extend(extra);
+        let out = regrelay(&args, &[]);
+        let text = said(&out);
+        assert_eq!(out.status.code(), Some(64), "{flag}: {text}");
+        assert!(text.contains("is a directory"), "{flag}: {text}");
+        assert!(!text.contains("chmod"), "{flag}: {text}");
+    }
+}
+
+/// `[upstream]` (one table) where the file wants `[[upstream]]` (a list of tables) said only
+/// `invalid type: map, expected a sequence`.
+#[test]
+fn an_upstream_written_as_a_single_table_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("regrelay.toml");
+    std::fs::write(
+        &file,
+        "registry = \"http://r\"\n[upstream]\nname = \"hub\"\nurl = \"https://registry-1.docker.io\"\n",
+    )
+    .unwrap();
+    let out = regrelay(
+        &["check-config", "--config", &file.display().to_string()],
+        &[],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("[[upstream]] table (double brackets)"),
+        "{text}"
+    );
+}
+
+/// `--registry https://…` pointed at a plain-HTTP registry said `received corrupt message of
+/// type InvalidContentType`: the log now says the port may speak no TLS and that a plain-HTTP
+/// registry takes an http:// URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_to_a_plain_http_registry_says_so() {
+    use support::*;
+    let reg = Registry::start_open();
+    let px = Regrelay::start(&["--registry", &format!("https://{}", reg.addr)]);
+    let resp = support::upstream::client()
+        .request(
+            http::Request::get(format!("{}/v2/", px.url()))
+                .body(regrelay::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    // The client is told what failed and where the operator reads why (no internal address).
+    assert!(
+        body.contains("TLS handshake with the upstream failed") && body.contains("regrelay's log"),
+        "{body}"
+    );
+    assert!(!body.contains("InvalidContentType"), "{body}");
+    let log = px.output.wait_for(
+        "plain-HTTP registry takes an http:// URL",
+        std::time::Duration::from_secs(10),
+    );
+    assert!(log.is_some(), "{}", px.output.text());
+}
