@@ -235,3 +235,30 @@ async fn https_to_a_plain_http_registry_says_so() {
     );
     assert!(log.is_some(), "{}", px.output.text());
 }
+
+/// `serve --help` did not say `--registry` is required nor mention `REGRELAY_LOG`, and showed
+/// `--cache-serve-stale [<CACHE_SERVE_STALE>]`; its value names are the README's (readme-check
+/// compares them with the README's tables).
+#[test]
+fn serve_help_says_what_is_required_and_what_no_flag_sets() {
+    for sub in ["serve", "check-config"] {
+        let out = regrelay(&[sub, "--help"], &[]);
+        let text = said(&out);
+        assert!(out.status.success(), "{text}");
+        for needle in [
+            "Required: --registry",
+            "REGRELAY_LOG",
+            "--cache-serve-stale [<true|false>]",
+            "--max-connections <N>",
+            "--upstream <NAME=URL>",
+            "Exit codes: 0",
+            "64 invalid",
+        ] {
+            assert!(
+                text.contains(needle),
+                "{sub} --help lacks {needle:?}:\n{text}"
+            );
+        }
+        assert!(!text.contains("<CACHE_SERVE_STALE>"), "{text}");
+    }
+}

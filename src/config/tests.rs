@@ -462,3 +462,42 @@ fn cidrs_overlap_when_they_share_an_address() {
     assert!(!c("127.0.0.0/8").overlaps(&c("::1/128")));
     assert_eq!(c("10.1.2.3/8").to_string(), "10.0.0.0/8");
 }
+
+/// `--listen :5000` and `localhost:5000` (issue 23, finding 7) were refused as "invalid socket
+/// address syntax"; a host name other than localhost is refused saying what to write instead.
+#[test]
+fn listen_addresses_as_people_write_them() {
+    let listen = |s: &str| {
+        let mut c = raw("http://r");
+        c.listen = Some(s.into());
+        Config::try_from(c).map(|c| c.listen.to_string())
+    };
+    for (written, bound) in [
+        (":5000", "0.0.0.0:5000"),
+        ("5000", "0.0.0.0:5000"),
+        ("*:5000", "0.0.0.0:5000"),
+        ("localhost:5000", "127.0.0.1:5000"),
+        ("LOCALHOST:5001", "127.0.0.1:5001"),
+        ("[::]:5000", "[::]:5000"),
+        ("127.0.0.2:0", "127.0.0.2:0"),
+    ] {
+        assert_eq!(listen(written).unwrap(), bound, "{written}");
+    }
+    let e = listen("registry.example.com:5000").unwrap_err().to_string();
+    assert!(
+        e.contains("is a host name") && e.contains(":PORT or localhost:PORT"),
+        "{e}"
+    );
+    let e = listen(":http").unwrap_err().to_string();
+    assert!(e.contains("is not a port number"), "{e}");
+    let mut c = raw("http://r");
+    c.metrics_listen = Some(":9100".into());
+    assert_eq!(
+        Config::try_from(c)
+            .unwrap()
+            .metrics_listen
+            .unwrap()
+            .to_string(),
+        "0.0.0.0:9100"
+    );
+}
