@@ -610,6 +610,18 @@ fn kill(pid: u32, signal: &str) {
         .status();
 }
 
+/// Ends a process this test started (directly or through `regrelay upgrade`) if it still runs
+/// when the test ends, failed assertions included.
+struct EndOnDrop(u32);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            kill(self.0, "KILL");
+        }
+    }
+}
+
 #[test]
 fn systemctl_reload_upgrades_in_place_and_systemd_follows_the_new_process() {
     let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
@@ -625,6 +637,7 @@ fn systemctl_reload_upgrades_in_place_and_systemd_follows_the_new_process() {
         cmd
     };
     let (mut a, out_a) = spawn_captured(&mut as_systemd("ExecStart"));
+    let _a = EndOnDrop(a.id());
     assert_eq!(notify.ready(), a.id(), "ExecStart's process is ready");
     let listening = out_a
         .wait_for("\"message\":\"listening\"", Duration::from_secs(5))
@@ -642,6 +655,7 @@ fn systemctl_reload_upgrades_in_place_and_systemd_follows_the_new_process() {
     assert!(status.success(), "ExecReload: {status:?}\n{said}");
     // The new process said MAINPID= while the reload ran (systemd takes a new main pid then).
     let b = notify.ready();
+    let _b = EndOnDrop(b);
     assert!(b != a.id() && running(b), "MAINPID={b}\n{said}");
     assert!(
         said.contains(&format!("pid {b} took over from pid {}", a.id())),
