@@ -175,6 +175,11 @@ pub struct ConfigFile {
     /// Serve Prometheus metrics on `http://ADDR/metrics` (a separate listener; off by default).
     #[arg(long, env = "REGRELAY_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Unix socket for upgrades in place: a running regrelay listens on it (mode 0600), and a
+    /// second `regrelay serve` given the same path takes its listening sockets over, after which
+    /// the first one drains and exits (off by default).
+    #[arg(long, env = "REGRELAY_UPGRADE_SOCKET", value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
     /// URL clients use to reach regrelay; rewrites `Location`, names the realm, binds sessions.
     /// Repeatable (env: comma-separated; TOML: a string or a list): the first is the canonical
     /// name sessions are sealed for, the others aliases; each client gets the realm of the name
@@ -437,6 +442,7 @@ impl ConfigFile {
             listen,
             registry,
             metrics_listen,
+            upgrade_socket,
             public_url,
             tls_cert,
             tls_key,
@@ -831,6 +837,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Metrics listen address, when metrics are on.
     pub metrics_listen: Option<SocketAddr>,
+    /// The upgrade socket, when upgrades in place are on.
+    pub upgrade_socket: Option<PathBuf>,
     /// Upstream registry.
     pub registry: Origin,
     /// Public URL of regrelay, when configured: the canonical name (sessions are sealed for it).
@@ -1176,6 +1184,7 @@ impl TryFrom<ConfigFile> for Config {
         Ok(Config {
             listen,
             metrics_listen,
+            upgrade_socket: upgrade_socket(&raw)?,
             registry,
             public_url,
             public_aliases,
@@ -1253,6 +1262,34 @@ fn listen_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError>
         }
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// Longest path a Unix socket address holds (`sun_path` is 108 bytes, one for the NUL).
+const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+/// `--upgrade-socket`: a path `bind(2)` can take (checked here, not at the handover).
+fn upgrade_socket(raw: &ConfigFile) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(path) = raw.upgrade_socket.clone() else {
+        return Ok(None);
+    };
+    let len = path.as_os_str().len();
+    if len == 0 || len > MAX_UNIX_SOCKET_PATH {
+        return Err(invalid(
+            "upgrade_socket",
+            format!(
+                "{}: a Unix socket path has 1 to {MAX_UNIX_SOCKET_PATH} bytes, this one {len}; \
+                 pick a shorter path (e.g. /run/regrelay/upgrade.sock)",
+                path.display()
+            ),
+        ));
+    }
+    if path.file_name().is_none() {
+        return Err(invalid(
+            "upgrade_socket",
+            format!("{}: names a directory, not a socket file", path.display()),
+        ));
+    }
+    Ok(Some(path))
 }
 
 /// `--cache-dir` / `--cache-max-bytes`: a size without a directory is a mistake worth naming.

@@ -14,6 +14,9 @@
 //! credentials remembered, budgets, GitLab's ban), [`challenge`] (pure: challenges, scopes, JWT times), [`session`] (AEAD-sealed sessions, key
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
+//! A process's life: [`listeners`] (the sockets: taken over, socket-activated or bound),
+//! [`lifecycle`] (serving, signals, the handover), [`upgrade`] (upgrades in place: the listening
+//! sockets handed to a successor over `--upgrade-socket`; `regrelay upgrade`; `sd_notify`).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
 //! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log),
 //! [`healthcheck`] (the `regrelay healthcheck` client), [`doctor`] (`regrelay doctor`: why a CI
@@ -34,6 +37,8 @@ pub mod doctor;
 pub mod error;
 pub mod healthcheck;
 pub mod injected;
+pub mod lifecycle;
+pub mod listeners;
 pub mod logins;
 pub mod metrics;
 pub mod mint;
@@ -45,6 +50,7 @@ pub mod session;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upgrade;
 pub mod upload;
 pub mod upstream;
 

@@ -1,12 +1,16 @@
-//! `regrelay serve` / `check-config` / `healthcheck` / `doctor`: parse flags, validate the config before binding
-//! anything (invalid config exits 64, EX_USAGE), start logging, bind, serve until SIGTERM/SIGINT.
+//! `regrelay serve` / `check-config` / `upgrade` / `healthcheck` / `doctor`: parse flags,
+//! validate the config before binding or taking over anything (invalid config exits 64,
+//! EX_USAGE), start logging, obtain the listening sockets, serve until SIGTERM/SIGINT or a
+//! handover.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use regrelay::config::{Config, ConfigFile};
+use regrelay::listeners::{self, Listeners};
+use regrelay::upgrade::launch::Launcher;
+use regrelay::upgrade::Takeover;
 use regrelay::{server, telemetry, App};
 
 /// Exit code for a usage or configuration error (sysexits EX_USAGE).
@@ -25,9 +29,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Proxy the registry API to the upstream registry.
-    Serve(ConfigFile),
+    Serve(ServeArgs),
     /// Validate the configuration (same flags) and exit.
     CheckConfig(ConfigFile),
+    /// Upgrade in place (systemd's ExecReload): start `regrelay serve` with these flags from the
+    /// binary installed now; it takes the listening sockets over from the regrelay running on
+    /// `--upgrade-socket`, which drains and exits. Exits 0 once the new process serves, else with
+    /// its exit code (the running one serves on).
+    Upgrade(ConfigFile),
     /// Ask a running regrelay's health endpoint: exit 0 when it answers 200, 1 otherwise (for
     /// container HEALTHCHECKs and exec probes; the image needs no shell or curl).
     Healthcheck {
@@ -45,7 +54,18 @@ enum Command {
     Doctor(regrelay::doctor::DoctorArgs),
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigFile,
+    /// Started by `regrelay upgrade`: take the sockets over (never bind them), report on stdin.
+    #[arg(long = "launched-by-upgrade", hide = true)]
+    launched_by_upgrade: bool,
+}
+
 fn main() -> ExitCode {
+    // Socket activation's descriptors, taken (and LISTEN_FDS cleared) before any thread starts.
+    let mut activation = listenfd::ListenFd::from_env();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
@@ -57,9 +77,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let (raw, check_only) = match cli.command {
-        Command::Serve(raw) => (raw, false),
-        Command::CheckConfig(raw) => (raw, true),
+    let (raw, launched, check_only) = match cli.command {
+        Command::Serve(args) => (args.config, args.launched_by_upgrade, false),
+        Command::CheckConfig(raw) => (raw, false, true),
+        Command::Upgrade(raw) => return upgrade(raw),
         Command::Healthcheck {
             url,
             ca_file,
@@ -90,13 +111,47 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     }
-    match serve(app) {
+    // The configuration is valid: only now are a running regrelay's sockets taken over.
+    let (listeners, takeover) = match listeners::obtain(config, &mut activation, launched) {
+        Ok(got) => got,
+        Err(err) => {
+            tracing::error!(error = %err, "refusing to start");
+            let code = if err.is_usage() { EX_USAGE } else { 1 };
+            return ExitCode::from(code);
+        }
+    };
+    let launcher = launched.then(Launcher::from_stdin).and_then(|l| {
+        l.map_err(|e| tracing::warn!(error = %e, "cannot report to `regrelay upgrade`"))
+            .ok()
+    });
+    match serve(app, listeners, takeover, launcher) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "fatal");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `regrelay upgrade FLAGS…`: checks the flags, then runs `regrelay serve FLAGS…` to take over.
+fn upgrade(raw: ConfigFile) -> ExitCode {
+    let config = match Config::load(raw) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("regrelay upgrade: {err}; the running regrelay serves on");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if config.upgrade_socket.is_none() {
+        eprintln!(
+            "regrelay upgrade: needs --upgrade-socket, the path the running regrelay listens on \
+             (its own --upgrade-socket)"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    // The same flags, as given: argv is `regrelay upgrade FLAGS…`.
+    let flags: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+    regrelay::upgrade::launch::run(&flags)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -121,59 +176,11 @@ async fn healthcheck(url: &str, ca_file: Option<&std::path::Path>, timeout_secs:
 }
 
 #[tokio::main]
-async fn serve(app: App) -> anyhow::Result<()> {
-    let config = app.config();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("bind {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let tls = config.tls.is_some();
-    if let Some(metrics_addr) = config.metrics_listen {
-        let metrics_listener = regrelay::metrics::bind(metrics_addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("bind metrics {metrics_addr}: {e}"))?;
-        let bound = metrics_listener.local_addr()?;
-        tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-        tokio::spawn(regrelay::metrics::serve(
-            metrics_listener,
-            app.metrics().clone(),
-        ));
-    }
-    tracing::info!(addr = %addr, tls, registry = %config.registry, "listening");
-    if app.access().keys().is_ephemeral() {
-        tracing::warn!(
-            "no --session-key-file: sessions are sealed with a random key of this process; \
-             they die on restart and other replicas cannot open them (run one replica only)"
-        );
-    }
-    let app = Arc::new(app);
-    // SIGHUP (`systemctl reload`) re-reads the TLS pair, the key ring and credential files.
-    let reloading = app.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            return tracing::warn!("SIGHUP cannot be caught: reload by restart");
-        };
-        while hangups.recv().await.is_some() {
-            let refused = reloading.reload();
-            tracing::info!(refused, "SIGHUP: reload done");
-        }
-    });
-    // The first SIGTERM/SIGINT starts the phased shutdown; a second one ends the drain at once.
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        let _ = first_tx.send(());
-        server::shutdown_signal().await;
-        let _ = second_tx.send(());
-    });
-    let first = async {
-        let _ = first_rx.await;
-    };
-    let second = async {
-        let _ = second_rx.await;
-    };
-    server::run(listener, app, first, second).await;
-    Ok(())
+async fn serve(
+    app: App,
+    listeners: Listeners,
+    takeover: Option<Takeover>,
+    launcher: Option<Launcher>,
+) -> anyhow::Result<()> {
+    regrelay::lifecycle::serve(app, listeners, takeover, launcher).await
 }

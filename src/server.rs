@@ -154,15 +154,29 @@ enum Phase {
     GraceOver,
 }
 
-/// Serves `listener` until `shutdown` resolves; then, in phases: reports not-ready while still
-/// accepting and serving for `--shutdown-delay-secs` (balancers take the replica out), stops
-/// accepting, lets requests finish (keep-alive connections close after their current request),
-/// closes connections with no upload in flight at `--shutdown-grace-secs`, and lets uploads run
-/// until `--upload-drain-secs`. `force` (a second signal) ends the drain at once.
+/// Why the server stops accepting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM or SIGINT: not ready first, for `--shutdown-delay-secs`, while still serving.
+    Signal,
+    /// The listening sockets were handed to a new process ([`crate::upgrade`]), which serves
+    /// them already: stop accepting at once, no delay.
+    HandedOver {
+        /// The new process.
+        to_pid: u32,
+    },
+}
+
+/// Serves `listener` until `shutdown` resolves; then, in phases: after a signal, reports
+/// not-ready while still accepting and serving for `--shutdown-delay-secs` (balancers take the
+/// replica out; a handover skips this), stops accepting, lets requests finish (keep-alive
+/// connections close after their current request), closes connections with no upload in flight
+/// at `--shutdown-grace-secs`, and lets uploads run until `--upload-drain-secs`. `force` (a
+/// second signal) ends the drain at once.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Stop>,
     force: impl Future<Output = ()>,
 ) {
     let limits = app.config().limits;
@@ -188,16 +202,28 @@ pub async fn run(
     let uploads = acceptor.template.uploads.clone();
     let phase_gauge = app.metrics().shutdown_phase.clone();
     tokio::pin!(force);
-    acceptor.accept_until(shutdown).await;
+    let stop = acceptor.accept_until(shutdown).await;
     app.set_draining();
-    phase_gauge.set(metrics::phase::DELAY);
-    tracing::info!(
-        delay_secs = t.shutdown_delay.as_secs(),
-        "shutting down: not ready, still serving during the delay"
-    );
-    let forced = tokio::select! {
-        () = acceptor.accept_until(tokio::time::sleep(t.shutdown_delay)) => false,
-        () = &mut force => true,
+    let forced = match stop {
+        Stop::Signal => {
+            phase_gauge.set(metrics::phase::DELAY);
+            tracing::info!(
+                delay_secs = t.shutdown_delay.as_secs(),
+                "shutting down: not ready, still serving during the delay"
+            );
+            tokio::select! {
+                () = acceptor.accept_until(tokio::time::sleep(t.shutdown_delay)) => false,
+                () = &mut force => true,
+            }
+        }
+        // The new process accepts on the same sockets already: nothing to wait for.
+        Stop::HandedOver { to_pid } => {
+            tracing::info!(
+                to_pid,
+                "handed over: no longer accepting, the new process serves"
+            );
+            false
+        }
     };
     drop(acceptor);
     let _ = phase.send(Phase::Draining);
@@ -275,15 +301,15 @@ enum Slot {
 }
 
 impl Acceptor {
-    /// Accepts until `until` resolves.
-    async fn accept_until(&self, until: impl Future<Output = ()>) {
+    /// Accepts until `until` resolves; returns its output.
+    async fn accept_until<T>(&self, until: impl Future<Output = T>) -> T {
         tokio::pin!(until);
         loop {
             let slot = tokio::select! {
                 biased;
                 permit = slot(&self.connections, &self.template.pressure) => Slot::Main(permit),
                 permit = reserve_slot(&self.reserve, &self.connections) => Slot::Reserve(permit),
-                () = &mut until => return,
+                stop = &mut until => return stop,
             };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -294,7 +320,7 @@ impl Acceptor {
                         continue;
                     }
                 },
-                () = &mut until => return,
+                stop = &mut until => return stop,
             };
             let app = &self.template.app;
             let metrics = app.metrics().clone();

@@ -5,11 +5,16 @@
 //! - the unit, parsed here by hand, has the settings regrelay's deployment relies on: secrets
 //!   through `LoadCredential=` (DynamicUser cannot read root-only files), the sandbox,
 //!   `LimitNOFILE` covering the shipped config's bounds, `TimeoutStopSec` longer than its shutdown
-//!   delay plus upload drain, and `ExecReload` sending SIGHUP (regrelay's live reload);
-//! - every `ExecStartPre`/`ExecStart` command line runs as `regrelay check-config` with the
-//!   unit's arguments, `Environment=` and credentials as systemd would hand them over, and the
-//!   shipped regrelay.toml (its /etc/regrelay files replaced by temp files), so a flag typo or a
-//!   key regrelay does not know fails here.
+//!   delay plus upload drain, and the upgrade in place: `Type=notify` with `NotifyAccess=all`,
+//!   `ExecReload` = `regrelay upgrade` with `ExecStart`'s arguments, the upgrade socket in the
+//!   unit's `RuntimeDirectory=`;
+//! - every `ExecStartPre`/`ExecStart`/`ExecReload` command line runs as `regrelay check-config`
+//!   with the unit's arguments, `Environment=` and credentials as systemd would hand them over,
+//!   and the shipped regrelay.toml (its /etc/regrelay files replaced by temp files), so a flag
+//!   typo or a key regrelay does not know fails here;
+//! - `ExecStart` then `ExecReload` run as systemd would run them, with a `NOTIFY_SOCKET` read
+//!   here: the first process says `READY=1`, the reload exits 0 once the new process serves, the
+//!   new process says `MAINPID=` itself and `READY=1` while the reload runs, the old one exits.
 //!
 //! Without systemd-analyze (Debian's `systemd`, installed by scripts/install-deps) the verify
 //! part is skipped, except under CI (env `CI` set), where it fails.
@@ -28,6 +33,8 @@ use regrelay::config::{Config, ConfigFile};
 
 const INSTALLED_BIN: &str = "/usr/local/bin/regrelay";
 const CONFIG_DIR: &str = "/etc/regrelay/";
+/// The unit's `RuntimeDirectory=regrelay`.
+const RUNTIME_DIR: &str = "/run/regrelay/";
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -152,14 +159,14 @@ fn systemd_analyze(args: &[&str]) -> Option<Output> {
     }
 }
 
-/// A copy of the unit whose commands run the binary under test.
-fn unit_for_this_build(dir: &Path) -> PathBuf {
-    let unit = std::fs::read_to_string(deploy("regrelay.service")).unwrap();
+/// A copy of unit `name` whose commands run the binary under test.
+fn unit_for_this_build(dir: &Path, name: &str) -> PathBuf {
+    let unit = std::fs::read_to_string(deploy(name)).unwrap();
     let bin = support::regrelay_bin();
     let rewritten: String = unit
         .lines()
         .map(|l| {
-            if l.starts_with("ExecStart") {
+            if l.starts_with("Exec") {
                 l.replace(INSTALLED_BIN, &bin.display().to_string())
             } else {
                 l.to_owned()
@@ -167,7 +174,7 @@ fn unit_for_this_build(dir: &Path) -> PathBuf {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let path = dir.join("regrelay.service");
+    let path = dir.join(name);
     std::fs::write(&path, rewritten + "\n").unwrap();
     path
 }
@@ -176,9 +183,11 @@ fn unit_for_this_build(dir: &Path) -> PathBuf {
 fn systemd_analyze_verifies_the_unit() {
     const NAME: &str = "systemd_analyze_verifies_the_unit";
     let dir = tempfile::tempdir().unwrap();
-    let unit = unit_for_this_build(dir.path());
+    let unit = unit_for_this_build(dir.path(), "regrelay.service");
+    let socket = unit_for_this_build(dir.path(), "regrelay.socket");
     let unit_arg = unit.display().to_string();
-    let Some(out) = systemd_analyze(&["verify", &unit_arg]) else {
+    let socket_arg = socket.display().to_string();
+    let Some(out) = systemd_analyze(&["verify", &unit_arg, &socket_arg]) else {
         assert!(
             std::env::var_os("CI").is_none(),
             "systemd-analyze is missing under CI: scripts/install-deps installs Debian's systemd"
@@ -223,13 +232,14 @@ fn systemd_analyze_verifies_the_unit() {
 }
 
 #[test]
-fn the_unit_has_credentials_sandbox_limits_and_a_sighup_reload() {
+fn the_unit_has_credentials_sandbox_limits_and_an_upgrade_reload() {
     let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
     let svc = |k: &str| unit.service(k).to_owned();
 
     // Commands: the installed binary, validating before serving, with the same arguments.
     let pre = svc("ExecStartPre");
     let start = svc("ExecStart");
+    let reload = svc("ExecReload");
     assert!(
         pre.starts_with(&format!("{INSTALLED_BIN} check-config ")),
         "{pre}"
@@ -238,16 +248,38 @@ fn the_unit_has_credentials_sandbox_limits_and_a_sighup_reload() {
         start.starts_with(&format!("{INSTALLED_BIN} serve ")),
         "{start}"
     );
+    let args = start.split_once(" serve ").unwrap().1;
     assert_eq!(
         pre.split_once(" check-config ").unwrap().1,
-        start.split_once(" serve ").unwrap().1,
+        args,
         "ExecStartPre checks what ExecStart serves"
     );
+    // systemctl reload = the upgrade in place: the binary installed now takes the sockets over
+    // from the running one, with the very arguments it was started with.
     assert_eq!(
-        unit.all("Service", "ExecReload"),
-        vec!["/bin/kill -HUP $MAINPID".to_owned()],
-        "systemctl reload sends SIGHUP: regrelay re-reads its TLS pair, key ring and credentials"
+        reload,
+        format!("{INSTALLED_BIN} upgrade {args}"),
+        "ExecReload upgrades in place"
     );
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let socket = words
+        .iter()
+        .position(|w| *w == "--upgrade-socket")
+        .map(|i| words[i + 1])
+        .expect("ExecStart has --upgrade-socket");
+    assert!(
+        socket.starts_with(RUNTIME_DIR),
+        "{socket}: in the unit's RuntimeDirectory= (writable under ProtectSystem=strict)"
+    );
+    assert_eq!(
+        format!("/run/{}/", svc("RuntimeDirectory")),
+        RUNTIME_DIR,
+        "RuntimeDirectory= holds the upgrade socket"
+    );
+    assert_eq!(svc("RuntimeDirectoryMode"), "0700");
+    // systemd follows the new process: it says MAINPID= and READY=1 itself.
+    assert_eq!(svc("Type"), "notify");
+    assert_eq!(svc("NotifyAccess"), "all");
 
     // Secrets: a dynamic user reads systemd's private copies, never the root-only originals.
     assert!(yes(&svc("DynamicUser")));
@@ -274,7 +306,7 @@ fn the_unit_has_credentials_sandbox_limits_and_a_sighup_reload() {
     }
     // The settings file too: /etc/regrelay stays root-only (0700), so the dynamic user reads
     // nothing there itself.
-    for command in [&pre, &start] {
+    for command in [&pre, &start, &reload] {
         for word in command.split_whitespace().skip(1) {
             assert!(!word.contains(CONFIG_DIR), "{command}: reads {word} itself");
             if let Some(id) = word.strip_prefix("%d/") {
@@ -400,6 +432,21 @@ impl ConfigFiles {
         self.dir.path().join("etc-regrelay")
     }
 
+    /// What systemd makes of `RuntimeDirectory=regrelay` (mode 0700), here.
+    fn run(&self) -> PathBuf {
+        let run = self.dir.path().join("run-regrelay");
+        if !run.exists() {
+            std::fs::create_dir(&run).unwrap();
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        run
+    }
+
+    /// `s` with /etc/regrelay/ and /run/regrelay/ replaced by their stand-ins here.
+    fn relocate(&self, s: &str) -> String {
+        relocate(s, &self.etc()).replace(RUNTIME_DIR, &format!("{}/", self.run().display()))
+    }
+
     /// `$CREDENTIALS_DIRECTORY` with the credentials in `ids` (copies, mode 0400 like systemd's).
     fn credentials(&self, unit: &Unit, ids: &[&str]) -> PathBuf {
         let creds = self
@@ -426,20 +473,37 @@ fn relocate(s: &str, etc: &Path) -> String {
 /// Runs a unit command line as `regrelay check-config`: the binary under test, the unit's own
 /// arguments and environment with `%d` = `creds` (and /etc/regrelay/ relocated).
 fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: &Path) -> Output {
+    let mut cmd = as_unit(command, Some("check-config"), unit, files, creds);
+    cmd.output().expect("run regrelay check-config")
+}
+
+/// A unit command line as systemd would run it: the binary under test, the unit's own arguments
+/// (config and runtime paths relocated), the unit's environment with `%d` = `creds`; with
+/// `sub`, another subcommand than the line's.
+fn as_unit(
+    command: &str,
+    sub: Option<&str>,
+    unit: &Unit,
+    files: &ConfigFiles,
+    creds: &Path,
+) -> Command {
     assert!(
         !command.contains(['"', '\'', '$']),
         "quoting and variables are not handled here: {command}"
     );
     let mut words = command.split_whitespace();
     assert_eq!(words.next(), Some(INSTALLED_BIN), "{command}");
-    let sub = words.next().expect("a subcommand");
-    assert!(matches!(sub, "serve" | "check-config"), "{command}");
+    let own = words.next().expect("a subcommand");
+    assert!(
+        matches!(own, "serve" | "check-config" | "upgrade"),
+        "{command}"
+    );
     let mut cmd = Command::new(support::regrelay_bin());
-    cmd.arg("check-config");
+    cmd.arg(sub.unwrap_or(own));
     let creds_dir = creds.display().to_string();
-    cmd.args(words.map(|w| relocate(&w.replace("%d", &creds_dir), &files.etc())));
+    cmd.args(words.map(|w| files.relocate(&w.replace("%d", &creds_dir))));
     for (k, _) in std::env::vars() {
-        if k.starts_with("REGRELAY_") {
+        if k.starts_with("REGRELAY_") || k == "NOTIFY_SOCKET" {
             cmd.env_remove(k);
         }
     }
@@ -450,7 +514,7 @@ fn check_config_as_unit(command: &str, unit: &Unit, files: &ConfigFiles, creds: 
         );
         cmd.env(k, v.replace("%d", &creds.display().to_string()));
     }
-    cmd.output().expect("run regrelay check-config")
+    cmd
 }
 
 #[test]
@@ -461,7 +525,7 @@ fn the_units_command_lines_pass_check_config_with_the_shipped_toml() {
         &unit,
         &["regrelay.toml", "tls.pem", "tls.key", "session.keys"],
     );
-    for key in ["ExecStartPre", "ExecStart"] {
+    for key in ["ExecStartPre", "ExecStart", "ExecReload"] {
         let command = unit.service(key);
         let out = check_config_as_unit(command, &unit, &files, &creds);
         assert!(
@@ -541,4 +605,150 @@ fn every_commented_example_of_the_toml_passes_check_config_uncommented() {
         tried.iter().any(|e| e.starts_with("auth_redirect_allow")) && tried.len() >= 5,
         "the examples were not found: {tried:?}"
     );
+}
+
+/// systemd's end of `Type=notify`: the datagrams sent to `NOTIFY_SOCKET`.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// The next message: it must say `READY=1`; returns its `MAINPID=`.
+    fn ready(&self) -> u32 {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).expect("a READY=1 message");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+        msg.lines()
+            .find_map(|l| l.strip_prefix("MAINPID="))
+            .unwrap_or_else(|| panic!("no MAINPID= in {msg:?}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Runs `cmd` with its output captured (by reader threads: a process it starts may keep the
+/// pipes open).
+fn spawn_captured(cmd: &mut Command) -> (std::process::Child, support::Captured) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = support::Captured::default();
+    out.attach(child.stdout.take().unwrap());
+    out.attach(child.stderr.take().unwrap());
+    (child, out)
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let end = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < end, "no exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while `pid` runs (a zombie has exited).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+        .unwrap_or(false)
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status();
+}
+
+/// Ends a process this test started (directly or through `regrelay upgrade`) if it still runs
+/// when the test ends, failed assertions included.
+struct EndOnDrop(u32);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if running(self.0) {
+            kill(self.0, "KILL");
+        }
+    }
+}
+
+#[test]
+fn systemctl_reload_upgrades_in_place_and_systemd_follows_the_new_process() {
+    let unit = Unit::parse(&std::fs::read_to_string(deploy("regrelay.service")).unwrap());
+    let files = ConfigFiles::new();
+    let creds = files.credentials(
+        &unit,
+        &["regrelay.toml", "tls.pem", "tls.key", "session.keys"],
+    );
+    let notify = NotifySocket::bind(files.dir.path());
+    // As systemd would: the unit's command lines and environment, plus NOTIFY_SOCKET. Port 443
+    // of the shipped regrelay.toml becomes an ephemeral one (the environment overrides it).
+    let as_systemd = |key: &str| {
+        let mut cmd = as_unit(unit.service(key), None, &unit, &files, &creds);
+        cmd.env("NOTIFY_SOCKET", &notify.path)
+            .env("REGRELAY_LISTEN", "127.0.0.1:0");
+        cmd
+    };
+    let (mut a, out_a) = spawn_captured(&mut as_systemd("ExecStart"));
+    let _a = EndOnDrop(a.id());
+    assert_eq!(notify.ready(), a.id(), "ExecStart's process is ready");
+    let listening = out_a
+        .wait_for("\"message\":\"listening\"", Duration::from_secs(5))
+        .expect("a listening line");
+    let line: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let addr: std::net::SocketAddr = line["addr"].as_str().unwrap().parse().unwrap();
+    let socket = files.run().join("upgrade.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+
+    // systemctl reload regrelay.
+    let (mut reload, out_reload) = spawn_captured(&mut as_systemd("ExecReload"));
+    let status = wait_exit(&mut reload, Duration::from_secs(30));
+    let said = out_reload.settled();
+    assert!(status.success(), "ExecReload: {status:?}\n{said}");
+    // The new process said MAINPID= while the reload ran (systemd takes a new main pid then).
+    let b = notify.ready();
+    let _b = EndOnDrop(b);
+    assert!(b != a.id() && running(b), "MAINPID={b}\n{said}");
+    assert!(
+        said.contains(&format!("pid {b} took over from pid {}", a.id())),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("\"took_over_from\":{}", a.id())),
+        "the new process's listening line: {said}"
+    );
+    let old = wait_exit(&mut a, Duration::from_secs(30));
+    assert!(old.success(), "{old:?}\n{}", out_a.text());
+    assert!(out_a.text().contains("handed over"), "{}", out_a.text());
+    std::net::TcpStream::connect(addr).expect("the port stays open: the new process has it");
+
+    // The new process stops like the old would: SIGTERM, then a second one ends the delay.
+    kill(b, "TERM");
+    assert!(out_reload
+        .wait_for("shutting down", Duration::from_secs(5))
+        .is_some());
+    kill(b, "TERM");
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while running(b) {
+        assert!(std::time::Instant::now() < end, "pid {b} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

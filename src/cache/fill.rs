@@ -116,13 +116,19 @@ fn copy_error(e: &CacheError) -> CacheError {
 }
 
 /// Creates a fill's file, read-write (followers read it through the same handle). Never an
-/// existing file: a name clash (64 random bits) fails this fill rather than share a file.
+/// existing file: a name clash (64 random bits) fails this fill rather than share a file. The
+/// file holds a lock (`fcntl`, this process's) while open: another process opening the same
+/// directory (the one taking over in an upgrade) leaves it alone ([`super::store`]'s
+/// `clean_tmp`). A record lock, not `flock`, because those belong to the process: this process
+/// reopening the directory treats its own unfinished files as a crash's leftovers.
 fn create_tmp(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)
+        .open(path)?;
+    rustix::fs::fcntl_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+    Ok(file)
 }
 
 /// What [`Store::fill`] makes of a caller.

@@ -336,12 +336,21 @@ impl Store {
     }
 }
 
-/// Empties `tmp/`: fills cut by a crash, evicted files not yet unlinked.
+/// Empties `tmp/`: fills cut by a crash, evicted files not yet unlinked. A fill's file that
+/// another process holds locked is its fill in progress (two processes share the directory
+/// during an upgrade in place) and stays; a crashed process's lock is gone with it. (Between
+/// creating its file and locking it, a fill is unprotected for two system calls; losing that
+/// race costs the fill's cache entry, never a client's body.)
 fn clean_tmp(tmp: &Path) -> io::Result<()> {
     for entry in fs::read_dir(tmp)? {
         let entry = entry?;
         let path = entry.path();
-        let removed = if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_file() && locked_by_another(&path) {
+            tracing::info!(path = %path.display(), "cache: a fill of another process, left alone");
+            continue;
+        }
+        let removed = if kind.is_dir() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
@@ -353,6 +362,21 @@ fn clean_tmp(tmp: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when another process holds `path`'s lock (its live fill, see `fill::create_tmp`).
+/// Opened for writing (a write lock needs it) but never written; this process's own locks do
+/// not conflict.
+fn locked_by_another(path: &Path) -> bool {
+    use rustix::fs::{fcntl_lock, FlockOperation};
+    use rustix::io::Errno;
+    let Ok(file) = fs::OpenOptions::new().write(true).open(path) else {
+        return false;
+    };
+    match fcntl_lock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => false,
+        Err(e) => e == Errno::AGAIN || e == Errno::ACCESS,
+    }
 }
 
 /// The committed files of `blobs/sha256/` as (mtime, digest, len); deletes files whose name is

@@ -33,7 +33,8 @@ use sha2::{Digest, Sha256};
 pub struct Captured(Arc<Mutex<String>>);
 
 impl Captured {
-    fn attach(&self, stream: impl Read + Send + 'static) {
+    /// Collects the lines of `stream` (on a reader thread).
+    pub fn attach(&self, stream: impl Read + Send + 'static) {
         let buf = self.0.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
@@ -321,6 +322,15 @@ impl Regrelay {
     /// a library). The prefix must `exec` regrelay rather than fork it, so that the child process
     /// is regrelay itself (its pid, signals, kill on drop).
     pub fn start_with_prefix(prefix: &[&str], args: &[&str]) -> Regrelay {
+        let mut px = Regrelay::spawn_with_prefix(prefix, args);
+        px.wait_listening(Duration::from_secs(20));
+        px
+    }
+
+    /// Like [`Regrelay::start_with_prefix`], without waiting for its listening line (its `addr`
+    /// is 0.0.0.0:0 until [`Regrelay::wait_listening`]): for a prefix that starts regrelay only
+    /// later (`systemd-socket-activate`, on the first connection).
+    pub fn spawn_with_prefix(prefix: &[&str], args: &[&str]) -> Regrelay {
         let bin = regrelay_bin();
         let mut cmd = match prefix.split_first() {
             Some((program, rest)) => {
@@ -347,9 +357,18 @@ impl Regrelay {
         let output = Captured::default();
         output.attach(child.stdout.take().unwrap());
         output.attach(child.stderr.take().unwrap());
-        let Some(line) = output.wait_for("listening addr=", Duration::from_secs(20)) else {
-            kill(&mut child);
-            panic!("regrelay did not start:\n{}", output.text());
+        Regrelay {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            output,
+            child,
+        }
+    }
+
+    /// Waits for the listening line and takes the address from it.
+    pub fn wait_listening(&mut self, timeout: Duration) {
+        let Some(line) = self.output.wait_for("listening addr=", timeout) else {
+            kill(&mut self.child);
+            panic!("regrelay did not start:\n{}", self.output.text());
         };
         let addr = line
             .split("addr=")
@@ -358,11 +377,7 @@ impl Regrelay {
             .split_whitespace()
             .next()
             .unwrap();
-        Regrelay {
-            addr: addr.parse().expect("regrelay address"),
-            output,
-            child,
-        }
+        self.addr = addr.parse().expect("regrelay address");
     }
 
     /// `http://ADDR`.

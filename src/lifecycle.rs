@@ -1,0 +1,197 @@
+//! A serving process from its sockets to its exit: serves the proxy ([`server::run`]) and the
+//! metrics on the sockets [`crate::listeners`] obtained, re-reads its files on SIGHUP, stops in
+//! phases on SIGTERM/SIGINT (a second signal ends the drain), and, with `--upgrade-socket`,
+//! hands its sockets to a successor ([`crate::upgrade`]) and drains without the not-ready delay.
+//! A process that took over tells its predecessor to drain once it serves, says so in its
+//! `listening` line, and tells systemd it is the unit's main process now.
+//!
+//! Not here: flags, config validation and the choice of sockets (the binary's `main` and
+//! [`crate::listeners`], before the runtime starts).
+
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
+
+use crate::listeners::Listeners;
+use crate::server::{self, Stop};
+use crate::upgrade::launch::Launcher;
+use crate::upgrade::wire::Role;
+use crate::upgrade::{self, notify, Offer, Takeover, UpgradeSocket};
+use crate::App;
+
+/// Serves until the process should exit: after a signal's or a handover's drain.
+pub async fn serve(
+    app: App,
+    listeners: Listeners,
+    takeover: Option<Takeover>,
+    launcher: Option<Launcher>,
+) -> anyhow::Result<()> {
+    let config = app.config().clone();
+    let activated = listeners.activated;
+    let listener = tokio::net::TcpListener::from_std(listeners.main)?;
+    let addr = listener.local_addr()?;
+    let mut offer = Offer::new();
+    let upgrades = config.upgrade_socket.is_some();
+    if upgrades {
+        offer.add(Role::Listen, &listener, addr, activated)?;
+    }
+    let mut metrics_task = None;
+    if let Some(metrics) = listeners.metrics {
+        let metrics = tokio::net::TcpListener::from_std(metrics)?;
+        let bound = metrics.local_addr()?;
+        if upgrades {
+            offer.add(Role::Metrics, &metrics, bound, activated)?;
+        }
+        tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+        let task = tokio::spawn(crate::metrics::serve(metrics, app.metrics().clone()));
+        metrics_task = Some(task.abort_handle());
+    }
+    warn_of_ephemeral_keys(&app, upgrades);
+    // A fresh process fails here, before serving, when its upgrade socket cannot be made; one
+    // that takes over makes it only once its predecessor let go (see below).
+    let mut upgrade_socket = match (&config.upgrade_socket, &takeover) {
+        (Some(path), None) => Some(upgrade::listen(path)?),
+        _ => None,
+    };
+    let app = Arc::new(app);
+    reload_on_sighup(app.clone());
+    let signals = Signals::watch();
+    let (handed_tx, handed_rx) = oneshot::channel::<u32>();
+    let shutdown = {
+        let mut stopping = signals.stopping.clone();
+        async move {
+            tokio::select! {
+                _ = stopping.wait_for(|s| *s) => Stop::Signal,
+                Ok(to_pid) = handed_rx => Stop::HandedOver { to_pid },
+            }
+        }
+    };
+    let force = signals.force;
+    let server = tokio::spawn(server::run(listener, app.clone(), shutdown, async move {
+        let _ = force.await;
+    }));
+    let from_pid = match takeover {
+        Some(takeover) => Some(finish_takeover(takeover).await),
+        None => None,
+    };
+    if let (Some(path), Some(_)) = (&config.upgrade_socket, from_pid) {
+        upgrade_socket = upgrade::listen(path)
+            .map_err(|e| tracing::error!(error = %e, "upgrades of this process are off"))
+            .ok();
+    }
+    if let Some(socket) = upgrade_socket {
+        let stopping = signals.stopping.clone();
+        tokio::spawn(serve_upgrades(
+            socket,
+            offer,
+            stopping,
+            handed_tx,
+            metrics_task,
+        ));
+    }
+    let tls = config.tls.is_some();
+    match from_pid {
+        Some(from) => {
+            tracing::info!(addr = %addr, tls, registry = %config.registry, took_over_from = from, "listening")
+        }
+        None => tracing::info!(addr = %addr, tls, registry = %config.registry, "listening"),
+    }
+    if let Err(e) = notify::ready(&format!("serving on {addr}")) {
+        tracing::warn!(error = %e, "cannot tell systemd (NOTIFY_SOCKET) that regrelay is ready");
+    }
+    if let (Some(launcher), Some(from)) = (launcher, from_pid) {
+        launcher.took_over(from);
+    }
+    server.await?;
+    Ok(())
+}
+
+/// Tells the predecessor to drain (this process accepts already); returns its pid. Serving goes
+/// on if it does not answer: it may have died, and if not, it drains on the next signal.
+async fn finish_takeover(takeover: Takeover) -> u32 {
+    let from = takeover.from_pid();
+    match tokio::task::spawn_blocking(move || takeover.drain()).await {
+        Ok(Ok(())) => tracing::info!(
+            from_pid = from,
+            "took over the listening sockets; the old process drains"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, from_pid = from, "the old process did not confirm it stopped accepting")
+        }
+        Err(e) => tracing::warn!(error = %e, "takeover task failed"),
+    }
+    from
+}
+
+/// Serves upgrades until one succeeds (then the metrics listener closes here, and `handed`
+/// stops the server's accepting) or this process starts stopping (it hands nothing over; its
+/// duplicates of the sockets close, so the port closes with its listener).
+async fn serve_upgrades(
+    socket: UpgradeSocket,
+    offer: Offer,
+    mut stopping: watch::Receiver<bool>,
+    handed: oneshot::Sender<u32>,
+    metrics: Option<AbortHandle>,
+) {
+    tokio::select! {
+        to_pid = socket.serve(offer) => {
+            if let Some(metrics) = metrics {
+                metrics.abort();
+            }
+            let _ = handed.send(to_pid);
+        }
+        _ = stopping.wait_for(|s| *s) => {}
+    }
+}
+
+fn warn_of_ephemeral_keys(app: &App, upgrades: bool) {
+    if !app.access().keys().is_ephemeral() {
+        return;
+    }
+    tracing::warn!(
+        "no --session-key-file: sessions are sealed with a random key of this process; \
+         they die on restart and other replicas cannot open them (run one replica only)"
+    );
+    if upgrades {
+        tracing::warn!(
+            "--upgrade-socket without --session-key-file: the process taking over cannot open \
+             this one's sessions, so clients log in again after an upgrade"
+        );
+    }
+}
+
+/// SIGHUP (`kill -HUP`) re-reads the TLS pair, the key ring and credential files.
+fn reload_on_sighup(app: Arc<App>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return tracing::warn!("SIGHUP cannot be caught: reload by restart");
+        };
+        while hangups.recv().await.is_some() {
+            let refused = app.reload();
+            tracing::info!(refused, "SIGHUP: reload done");
+        }
+    });
+}
+
+/// SIGTERM/SIGINT: the first sets `stopping` (the phased shutdown; no more upgrades), a second
+/// resolves `force` (the drain ends at once).
+struct Signals {
+    stopping: watch::Receiver<bool>,
+    force: oneshot::Receiver<()>,
+}
+
+impl Signals {
+    fn watch() -> Signals {
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (force_tx, force) = oneshot::channel();
+        tokio::spawn(async move {
+            server::shutdown_signal().await;
+            let _ = stopping_tx.send(true);
+            server::shutdown_signal().await;
+            let _ = force_tx.send(());
+        });
+        Signals { stopping, force }
+    }
+}
