@@ -176,7 +176,8 @@ fn reload_on_sighup(app: Arc<App>) {
 }
 
 /// SIGTERM/SIGINT: the first sets `stopping` (the phased shutdown; no more upgrades), a second
-/// resolves `force` (the drain ends at once).
+/// resolves `force` (the drain ends at once). Signals within [`server::SIGNAL_BURST`] of the
+/// first are part of it (`timeout` sends SIGTERM twice at once): they end nothing.
 struct Signals {
     stopping: watch::Receiver<bool>,
     force: oneshot::Receiver<()>,
@@ -186,11 +187,43 @@ impl Signals {
     fn watch() -> Signals {
         let (stopping_tx, stopping) = watch::channel(false);
         let (force_tx, force) = oneshot::channel();
+        let mut signals = server::ShutdownSignals::listen();
         tokio::spawn(async move {
-            server::shutdown_signal().await;
+            let first = signals.next().await;
+            let again = if first == "SIGINT" {
+                "Ctrl-C"
+            } else {
+                "SIGTERM"
+            };
+            tracing::info!(
+                signal = first,
+                "shutting down: the phases follow (not ready for the shutdown delay, then \
+                 draining); {again} again ends them at once"
+            );
             let _ = stopping_tx.send(true);
-            server::shutdown_signal().await;
-            let _ = force_tx.send(());
+            let burst = tokio::time::sleep(server::SIGNAL_BURST);
+            tokio::pin!(burst);
+            let mut armed = false;
+            loop {
+                tokio::select! {
+                    () = &mut burst, if !armed => {
+                        armed = true;
+                        tracing::info!("a second signal now ends the drain at once");
+                    }
+                    signal = signals.next() => {
+                        if armed {
+                            tracing::info!(signal, "second signal");
+                            let _ = force_tx.send(());
+                            return;
+                        }
+                        tracing::info!(
+                            signal,
+                            "arrived with the first (one burst, as `timeout` or a process-group \
+                             kill sends): the drain goes on; send it again to end it at once"
+                        );
+                    }
+                }
+            }
         });
         Signals { stopping, force }
     }

@@ -258,6 +258,11 @@ async fn a_second_signal_ends_the_drain_at_once() {
         .output
         .wait_for("draining", Duration::from_secs(5))
         .is_some());
+    // A signal sent with the first (within a second: one burst) ends nothing; one after does.
+    assert!(px
+        .output
+        .wait_for("a second signal now ends the drain", Duration::from_secs(5))
+        .is_some());
     let start = Instant::now();
     px.terminate();
     let status = px
@@ -270,4 +275,85 @@ async fn a_second_signal_ends_the_drain_at_once() {
     );
     assert!(status.success());
     assert!(px.output.text().contains("second signal"));
+}
+
+/// `timeout 10 regrelay serve …` sends SIGTERM to regrelay and to its process group: two
+/// signals at once, which used to count as "a second signal" and skip the drain (issue 23,
+/// finding 5). They are one request now: the upload in flight is drained, and a signal sent
+/// later still ends the drain at once. The first signal's line says how to end it at once.
+#[tokio::test]
+async fn two_signals_at_once_are_one_and_the_drain_goes_on() {
+    // A sink that says when the upload reached it (in flight through regrelay).
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let origin = upstream::serve(move |req: http::Request<hyper::body::Incoming>| {
+        let arrived = arrived_tx.clone();
+        async move {
+            let _ = arrived.send(());
+            let n = drain(req.into_body()).await.unwrap_or(0);
+            let mut resp = Response::new(body::full(n.to_string()));
+            *resp.status_mut() = StatusCode::ACCEPTED;
+            resp
+        }
+    })
+    .await;
+    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    s.write_all(
+        b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the upload reaches the origin");
+    px.terminate();
+    px.terminate();
+    assert!(px
+        .output
+        .wait_for("a second signal now ends the drain", Duration::from_secs(5))
+        .is_some());
+    let said = px.output.text();
+    assert!(
+        px.wait_exit(Duration::from_millis(1)).is_none(),
+        "exited on a burst:\n{said}"
+    );
+    assert!(!said.contains("closing every connection now"), "{said}");
+    assert!(said.contains("SIGTERM again ends them at once"), "{said}");
+    assert!(said.contains("arrived with the first"), "{said}");
+    // The upload drains: its last bytes arrive and it is answered.
+    s.write_all(&[b'x'; 98]).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    s.read_exact(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let status = px
+        .wait_exit(Duration::from_secs(10))
+        .expect("exit once drained");
+    assert!(status.success());
+}
+
+/// Ctrl-C (SIGINT) starts the same phases and says that Ctrl-C again ends them at once: one
+/// Ctrl-C used to wait out the shutdown delay with no hint.
+#[tokio::test]
+async fn ctrl_c_says_how_to_stop_at_once() {
+    let origin = upstream::sink().await;
+    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "30"]);
+    px.signal("INT");
+    let line = px
+        .output
+        .wait_for("shutting down", Duration::from_secs(5))
+        .expect("a shutting down line");
+    assert!(line.contains("Ctrl-C again ends them at once"), "{line}");
+    assert!(px
+        .output
+        .wait_for("a second signal now ends the drain", Duration::from_secs(5))
+        .is_some());
+    px.signal("INT");
+    let status = px
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit on the second Ctrl-C");
+    assert!(status.success());
 }
