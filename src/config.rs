@@ -777,6 +777,9 @@ pub struct Limits {
     pub max_headers: usize,
     /// The share of each pool one client may hold, in percent.
     pub client_share_percent: u8,
+    /// Neither `max_connections` nor `max_upstream_connections` was set: both may be lowered to
+    /// fit the open-file limit (set ones that do not fit refuse the start).
+    pub connection_bounds_defaulted: bool,
 }
 
 impl Limits {
@@ -795,9 +798,42 @@ impl Limits {
         self.max_connections as u64
             + RESERVE_CONNECTIONS as u64
             + per_upstream * upstreams.max(1) as u64
-            + 64
+            + FD_MARGIN
+    }
+
+    /// Lowers defaulted connection bounds to fit `open_files` (keeping the default 4:1 ratio of
+    /// client to upstream connections); returns what it did, or `None` when they fit as they
+    /// are. Bounds the operator set are left for [`Limits::fds_needed`]'s check to refuse.
+    pub fn fit(&mut self, open_files: u64, upstreams: usize) -> Option<String> {
+        if !self.connection_bounds_defaulted || self.fds_needed(upstreams) <= open_files {
+            return None;
+        }
+        let n = upstreams.max(1) as u64;
+        // c + RESERVE + n·(2·c/4 + PROBES) + MARGIN <= open_files
+        let fixed = RESERVE_CONNECTIONS as u64 + n * READY_PROBE_CONNECTIONS + FD_MARGIN;
+        let c = open_files.saturating_sub(fixed) * 2 / (2 + n);
+        if c < MIN_FITTED_CONNECTIONS {
+            return None;
+        }
+        let (was_c, was_u) = (self.max_connections, self.max_upstream_connections);
+        self.max_connections = c as usize;
+        self.max_upstream_connections = (c as usize / 4).max(1);
+        while self.fds_needed(upstreams) > open_files {
+            self.max_connections -= 1;
+        }
+        Some(format!(
+            "the open-file limit is {open_files}: --max-connections lowered from {was_c} to {} \
+             and --max-upstream-connections from {was_u} to {} to fit it (raise LimitNOFILE / \
+             ulimit -n for more, or set both to silence this)",
+            self.max_connections, self.max_upstream_connections
+        ))
     }
 }
+
+/// File descriptors kept for listeners, the cache, key and log files.
+const FD_MARGIN: u64 = 64;
+/// Defaulted bounds are not lowered below this: fewer connections are no service.
+const MIN_FITTED_CONNECTIONS: u64 = 64;
 
 /// Connections accepted past `--max-connections` to answer health checks (and requests that
 /// find a slot within a moment) while every slot is taken: health endpoints answer at every
@@ -995,6 +1031,8 @@ fn limits(raw: &ConfigFile) -> Result<Limits, ConfigError> {
             DEFAULT_MAX_HEADERS,
             (8, 1000),
         )?,
+        connection_bounds_defaulted: raw.max_connections.is_none()
+            && raw.max_upstream_connections.is_none(),
         client_share_percent: bounded(
             "client_share_percent",
             raw.client_share_percent,
@@ -1503,5 +1541,6 @@ pub fn refuse_self_realm(
     Ok(())
 }
 
+pub mod cli;
 #[cfg(test)]
 mod tests;

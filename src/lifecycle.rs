@@ -91,11 +91,18 @@ pub async fn serve(
         ));
     }
     let tls = config.tls.is_some();
+    let s = Summary::of(&app);
     match from_pid {
-        Some(from) => {
-            tracing::info!(addr = %addr, tls, registry = %config.registry, took_over_from = from, "listening")
-        }
-        None => tracing::info!(addr = %addr, tls, registry = %config.registry, "listening"),
+        Some(from) => tracing::info!(
+            addr = %addr, tls, registry = %config.registry, version = s.version,
+            public_urls = %s.public_urls, upstreams = %s.upstreams, cache = %s.cache,
+            session_keys = %s.session_keys, took_over_from = from, "listening"
+        ),
+        None => tracing::info!(
+            addr = %addr, tls, registry = %config.registry, version = s.version,
+            public_urls = %s.public_urls, upstreams = %s.upstreams, cache = %s.cache,
+            session_keys = %s.session_keys, "listening"
+        ),
     }
     if let Err(e) = notify::ready(&format!("serving on {addr}")) {
         tracing::warn!(error = %e, "cannot tell systemd (NOTIFY_SOCKET) that regrelay is ready");
@@ -105,6 +112,65 @@ pub async fn serve(
     }
     server.await?;
     Ok(())
+}
+
+/// What the `listening` line says of the process, so that one line answers "what is running
+/// here": the version, the names clients use, where each upstream goes, the cache and the key
+/// ring (never a secret: paths, origins and a key id).
+struct Summary {
+    version: &'static str,
+    public_urls: String,
+    upstreams: String,
+    cache: String,
+    session_keys: String,
+}
+
+impl Summary {
+    fn of(app: &App) -> Summary {
+        let config = app.config();
+        let public_urls = config
+            .public_url
+            .iter()
+            .chain(&config.public_aliases)
+            .map(ToString::to_string)
+            .collect::<Vec<_>>();
+        let public_urls = if public_urls.is_empty() {
+            "each request's Host".to_owned()
+        } else {
+            public_urls.join(",")
+        };
+        let upstreams = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| match i {
+                0 => format!("default={}", u.origin),
+                _ => format!("{}={}", u.name, u.origin),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let cache = match &config.cache {
+            Some(c) => format!(
+                "{} (max {} bytes{})",
+                c.dir.display(),
+                c.max_bytes,
+                if c.serve_stale { ", serves stale" } else { "" }
+            ),
+            None => "off".to_owned(),
+        };
+        let keys = app.access().keys().describe();
+        let session_keys = match &config.session_key_file {
+            Some(path) => format!("{keys} from {}", path.display()),
+            None => keys,
+        };
+        Summary {
+            version: env!("CARGO_PKG_VERSION"),
+            public_urls,
+            upstreams,
+            cache,
+            session_keys,
+        }
+    }
 }
 
 /// Tells the predecessor to drain (this process accepts already); returns its pid. Serving goes

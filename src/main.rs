@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use regrelay::config::{Config, ConfigFile};
 use regrelay::listeners::{self, Listeners};
 use regrelay::upgrade::launch::Launcher;
@@ -73,7 +73,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            let _ = err.print();
+            let args: Vec<_> = std::env::args_os().collect();
+            match regrelay::config::cli::explain(&err, &Cli::command(), &args) {
+                Some(explained) => eprintln!("{explained}"),
+                None => {
+                    let _ = err.print();
+                }
+            }
             return ExitCode::from(EX_USAGE);
         }
     };
@@ -88,7 +94,27 @@ fn main() -> ExitCode {
         } => return healthcheck(&url, ca_file.as_deref(), timeout_secs),
         Command::Doctor(args) => return doctor(args),
     };
-    let app = match Config::load(raw).and_then(App::new) {
+    let mut config = match Config::load(raw) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("regrelay: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    // Logging first, so that opening the cache and the key ring is logged too.
+    if !check_only {
+        telemetry::init(config.log_format);
+    }
+    // Every check `serve` makes before it binds, the open-file limit included.
+    let upstreams = config.upstreams.len();
+    let (open_files, fitted) = match server::raise_fd_limit(&mut config.limits, upstreams) {
+        Ok(got) => got,
+        Err(err) => {
+            eprintln!("regrelay: refusing to start: {err}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let app = match App::new(config) {
         Ok(app) => app,
         Err(err) => {
             eprintln!("regrelay: {err}");
@@ -96,20 +122,20 @@ fn main() -> ExitCode {
         }
     };
     let config = app.config();
+    let warnings = fitted.into_iter().chain(app.startup_warnings());
     if check_only {
+        for warning in warnings {
+            eprintln!("regrelay: warning: {warning}");
+        }
         println!(
-            "config ok: listen {} -> registry {}",
+            "config ok: listen {} -> registry {} (open-file limit {open_files})",
             config.listen, config.registry
         );
         return ExitCode::SUCCESS;
     }
-    telemetry::init(config.log_format);
-    match server::raise_fd_limit(&config.limits, config.upstreams.len()) {
-        Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
-        Err(err) => {
-            tracing::error!(error = %err, "refusing to start");
-            return ExitCode::from(EX_USAGE);
-        }
+    tracing::info!(open_files, "file descriptor limit");
+    for warning in warnings {
+        tracing::warn!("{warning}");
     }
     // The configuration is valid: only now are a running regrelay's sockets taken over.
     let (listeners, takeover) = match listeners::obtain(config, &mut activation, launched) {

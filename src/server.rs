@@ -672,10 +672,15 @@ async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
 }
 
 /// Raises the soft open-file limit to the hard one and checks that the configured bounds fit
-/// in it; returns the limit in force.
-pub fn raise_fd_limit(limits: &Limits, upstreams: usize) -> Result<u64, String> {
+/// in it (defaulted bounds are lowered to fit: see [`Limits::fit`]); returns the limit in force
+/// and what was lowered.
+pub fn raise_fd_limit(
+    limits: &mut Limits,
+    upstreams: usize,
+) -> Result<(u64, Option<String>), String> {
     let got = rlimit::increase_nofile_limit(u64::MAX)
         .map_err(|e| format!("cannot read or raise RLIMIT_NOFILE: {e}"))?;
+    let fitted = limits.fit(got, upstreams);
     let needed = limits.fds_needed(upstreams);
     if needed > got {
         return Err(format!(
@@ -686,7 +691,7 @@ pub fn raise_fd_limit(limits: &Limits, upstreams: usize) -> Result<u64, String> 
             limits.max_connections, limits.max_upstream_connections
         ));
     }
-    Ok(got)
+    Ok((got, fitted))
 }
 
 /// Signals closer together than this are one request to stop: `timeout` and a kill of the

@@ -343,6 +343,20 @@ impl KeyRing {
         self.ephemeral
     }
 
+    /// What the startup line says of the ring: `ephemeral`, or how many keys and which one
+    /// seals (its id, a hash prefix that tokens carry anyway; never the key).
+    pub fn describe(&self) -> String {
+        if self.ephemeral {
+            return "ephemeral (random per process)".to_owned();
+        }
+        let sealing = self
+            .keys
+            .iter()
+            .find(|k| !k.open_only)
+            .map_or("-", |k| &k.id);
+        format!("{} key(s), sealing with {sealing}", self.keys.len())
+    }
+
     /// Seals `session` for clients of `public_url`.
     pub fn seal(&self, session: &Session, public_url: &str) -> String {
         let key = self

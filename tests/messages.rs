@@ -262,3 +262,185 @@ fn serve_help_says_what_is_required_and_what_no_flag_sets() {
         assert!(!text.contains("<CACHE_SERVE_STALE>"), "{text}");
     }
 }
+
+/// check-config said "config ok" for bounds `serve` then refused for the open-file limit, and
+/// the default bounds failed at start under `ulimit -n 1024` (issue 23, finding 4). Now
+/// check-config runs the same check, and defaulted bounds are lowered to fit, with a warning.
+#[test]
+fn check_config_checks_the_open_file_limit_and_the_defaults_fit_1024() {
+    support::require("prlimit"); // util-linux: essential in Debian
+    let bin = support::regrelay_bin().display().to_string();
+    let limited = |args: &[&str]| {
+        let mut all = vec!["prlimit", "--nofile=1024:1024", bin.as_str()];
+        all.extend(args);
+        let mut cmd = Command::new(all[0]);
+        cmd.args(&all[1..]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("REGRELAY_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.output().unwrap()
+    };
+    let out = limited(&[
+        "check-config",
+        "--registry",
+        "http://r",
+        "--max-connections",
+        "100000",
+    ]);
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("the open-file limit is 1024") && text.contains("lower the bounds"),
+        "{text}"
+    );
+
+    let out = limited(&["check-config", "--registry", "http://r"]);
+    let text = said(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("--max-connections lowered from 1024"),
+        "{text}"
+    );
+
+    // And serve starts with them, under the same limit.
+    let registry = support::Registry::start_open();
+    let mut child = Command::new("prlimit")
+        .args([
+            "--nofile=1024:1024",
+            &bin,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--registry", &registry.url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = support::Captured::default();
+    out.attach(child.stdout.take().unwrap());
+    out.attach(child.stderr.take().unwrap());
+    let listening = out.wait_for("listening", std::time::Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening.is_some(), "{}", out.text());
+    assert!(
+        out.text().contains("--max-connections lowered"),
+        "{}",
+        out.text()
+    );
+}
+
+/// A world-readable TLS key was accepted silently while a 0644 session key was refused: both
+/// check-config and serve now warn, naming the file and the fix.
+#[test]
+fn a_world_readable_tls_key_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = support::tls::TestCa::new("messages");
+    let leaf = ca.issue(&["localhost"]);
+    std::fs::set_permissions(&leaf.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (cert, key) = (
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string(),
+    );
+    let out = regrelay(
+        &[
+            "check-config",
+            "--registry",
+            "http://r",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let text = said(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("readable by every user")
+            && text.contains("chmod 600")
+            && text.contains(&key),
+        "{text}"
+    );
+    let px = support::Regrelay::start(&[
+        "--registry",
+        "http://127.0.0.1:9",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    assert!(
+        px.output.text().contains("readable by every user"),
+        "{}",
+        px.output.text()
+    );
+}
+
+/// `REGRELAY_MAX_CONNECTIONS=abc` was blamed on `--max-connections`, a flag nobody typed; flags
+/// before the subcommand (`regrelay --registry …`) got no hint.
+#[test]
+fn bad_environment_values_and_missing_subcommands_are_named() {
+    let out = regrelay(
+        &["serve", "--registry", "http://r"],
+        &[("REGRELAY_MAX_CONNECTIONS", "abc")],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("environment variable REGRELAY_MAX_CONNECTIONS") && text.contains("\"abc\""),
+        "{text}"
+    );
+    let out = regrelay(&["--registry", "http://r"], &[]);
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("regrelay serve --registry http://r"),
+        "{text}"
+    );
+}
+
+/// One startup line says what runs here: version, public names, upstreams, cache, key ring.
+#[test]
+fn the_listening_line_says_what_runs_here() {
+    let cache = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("session.keys");
+    std::fs::write(&key_file, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let px = support::Regrelay::start(&[
+        "--registry",
+        "http://127.0.0.1:9",
+        "--public-url",
+        "https://registry.example.com",
+        "--upstream",
+        "hub=https://registry-1.docker.io",
+        "--cache-dir",
+        &cache.path().display().to_string(),
+        "--session-key-file",
+        &key_file.display().to_string(),
+    ]);
+    let log = px.output.text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap_or_else(|| panic!("{log}"));
+    for needle in [
+        format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        "public_urls=https://registry.example.com".into(),
+        "default=http://127.0.0.1:9".into(),
+        "hub=https://registry-1.docker.io".into(),
+        format!("cache={}", cache.path().display()),
+        "1 key(s), sealing with".into(),
+    ] {
+        assert!(line.contains(&needle), "{needle}: {line}");
+    }
+    assert!(!line.contains("BwcHBwcH"), "{line}");
+}
