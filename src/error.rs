@@ -9,6 +9,7 @@ use http::StatusCode;
 
 mod tls;
 
+pub(crate) use tls::Kind as TlsKind;
 pub use tls::TlsRefused;
 
 /// Boxed error used for body and client errors that cross crate boundaries.

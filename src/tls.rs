@@ -1,7 +1,10 @@
 //! rustls configuration: the server side (regrelay's HTTPS listener, ALPN h2 + http/1.1) and the
-//! client side (to the upstream: system roots plus an optional extra CA bundle). The upstream
-//! clients' trust is reloadable ([`UpstreamTrust`], in `tls/trust.rs`); [`client_config`] is the
-//! fixed one of the one-shot clients (`regrelay healthcheck`, `regrelay doctor`). Uses the ring
+//! client side (to the upstream: system roots plus an optional extra CA bundle). Every client
+//! checks certificates with one verifier (`tls/verifier.rs`: rustls' WebPKI, and a self-signed
+//! certificate that is itself in the CA file trusted even with the CA flag, as Go and curl trust
+//! it). The upstream clients' trust is reloadable ([`UpstreamTrust`], in `tls/trust.rs`);
+//! [`client_config`] is the fixed one of the one-shot clients (`regrelay healthcheck`,
+//! `regrelay doctor`). Uses the ring
 //! provider explicitly, so no process-wide default provider has to be installed. Errors are
 //! [`ConfigError`]s naming the key, because these run while the configuration is validated.
 
@@ -9,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::crypto::ring::default_provider;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -18,8 +22,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use crate::config::ConfigError;
 
 mod trust;
+mod verifier;
 
 pub use trust::UpstreamTrust;
+use verifier::Verifier;
 
 fn invalid(key: &'static str, path: &Path, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
@@ -136,28 +142,39 @@ pub fn server_config(cert: Arc<ServerCert>) -> Result<Arc<ServerConfig>, ConfigE
 
 /// Client config for a one-shot client: system roots, plus every certificate in `extra_ca`.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, ConfigError> {
-    let cfg = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+    let provider = Arc::new(default_provider());
+    let verifier = Arc::new(verifier(extra_ca, &provider)?);
+    let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ConfigError::Invalid {
             key: "upstream_ca",
             reason: e.to_string(),
         })?
-        .with_root_certificates(roots(extra_ca)?)
+        // rustls calls a verifier of one's own "dangerous"; this one is rustls' WebPKI verifier
+        // with the single exception tls/verifier.rs documents.
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(cfg)
 }
 
-/// The system roots plus every certificate in `extra_ca`.
-fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, ConfigError> {
+/// The verifier over the system roots plus every certificate in `extra_ca` (which may also be
+/// a server's own certificate: tls/verifier.rs).
+fn verifier(
+    extra_ca: Option<&Path>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Verifier, ConfigError> {
     let mut roots = RootCertStore::empty();
     // Unreadable system certificates are skipped: an explicit CA file still works.
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let mut listed = vec![];
     if let Some(path) = extra_ca {
-        for cert in load_certs("upstream_ca", path)? {
+        listed = load_certs("upstream_ca", path)?;
+        for cert in &listed {
             roots
-                .add(cert)
+                .add(cert.clone())
                 .map_err(|e| invalid("upstream_ca", path, e))?;
         }
     }
-    Ok(roots)
+    Verifier::new(roots, listed, provider.clone())
 }

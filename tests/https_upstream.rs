@@ -4,7 +4,9 @@
 //! certificate regrelay must refuse (unknown CA, another name) is explained in its log and told
 //! to the client without an address; a CA rotated on the upstreams is taken in by SIGHUP, and a
 //! CA file that does not load leaves the roots in force; a port that never answers the
-//! ClientHello is given up at the connect deadline. Real `docker-registry` (`http.tls`), real
+//! ClientHello is given up at the connect deadline; a self-signed registry certificate with the
+//! CA flag (`openssl req -x509`) is trusted when `--upstream-ca` is that very certificate, and
+//! only then, for its own name. Real `docker-registry` (`http.tls`), real
 //! skopeo, the GitLab stand-in over rustls.
 
 mod support;
@@ -358,4 +360,35 @@ async fn a_tls_handshake_that_never_ends_is_cut_at_the_connect_deadline() {
     ] {
         assert!(line.contains(needle), "{needle:?} missing from {line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_self_signed_upstream_certificate_with_the_ca_flag_is_trusted_as_its_own_upstream_ca() {
+    // What `openssl req -x509 -subj /CN=localhost -addext subjectAltName=DNS:localhost` makes
+    // (basicConstraints CA:TRUE): Docker and skopeo trust it as its own CA file.
+    let own = Leaf::self_signed_ca(&["localhost"]);
+    let reg = Registry::start_open_tls(&own);
+    let own_file = own.cert.display().to_string();
+    let px = Regrelay::start(&["--registry", &reg.https_url(), "--upstream-ca", &own_file]);
+    let (status, body) = get(format!("{}/v2/", px.url())).await;
+    assert_eq!(status, 200, "{body}\n{}", px.output.text());
+
+    // Another self-signed CA certificate in the file trusts nothing else.
+    let stranger = Leaf::self_signed_ca(&["localhost"]);
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.https_url(),
+        "--upstream-ca",
+        &stranger.cert.display().to_string(),
+    ]);
+    let (_, line) = refused(&px, reg.addr).await;
+    for needle in [&reg.https_url(), "CaUsedAsEndEntity", "--upstream-ca"] {
+        assert!(line.contains(needle), "{needle:?} missing from {line}");
+    }
+
+    // The certificate itself, dialled by a name it does not list: refused.
+    let by_ip = format!("https://127.0.0.1:{}", reg.addr.port());
+    let px = Regrelay::start(&["--registry", &by_ip, "--upstream-ca", &own_file]);
+    let (_, line) = refused(&px, reg.addr).await;
+    assert!(line.contains("does not name the host"), "{line}");
 }

@@ -9,7 +9,7 @@
 
 use http::{header, Method, StatusCode};
 
-use super::{challenge, Class, Creds, Doctor, Kind};
+use super::{challenge, quote, Class, Creds, Doctor, Kind};
 
 /// Where an administrator sees (and ends) GitLab EE's maintenance mode.
 const MAINTENANCE: &str = "maintenance mode (GitLab EE; it silently drops every action but pull \
@@ -222,9 +222,11 @@ impl Doctor {
                                 "the Container Registry of {project} is disabled (the API says \
                                  container_registry_access_level \"{}\"): GitLab grants no pull \
                                  or push on it to anyone ({who})",
-                                v["container_registry_access_level"]
-                                    .as_str()
-                                    .unwrap_or("disabled")
+                                quote(
+                                    v["container_registry_access_level"]
+                                        .as_str()
+                                        .unwrap_or("disabled")
+                                )
                             ),
                             format!(
                                 "enable it: {project} → Settings → General → Visibility, project \

@@ -12,7 +12,7 @@
 use http::{header, StatusCode};
 
 use super::gitlab_answers::{self, Throttle};
-use super::{basic_header, host_port, Answer, Class, Creds, Doctor, Kind};
+use super::{basic_header, host_port, quote, Answer, Class, Creds, Doctor, Kind};
 
 /// The username of CI job token logins (`Gitlab::Auth::CI_JOB_USER`).
 const CI_JOB_USER: &str = "gitlab-ci-token";
@@ -196,7 +196,7 @@ impl Doctor {
             .await?;
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&control.body) {
             if let Some(t) = v["token"].as_str() {
-                self.report.redactor.add(t);
+                self.report.redactor.add_issued(t);
             }
         }
         Some(match control.status {
@@ -283,17 +283,17 @@ impl Doctor {
         let name = t
             .name
             .as_deref()
-            .map(|n| format!(" ({n})"))
+            .map(|n| format!(" ({})", quote(n)))
             .unwrap_or_default();
         let limit = t
             .limit
             .as_deref()
-            .map(|l| format!(", {l} requests a minute"))
+            .map(|l| format!(", {} requests a minute", quote(l)))
             .unwrap_or_default();
         let said = if t.text.is_empty() {
             String::new()
         } else {
-            format!(" \"{}\"", t.text)
+            format!(" \"{}\"", quote(&t.text))
         };
         self.report.add(
             "rate_limited",
@@ -346,7 +346,7 @@ impl Doctor {
         }
         let retry = answer
             .header(&header::RETRY_AFTER)
-            .map(|r| format!(", Retry-After {r}"))
+            .map(|r| format!(", Retry-After {}", quote(r)))
             .unwrap_or_default();
         let fix = if status.is_server_error() {
             "GitLab (or a proxy in front of it) is failing: retry later, check GitLab's status"

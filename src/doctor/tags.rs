@@ -11,7 +11,7 @@
 use http::{header, Method, StatusCode};
 
 use super::patterns;
-use super::{Class, Doctor, Realm};
+use super::{quote, Class, Doctor, Realm};
 
 /// The manifest media types a `HEAD` accepts: distribution answers 404 for an OCI manifest
 /// that the `Accept` header does not name, as if the tag did not exist.
@@ -27,7 +27,8 @@ impl Doctor {
         if patterns.is_empty() {
             return;
         }
-        let list = patterns.join(", ");
+        // The patterns are GitLab's words (from the token's claims).
+        let list = quote(&patterns.join(", "));
         let fix = "push that tag as a role the protection rule allows (Settings → Packages and \
                    registries → Protected container tags), or pick a tag it does not cover";
         let Some(tag) = self.setup.tag.clone() else {
@@ -43,7 +44,7 @@ impl Doctor {
             return;
         };
         let verdict = patterns::check(&patterns, &tag);
-        if let Some(p) = verdict.matched {
+        if let Some(p) = verdict.matched.as_deref().map(quote) {
             self.report.add(
                 "protected_tag",
                 Class::Credentials,
@@ -81,7 +82,8 @@ impl Doctor {
         if patterns.is_empty() {
             return;
         }
-        let list = patterns.join(", ");
+        // The patterns are GitLab's words (from the token's claims).
+        let list = quote(&patterns.join(", "));
         let fix = "push a tag that is new each time (put $CI_COMMIT_SHORT_SHA or \
                    $CI_PIPELINE_IID in it) and move mutable names like latest out of the rule's \
                    reach, or ask a project Owner to change the rule (Settings → Packages and \
@@ -99,7 +101,7 @@ impl Doctor {
             return;
         };
         let verdict = patterns::check(&patterns, &tag);
-        let Some(p) = verdict.matched else {
+        let Some(p) = verdict.matched.as_deref().map(quote) else {
             self.report.add(
                 "immutable_tag",
                 Class::Note,
@@ -178,6 +180,6 @@ fn unread(unreadable: &[String]) -> String {
     }
     format!(
         " (doctor could not evaluate {}: not RE2 syntax; compare yourself)",
-        unreadable.join(", ")
+        quote(&unreadable.join(", "))
     )
 }

@@ -19,11 +19,14 @@ pub struct TlsRefused {
     pub reason: rustls::Error,
 }
 
-/// What went wrong, as far as what to change goes.
+/// What went wrong, as far as what to change goes (also `regrelay healthcheck`'s words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// Issued by a CA regrelay does not trust.
     Untrusted,
+    /// A CA certificate presented as the server's own (a self-signed one made with the CA
+    /// flag, as `openssl req -x509` does) that is not itself in the CA file.
+    CaAsServer,
     /// Issued for other names than the one dialled.
     WrongName,
     /// Expired, or not valid yet.
@@ -55,9 +58,29 @@ impl TlsRefused {
         None
     }
 
+    /// True when rustls' WebPKI verifier refused a certificate for its CA flag alone
+    /// (`CaUsedAsEndEntity`, which rustls passes on as webpki's own error).
+    pub fn is_ca_as_server(reason: &rustls::Error) -> bool {
+        match reason {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => matches!(
+                other.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ),
+            _ => false,
+        }
+    }
+
     fn kind(&self) -> Kind {
+        Self::kind_of(&self.reason)
+    }
+
+    /// What kind of failure rustls' `reason` is.
+    pub(crate) fn kind_of(reason: &rustls::Error) -> Kind {
         use CertificateError as C;
-        match &self.reason {
+        if Self::is_ca_as_server(reason) {
+            return Kind::CaAsServer;
+        }
+        match reason {
             rustls::Error::InvalidCertificate(c) => match c {
                 C::UnknownIssuer | C::BadSignature => Kind::Untrusted,
                 C::NotValidForName | C::NotValidForNameContext { .. } => Kind::WrongName,
@@ -78,6 +101,10 @@ impl TlsRefused {
             Kind::Untrusted => {
                 "regrelay does not trust the upstream's TLS certificate (its CA is missing from \
                  --upstream-ca); see regrelay's log"
+            }
+            Kind::CaAsServer => {
+                "regrelay does not trust the upstream's TLS certificate (a CA certificate \
+                 presented as the server's own, not itself in --upstream-ca); see regrelay's log"
             }
             Kind::WrongName => {
                 "the upstream's TLS certificate is not valid for the name regrelay reaches it \
@@ -112,6 +139,19 @@ impl fmt::Display for TlsRefused {
                     None => f.write_str(" (trusted now: the system roots only)"),
                 }
             }
+            Kind::CaAsServer => write!(
+                f,
+                "the TLS certificate of {origin} is a CA certificate presented as the server's \
+                 own ({reason}: a self-signed certificate made with the CA flag, as `openssl \
+                 req -x509` makes it); it is trusted as the server's only when the --upstream-ca \
+                 file (`ca` in an [[upstream]] table) holds that very certificate: put it there, \
+                 then restart regrelay or send it SIGHUP{}",
+                match &self.ca {
+                    Some(ca) =>
+                        format!(" (the file now: {}, which does not hold it)", ca.display()),
+                    None => " (no CA file is configured)".to_owned(),
+                }
+            ),
             Kind::WrongName => write!(
                 f,
                 "the TLS certificate of {origin} does not name the host regrelay dials \
@@ -164,6 +204,22 @@ mod tests {
             (
                 refused(CertificateError::UnknownIssuer.into(), Some("/etc/ca.pem")),
                 vec!["--upstream-ca", "system roots and /etc/ca.pem"],
+            ),
+            (
+                refused(
+                    CertificateError::Other(rustls::OtherError(std::sync::Arc::new(
+                        webpki::Error::CaUsedAsEndEntity,
+                    )))
+                    .into(),
+                    Some("/etc/ca.pem"),
+                ),
+                vec![
+                    "CaUsedAsEndEntity",
+                    "openssl req -x509",
+                    "that very certificate",
+                    "--upstream-ca",
+                    "/etc/ca.pem",
+                ],
             ),
             (
                 refused(wrong_name.into(), Some("/etc/ca.pem")),

@@ -1,6 +1,8 @@
 //! Trust in the upstreams' certificates (a registry and its token service): the system roots plus
-//! the optional `--upstream-ca` (`ca` in an `[[upstream]]` table) file, checked by rustls' own
-//! WebPKI verifier, and replaceable while serving ([`UpstreamTrust::reload`], on SIGHUP).
+//! the optional `--upstream-ca` (`ca` in an `[[upstream]]` table) file, checked by the one
+//! verifier of every client (`tls/verifier.rs`: rustls' WebPKI verifier, and a self-signed
+//! certificate that is itself in the file trusted even with the CA flag), and replaceable while
+//! serving ([`UpstreamTrust::reload`], on SIGHUP).
 //!
 //! The upstream clients keep their pools across a reload: connections already open stay (they
 //! were verified when they opened), and every handshake after it is verified against the new
@@ -15,13 +17,14 @@ use std::sync::{Arc, RwLock};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
     ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
-    Tls13ClientSessionValue, WebPkiServerVerifier,
+    Tls13ClientSessionValue,
 };
 use rustls::crypto::ring::default_provider;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, NamedGroup, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, NamedGroup, SignatureScheme};
 
+use super::Verifier;
 use crate::config::ConfigError;
 
 /// TLS sessions remembered for resumption (rustls' default).
@@ -32,9 +35,7 @@ const MAX_SESSIONS: usize = 256;
 pub struct UpstreamTrust {
     ca: Option<PathBuf>,
     provider: Arc<CryptoProvider>,
-    /// `None` when there is no root at all (no system bundle, no CA file): every certificate is
-    /// then refused as untrusted, and a plain-HTTP upstream still works.
-    verifier: RwLock<Option<Arc<WebPkiServerVerifier>>>,
+    verifier: RwLock<Arc<Verifier>>,
     sessions: RwLock<Arc<ClientSessionMemoryCache>>,
 }
 
@@ -50,11 +51,11 @@ impl UpstreamTrust {
     /// Reads the system roots and `ca` (every certificate in it).
     pub fn load(ca: Option<&Path>) -> Result<Arc<UpstreamTrust>, ConfigError> {
         let provider = Arc::new(default_provider());
-        let verifier = verifier(ca, &provider)?;
+        let verifier = super::verifier(ca, &provider)?;
         Ok(Arc::new(UpstreamTrust {
             ca: ca.map(Path::to_owned),
             provider,
-            verifier: RwLock::new(verifier),
+            verifier: RwLock::new(Arc::new(verifier)),
             sessions: RwLock::new(Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS))),
         }))
     }
@@ -62,8 +63,8 @@ impl UpstreamTrust {
     /// Reads the system roots and the CA file again; on any error the roots in force stay and
     /// the error is returned.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let fresh = verifier(self.ca.as_deref(), &self.provider)?;
-        *self.verifier.write().expect("upstream trust lock") = fresh;
+        let fresh = super::verifier(self.ca.as_deref(), &self.provider)?;
+        *self.verifier.write().expect("upstream trust lock") = Arc::new(fresh);
         *self.sessions.write().expect("upstream sessions lock") =
             Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS));
         Ok(())
@@ -79,13 +80,20 @@ impl UpstreamTrust {
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .expect("the ring provider supports TLS 1.2 and 1.3")
-            // rustls calls a verifier of one's own "dangerous"; this one is rustls' WebPKI
-            // verifier behind a reference that SIGHUP replaces, checking exactly as before.
+            // rustls calls a verifier of one's own "dangerous"; this one is tls/verifier.rs's
+            // (rustls' WebPKI verifier and its one exception) behind a reference that SIGHUP
+            // replaces.
             .dangerous()
             .with_custom_certificate_verifier(self.clone())
             .with_no_client_auth();
         cfg.resumption = Resumption::store(self.clone());
         cfg
+    }
+
+    /// The verifier in force. The lock is held only to clone the Arc: a reload never waits for
+    /// a handshake.
+    fn current(&self) -> Arc<Verifier> {
+        self.verifier.read().expect("upstream trust lock").clone()
     }
 
     fn sessions(&self) -> Arc<ClientSessionMemoryCache> {
@@ -94,24 +102,6 @@ impl UpstreamTrust {
             .expect("upstream sessions lock")
             .clone()
     }
-}
-
-/// rustls' WebPKI verifier over the system roots and `ca`; `None` without any root.
-fn verifier(
-    ca: Option<&Path>,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Option<Arc<WebPkiServerVerifier>>, ConfigError> {
-    let roots = super::roots(ca)?;
-    if roots.is_empty() {
-        return Ok(None);
-    }
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map(Some)
-        .map_err(|e| ConfigError::Invalid {
-            key: "upstream_ca",
-            reason: e.to_string(),
-        })
 }
 
 impl ServerCertVerifier for UpstreamTrust {
@@ -123,16 +113,13 @@ impl ServerCertVerifier for UpstreamTrust {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // The lock is held only to clone the Arc: a reload never waits for a handshake.
-        let verifier = self.verifier.read().expect("upstream trust lock").clone();
-        match verifier {
-            Some(v) => {
-                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            }
-            None => Err(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            )),
-        }
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
     }
 
     fn verify_tls12_signature(
@@ -141,12 +128,7 @@ impl ServerCertVerifier for UpstreamTrust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -155,18 +137,11 @@ impl ServerCertVerifier for UpstreamTrust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.current().supported_verify_schemes()
     }
 }
 

@@ -1,6 +1,7 @@
-//! The basics: all good, no credentials, unreachable or untrusted registries, clocks, a
-//! regrelay whose public URL is not the name in use, a disabled registry, the Dependency Proxy
-//! with its own CI credentials.
+//! The basics: all good, no credentials, unreachable or untrusted registries, a self-signed
+//! certificate with the CA flag given as its own CA file, clocks, a regrelay whose public URL is
+//! not the name in use (reachable from the job or not), a disabled registry, the Dependency Proxy
+//! with its own CI credentials, and what `--help` says (variables, exit codes).
 
 use super::*;
 
@@ -283,4 +284,129 @@ async fn the_dependency_proxy_is_checked_with_its_own_ci_credentials() {
         &["gitlab-ci-token"],
         &secrets(&gl, &[JOB_TOKEN, "glcbt-NotThisJobsToken00"]),
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_self_signed_certificate_with_the_ca_flag_is_trusted_as_its_own_ca_file() {
+    let (gl, reg, _) = developer().await;
+    // What `openssl req -x509 -subj /CN=localhost -addext subjectAltName=DNS:localhost` makes:
+    // basicConstraints CA:TRUE, which Docker, skopeo and curl accept as its own CA file.
+    let own = support::tls::Leaf::self_signed_ca(&["localhost"]);
+    let (cert, key) = (
+        own.cert.display().to_string(),
+        own.key.display().to_string(),
+    );
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let host = format!("localhost:{}", px.addr.port());
+    let run = doctor(&ci_env(&host, USER, PAT), &["--ca-file", &cert]).await;
+    run.expect(0, "ok", &[]);
+    assert!(
+        run.text.contains(&format!("registry https://{host}")),
+        "{}",
+        run.text
+    );
+    run.assert_secret_free(&[USER], &secrets(&gl, &[PAT]));
+    // Another self-signed CA certificate in the file: refused as before.
+    let stranger = support::tls::Leaf::self_signed_ca(&["localhost"]);
+    let other = stranger.cert.display().to_string();
+    let run = doctor(&ci_env(&host, USER, PAT), &["--ca-file", &other]).await;
+    run.expect(2, "network", &["tls_error"]);
+    // The certificate itself, reached by a name it does not list: refused.
+    let by_ip = px.addr.to_string();
+    let run = doctor(&ci_env(&by_ip, USER, PAT), &["--ca-file", &cert]).await;
+    run.expect(2, "network", &["tls_error"]);
+    assert!(
+        run.says("tls_error").contains("not valid for name"),
+        "{}",
+        run.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_public_url_unreachable_from_here_is_public_url_mismatch_not_realm_unreachable() {
+    let (gl, reg, _) = developer().await;
+    let addr = free_addr();
+    // The public name leads, from this job, where nothing listens (as a name that resolves
+    // elsewhere, or not at all, does): 127.0.0.2, while regrelay listens on 127.0.0.1.
+    let public = format!("127.0.0.2:{}", addr.port());
+    let px = Regrelay::start(&[
+        "--listen",
+        &addr.to_string(),
+        "--registry",
+        &reg.url(),
+        "--public-url",
+        &format!("http://{public}"),
+    ]);
+    let host = px.addr.to_string();
+    let run = doctor(&ci_env(&host, USER, PAT), &[]).await;
+    run.expect(2, "network", &["public_url_mismatch"]);
+    let says = run.says("public_url_mismatch");
+    assert!(
+        says.contains(&public) && says.contains(&host),
+        "names both addresses: {says}"
+    );
+    assert!(says.contains("not reachable from here"), "{says}");
+    assert!(
+        says.contains(&format!("--public-url http://{host}")),
+        "the fix names the address clients use: {says}"
+    );
+    assert!(
+        !run.notes().iter().any(|n| n == "realm_on_other_host"),
+        "{}",
+        run.text
+    );
+    run.assert_secret_free(&[USER], &secrets(&gl, &[PAT]));
+}
+
+#[test]
+fn help_lists_the_variables_doctor_reads_and_its_exit_codes() {
+    let out = Command::new(regrelay_bin())
+        .args(["doctor", "--help"])
+        .output()
+        .expect("run regrelay doctor --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "CI_REGISTRY",
+        "CI_REGISTRY_USER",
+        "CI_REGISTRY_PASSWORD",
+        "CI_JOB_TOKEN",
+        "CI_PROJECT_PATH",
+        "CI_REGISTRY_IMAGE",
+        "CI_COMMIT_REF_SLUG",
+        "CI_API_V4_URL",
+        "CI_DEPENDENCY_PROXY_SERVER",
+        "CI_DEPENDENCY_PROXY_USER",
+        "CI_DEPENDENCY_PROXY_PASSWORD",
+        "DOCKER_AUTH_CONFIG",
+        "DOCKER_CONFIG",
+        "HOME",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.split_whitespace().next() == Some(var)),
+            "{var} has a line of its own: {help}"
+        );
+    }
+    for (code, what) in [
+        ("0", "ok"),
+        ("1", "credential"),
+        ("2", "network"),
+        ("64", "usage"),
+    ] {
+        assert!(
+            help.lines().any(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some(code) && l.contains(what)
+            }),
+            "exit code {code} ({what}): {help}"
+        );
+    }
 }

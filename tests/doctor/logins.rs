@@ -1,7 +1,8 @@
 //! The login's refusals, and GitLab's limits on clients: wrong or expired tokens, a token
 //! without any registry ability (told apart from a front that strips `Authorization` with the
 //! job's own CI_JOB_TOKEN, never a made-up login), fronts that redirect or strip, GitLab's
-//! failed-login IP ban, Rack::Attack's 429, the Dependency Proxy's scopes.
+//! failed-login IP ban, Rack::Attack's 429, the Dependency Proxy's scopes; a password that is an
+//! ordinary word, which leaves doctor's words (and GitLab's) as they are.
 
 use super::*;
 
@@ -331,4 +332,49 @@ async fn the_dependency_proxy_wants_read_and_write_registry() {
         run.assert_secret_free(&[user], &secrets(&gl, &[secret, &job.token]));
     }
     assert_no_failed_login(&gl);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_that_is_an_ordinary_word_leaves_doctors_words_alone() {
+    const OTHER: &str = "Zq8-not-her-token-Vd3";
+    let (gl, _reg, host) = developer().await;
+    let (reference, runs) = tokio::task::spawn_blocking(move || {
+        // One HOME for every run: the Docker config path doctor names is the same.
+        let home = tempfile::tempdir().unwrap();
+        let run = |password: &str| doctor_in(home.path(), &ci_env(&host, USER, password), &[]);
+        // A wrong password that could be no word of doctor's: what every other run reads like.
+        let reference = run(OTHER);
+        // `wrong` is a word of doctor's own message, `pass` is inside GitLab's ("password")
+        // and doctor's (--password-stdin), `a` is everywhere.
+        let runs: Vec<(&str, Run)> = ["wrong", "pass", "a"]
+            .into_iter()
+            .map(|p| (p, run(p)))
+            .collect();
+        (reference, runs)
+    })
+    .await
+    .unwrap();
+    reference.expect(1, "credentials", &["bad_credentials"]);
+    for (password, run) in runs {
+        run.expect(1, "credentials", &["bad_credentials"]);
+        assert!(
+            run.says("bad_credentials").contains(
+                "GitLab answers the same for a wrong, expired or revoked token and a wrong \
+                 username"
+            ),
+            "doctor's words are intact with password {password:?}: {}",
+            run.text
+        );
+        assert!(
+            !run.all.contains("[redacted]"),
+            "nothing was printed that needed hiding, so nothing points at {password:?}: {}",
+            run.all
+        );
+        // The output does not depend on the password at all, so it cannot tell it.
+        assert_eq!(run.text, reference.text, "password {password:?}");
+        assert_eq!(run.json, reference.json, "password {password:?}");
+        let pair = format!("{USER}:{password}");
+        assert!(!run.all.contains(&pair) && !run.all.contains(&STANDARD.encode(&pair)));
+    }
+    reference.assert_secret_free(&[USER], &secrets(&gl, &[OTHER]));
 }

@@ -4,12 +4,14 @@
 //! (shared/reference/gitlab-behaviour.md) in a CI job's environment, its exit code, its cause id
 //! in `--json`, and no secret (password, token, Basic encoding, issued JWT) in either output
 //! mode. This file is the rig (running doctor, CI environments, fronts); the scenarios:
-//! - `basics`: all good, no credentials, unreachable or untrusted registries, clocks, a
-//!   regrelay's public URL, a disabled registry, the Dependency Proxy's own credentials.
+//! - `basics`: all good, no credentials, unreachable or untrusted registries, a self-signed
+//!   CA-flagged certificate as its own CA file, clocks, a regrelay's public URL (reachable from
+//!   the job or not), a disabled registry, the Dependency Proxy's own credentials, `--help`.
 //! - `logins`: the login's refusals: wrong or expired tokens, a token without any registry
 //!   ability (told apart from a front that strips `Authorization` without a made-up login),
 //!   fronts that redirect or strip, GitLab's failed-login IP ban, Rack::Attack's 429, the
-//!   Dependency Proxy's scopes.
+//!   Dependency Proxy's scopes, a password that is an ordinary word (the output is the same as
+//!   with any other wrong password: nothing points at it).
 //! - `grants`: what GitLab granted and why the rest was dropped: `read_api`, job tokens, project
 //!   and group deploy tokens, EE maintenance mode, protected and immutable tags.
 

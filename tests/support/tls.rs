@@ -80,6 +80,32 @@ impl TestCa {
 }
 
 impl Leaf {
+    /// A self-signed certificate for `names` with the CA flag set, as `openssl req -x509
+    /// -newkey rsa:2048 -subj /CN=NAME -addext subjectAltName=DNS:NAME` makes it (basicConstraints
+    /// CA:TRUE): its own PEM file is the CA file that trusts it (Docker's certs.d, skopeo's
+    /// --cert-dir, curl's --cacert all accept it so).
+    pub fn self_signed_ca(names: &[&str]) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        Leaf {
+            cert: cert_path,
+            key: key_path,
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+            _dir: dir,
+        }
+    }
+
     /// A rustls server config presenting this certificate (HTTP/1.1 and h2).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
