@@ -263,8 +263,8 @@ impl Signals {
             };
             tracing::info!(
                 signal = first,
-                "shutting down: the phases follow (not ready for the shutdown delay, then \
-                 draining); {again} again ends them at once"
+                "shutting down: not ready for the shutdown delay, then the drain; {again} \
+                 again ends them at once"
             );
             let _ = stopping_tx.send(true);
             let burst = tokio::time::sleep(server::SIGNAL_BURST);
