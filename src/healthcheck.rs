@@ -12,9 +12,6 @@ use std::time::Duration;
 
 use http::{Request, StatusCode, Uri};
 use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::error::{TlsKind, TlsRefused};
 
@@ -43,15 +40,8 @@ pub async fn check(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Resu
             "--url {url:?}: want http(s)://HOST:PORT/PATH"
         )));
     }
-    let tls = crate::tls::client_config(ca_file).map_err(|e| CheckError::Usage(e.to_string()))?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let client = crate::tls::one_shot_client::<Empty<bytes::Bytes>>(ca_file, timeout)
+        .map_err(|e| CheckError::Usage(e.to_string()))?;
     let req = Request::get(uri)
         .header(http::header::USER_AGENT, "regrelay-healthcheck")
         .body(Empty::new())

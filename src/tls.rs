@@ -140,6 +140,39 @@ pub fn server_config(cert: Arc<ServerCert>) -> Result<Arc<ServerConfig>, ConfigE
     Ok(Arc::new(cfg))
 }
 
+/// A one-shot HTTPS (or plain HTTP) client for regrelay's own commands (`doctor`,
+/// `healthcheck`): [`client_config`]'s trust, HTTP/1.1, TCP connects bounded by
+/// `connect_timeout`. (The proxy's upstream clients add a bounded pool and reloadable trust:
+/// `upstream.rs`, on the same verifier.)
+pub fn one_shot_client<B>(
+    extra_ca: Option<&Path>,
+    connect_timeout: std::time::Duration,
+) -> Result<OneShotClient<B>, ConfigError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let tls = client_config(extra_ca)?;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
+}
+
+/// What [`one_shot_client`] builds.
+pub type OneShotClient<B> = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    B,
+>;
+
 /// Client config for a one-shot client: system roots, plus every certificate in `extra_ca`.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, ConfigError> {
     let provider = Arc::new(default_provider());
