@@ -23,10 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{canonical_ip, Cidr, Limits};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// How often a wait for a slot of an exhausted pool asks the holders that make no progress to
 /// leave again.
@@ -125,7 +128,7 @@ pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> Cl
     }
     let mut last_trusted = None;
     let entries = headers
-        .get_all(&crate::proxy::X_FORWARDED_FOR)
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .rev()
         .flat_map(|v| {
@@ -376,10 +379,7 @@ mod tests {
         let with = |xff: &[&str]| {
             let mut h = HeaderMap::new();
             for v in xff {
-                h.append(
-                    &crate::proxy::X_FORWARDED_FOR,
-                    HeaderValue::from_str(v).unwrap(),
-                );
+                h.append(&X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
             }
             h
         };

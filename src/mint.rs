@@ -253,7 +253,7 @@ impl Minter {
                 headers.insert(header::AUTHORIZATION, auth.clone());
             }
             headers.insert(
-                &crate::proxy::X_FORWARDED_FOR,
+                &crate::clients::X_FORWARDED_FOR,
                 crate::proxy::header_value(caller.forwarded_for)?,
             );
             if let Some(ua) = caller.user_agent {

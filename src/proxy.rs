@@ -20,12 +20,11 @@ use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 
 use crate::body::{ProxyBody, Watched};
+use crate::clients::X_FORWARDED_FOR;
 use crate::config::Origin;
 use crate::error::Error;
 use crate::upstream::Upstream;
 
-/// `X-Forwarded-For`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
