@@ -39,6 +39,7 @@ pub mod healthcheck;
 pub mod injected;
 pub mod lifecycle;
 pub mod listeners;
+pub mod lock;
 pub mod logins;
 pub mod metrics;
 pub mod mint;

@@ -236,8 +236,10 @@ impl Grants {
         }
     }
 
+    /// The table; a panic elsewhere while it was held leaves it whole (each change is one
+    /// step), so it is used as it is rather than making every later pull panic.
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().expect("grants lock")
+        crate::lock::lock(&self.table)
     }
 
     /// Records that `principal` may pull `repo` of `upstream` until `until` (exclusive). Give
@@ -380,5 +382,24 @@ impl Grants {
     pub fn seen_len(&self) -> usize {
         let t = self.lock();
         t.young.len() + t.old.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cache hits ask the table on every request: a panic elsewhere while it was held must not
+    /// make every later pull panic.
+    #[test]
+    fn a_panic_while_the_table_is_held_fails_no_later_pull() {
+        let g = Grants::new(8, 8);
+        let until = Instant::now() + std::time::Duration::from_secs(60);
+        g.grant("alice", "default", "g/p", until);
+        crate::lock::poison(&g.table);
+        assert!(g.is_granted("alice", "default", "g/p", Instant::now()));
+        g.grant("bob", "default", "g/p", until);
+        assert!(g.is_granted("bob", "default", "g/p", Instant::now()));
+        assert_eq!(g.grants_len(), 2);
     }
 }
