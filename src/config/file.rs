@@ -50,7 +50,7 @@ Signals: SIGTERM/SIGINT drain (a second one ends the drain), SIGHUP reloads cert
 keys and credential files.";
 
 /// Raw settings as the user wrote them. Used both as clap flags (with env fallbacks) and as the
-/// TOML file schema; every field is optional here and checked in [`Config::try_from`].
+/// TOML file schema; every field is optional here and checked by [`super::Config`]'s `TryFrom`.
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[command(after_help = SERVE_AFTER_HELP)]
