@@ -15,7 +15,9 @@
 //!   The `service` is learnt from those challenges; the realm never is (see [`crate::mint`]).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -149,7 +151,8 @@ pub struct Access {
     /// The canonical public URL, when configured: sessions are sealed for it whatever name a
     /// client used, so they open through every alias and on every replica with the same one.
     canonical: Option<String>,
-    service: RwLock<String>,
+    /// The `service` the registry names, read on every challenge: lock-free, never poisoned.
+    service: ArcSwap<String>,
     tokens: TokenStore,
     opened: OpenedCache,
     minter: Arc<Minter>,
@@ -174,7 +177,7 @@ impl Access {
             keys,
             realm_ns,
             canonical,
-            service: RwLock::new(DEFAULT_SERVICE.to_owned()),
+            service: ArcSwap::from_pointee(DEFAULT_SERVICE.to_owned()),
             tokens,
             opened: OpenedCache {
                 map: DashMap::new(),
@@ -298,11 +301,8 @@ impl Access {
                 continue;
             };
             if let Some(service) = c.get("service") {
-                let known = self.service.read().unwrap_or_else(PoisonError::into_inner);
-                if *known != service {
-                    drop(known);
-                    *self.service.write().unwrap_or_else(PoisonError::into_inner) =
-                        service.to_owned();
+                if **self.service.load() != service {
+                    self.service.store(Arc::new(service.to_owned()));
                 }
             }
             error = c.error().map(str::to_owned);
@@ -335,9 +335,7 @@ impl Access {
     fn challenge_with(&self, method: &Method, path: &str, public: &Origin, error: &str) -> String {
         let mut c = Challenge { params: vec![] };
         c.set("realm", &self.public_realm(public));
-        let service = self.service.read().unwrap_or_else(PoisonError::into_inner);
-        c.set("service", &service);
-        drop(service);
+        c.set("service", &self.service.load());
         if let Some(scope) = challenge::required_scope(method, path) {
             c.set("scope", &scope);
         }

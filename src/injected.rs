@@ -10,9 +10,10 @@
 //! [`crate::app`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::config::{read_private, ConfigError};
+use crate::lock::{lock, try_lock};
 
 /// Largest credentials file read.
 pub const MAX_CREDENTIALS_FILE_BYTES: u64 = 4096;
@@ -44,16 +46,19 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-struct State {
+/// When the file was last looked at, and its modification time then.
+struct Seen {
     checked: Instant,
     modified: Option<SystemTime>,
-    current: Credential,
 }
 
 /// A credentials file, re-read when it changes.
 pub struct InjectedCredentials {
     path: PathBuf,
-    state: Mutex<State>,
+    /// Read on every injected request: lock-free, never poisoned.
+    current: ArcSwap<Credential>,
+    /// One caller at a time looks at the file; the others use the credential in force.
+    seen: Mutex<Seen>,
 }
 
 impl InjectedCredentials {
@@ -65,10 +70,10 @@ impl InjectedCredentials {
         })?;
         Ok(InjectedCredentials {
             path: path.to_owned(),
-            state: Mutex::new(State {
+            current: ArcSwap::from_pointee(current),
+            seen: Mutex::new(Seen {
                 checked: Instant::now(),
                 modified: modified(path),
-                current,
             }),
         })
     }
@@ -76,16 +81,23 @@ impl InjectedCredentials {
     /// The credential in force, re-read first when the file changed (a bad new file is refused
     /// with a log line and the old credential stays).
     pub fn current(&self) -> Credential {
-        let mut state = self.state.lock().expect("credentials lock");
-        if state.checked.elapsed() >= RECHECK_EVERY {
-            state.checked = Instant::now();
+        if let Some(mut seen) = try_lock(&self.seen) {
+            self.recheck(&mut seen);
+        }
+        Credential::clone(&self.current.load())
+    }
+
+    /// Re-reads the file when [`RECHECK_EVERY`] passed and its modification time changed.
+    fn recheck(&self, seen: &mut Seen) {
+        if seen.checked.elapsed() >= RECHECK_EVERY {
+            seen.checked = Instant::now();
             let now = modified(&self.path);
-            if now != state.modified {
+            if now != seen.modified {
                 match read(&self.path) {
                     Ok(c) => {
                         tracing::info!(file = %self.path.display(), "upstream credentials re-read");
-                        state.current = c;
-                        state.modified = now;
+                        self.current.store(Arc::new(c));
+                        seen.modified = now;
                     }
                     Err(reason) => {
                         tracing::error!(file = %self.path.display(), error = %reason, "new upstream credentials refused; the previous ones stay");
@@ -93,17 +105,16 @@ impl InjectedCredentials {
                 }
             }
         }
-        state.current.clone()
     }
 
     /// Reads the file now, whatever its time stamp (SIGHUP); on error the credential in force
     /// stays and the reason is returned.
     pub fn reload(&self) -> Result<(), String> {
         let fresh = read(&self.path)?;
-        let mut state = self.state.lock().expect("credentials lock");
-        state.current = fresh;
-        state.modified = modified(&self.path);
-        state.checked = Instant::now();
+        let mut seen = lock(&self.seen);
+        self.current.store(Arc::new(fresh));
+        seen.modified = modified(&self.path);
+        seen.checked = Instant::now();
         Ok(())
     }
 
@@ -200,5 +211,28 @@ mod tests {
             .unwrap();
         tokio::time::advance(RECHECK_EVERY).await;
         assert_eq!(creds.current().fingerprint, new.fingerprint);
+    }
+
+    /// Injection reads the credential on every request it serves: a panic while the file's
+    /// re-check was under way must not fail every later injected pull, nor stop re-reading.
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_during_a_re_check_fails_no_later_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("creds");
+        write(&path, "deploy:gldt-old\n", 0o600);
+        let creds = InjectedCredentials::load(&path).unwrap();
+        let old = creds.current().fingerprint;
+        crate::lock::poison(&creds.seen);
+        assert_eq!(creds.current().fingerprint, old);
+        write(&path, "deploy:gldt-new\n", 0o600);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(10))
+            .unwrap();
+        tokio::time::advance(RECHECK_EVERY).await;
+        assert_ne!(creds.current().fingerprint, old, "re-read after the panic");
+        creds.reload().unwrap();
     }
 }

@@ -2,8 +2,9 @@
 //! GitLab registry auth.
 //!
 //! # Layout
-//! Data flows one way: client → [`server`] (listen, TLS, HTTP/1.1 + h2, drain; which budget each
-//! request takes, [`clients`]' fair shares of every shared pool) → [`app`]
+//! Data flows one way: client → [`server`] (accept with a pause when out of descriptors, TLS,
+//! HTTP/1.1 + h2, supervision, drain; which budget each request takes; the admin (metrics)
+//! listener, drained with the proxy; [`clients`]' fair shares of every shared pool) → [`app`]
 //! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
 //! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
@@ -17,7 +18,10 @@
 //! A process's life: [`listeners`] (the sockets: taken over, socket-activated or bound),
 //! [`lifecycle`] (serving, signals, the handover), [`upgrade`] (upgrades in place: the listening
 //! sockets handed to a successor over `--upgrade-socket`; `regrelay upgrade`; `sd_notify`).
-//! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`]), [`tls`], [`body`]
+//! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`], every mistake reported at
+//! once; its rooms: file, validate, limits, origin, network, upstreams, secret files), [`tls`]
+//! (the server certificate and upstream trust, reloaded whole), [`lock`] (mutexes that recover
+//! from poisoning; read-mostly state is in `arc_swap` cells instead), [`body`]
 //! (stream wrappers), [`error`] (one error enum, blame → status), [`telemetry`] (logs, access log),
 //! [`healthcheck`] (the `regrelay healthcheck` client), [`doctor`] (`regrelay doctor`: why a CI
 //! push fails).
@@ -39,6 +43,7 @@ pub mod healthcheck;
 pub mod injected;
 pub mod lifecycle;
 pub mod listeners;
+pub mod lock;
 pub mod logins;
 pub mod metrics;
 pub mod mint;

@@ -1,5 +1,5 @@
 //! A serving process from its sockets to its exit: serves the proxy ([`server::run`]) and the
-//! metrics on the sockets [`crate::listeners`] obtained, re-reads its files on SIGHUP, stops in
+//! metrics ([`server::admin`], drained with the proxy) on the sockets [`crate::listeners`] obtained, re-reads its files on SIGHUP, stops in
 //! phases on SIGTERM/SIGINT (a second signal ends the drain), and, with `--upgrade-socket`,
 //! hands its sockets to a successor ([`crate::upgrade`]) and drains without the not-ready delay.
 //! A process that took over tells its predecessor to drain once it serves, says so in its
@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
-use tokio::task::AbortHandle;
 
 use crate::listeners::Listeners;
 use crate::server::{self, Stop};
@@ -36,7 +35,10 @@ pub async fn serve(
     if upgrades {
         offer.add(Role::Listen, &listener, addr, activated)?;
     }
-    let mut metrics_task = None;
+    // The admin listener serves until the proxy's drain ends, or a handover (see below).
+    let (admin_stop, mut admin_stopping) = watch::channel(false);
+    let admin_stop = Arc::new(admin_stop);
+    let mut admin = None;
     if let Some(metrics) = listeners.metrics {
         let metrics = tokio::net::TcpListener::from_std(metrics)?;
         let bound = metrics.local_addr()?;
@@ -44,8 +46,14 @@ pub async fn serve(
             offer.add(Role::Metrics, &metrics, bound, activated)?;
         }
         tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-        let task = tokio::spawn(crate::metrics::serve(metrics, app.metrics().clone()));
-        metrics_task = Some(task.abort_handle());
+        let until = async move {
+            let _ = admin_stopping.wait_for(|stop| *stop).await;
+        };
+        admin = Some(tokio::spawn(server::admin::serve(
+            metrics,
+            app.metrics().clone(),
+            until,
+        )));
     }
     warn_of_ephemeral_keys(&app, upgrades);
     // A fresh process fails here, before serving, when its upgrade socket cannot be made; one
@@ -87,7 +95,7 @@ pub async fn serve(
             offer,
             stopping,
             handed_tx,
-            metrics_task,
+            admin_stop.clone(),
         ));
     }
     let tls = config.tls.is_some();
@@ -111,6 +119,11 @@ pub async fn serve(
         launcher.took_over(from);
     }
     server.await?;
+    // The drain is over: so is the admin listener's.
+    admin_stop.send_replace(true);
+    if let Some(admin) = admin {
+        admin.await?;
+    }
     Ok(())
 }
 
@@ -190,21 +203,19 @@ async fn finish_takeover(takeover: Takeover) -> u32 {
     from
 }
 
-/// Serves upgrades until one succeeds (then the metrics listener closes here, and `handed`
-/// stops the server's accepting) or this process starts stopping (it hands nothing over; its
-/// duplicates of the sockets close, so the port closes with its listener).
+/// Serves upgrades until one succeeds (then the admin listener stops accepting here, and
+/// `handed` stops the server's accepting) or this process starts stopping (it hands nothing
+/// over; its duplicates of the sockets close, so the port closes with its listener).
 async fn serve_upgrades(
     socket: UpgradeSocket,
     offer: Offer,
     mut stopping: watch::Receiver<bool>,
     handed: oneshot::Sender<u32>,
-    metrics: Option<AbortHandle>,
+    admin_stop: Arc<watch::Sender<bool>>,
 ) {
     tokio::select! {
         to_pid = socket.serve(offer) => {
-            if let Some(metrics) = metrics {
-                metrics.abort();
-            }
+            admin_stop.send_replace(true);
             let _ = handed.send(to_pid);
         }
         _ = stopping.wait_for(|s| *s) => {}

@@ -23,7 +23,7 @@
 //! windows by their size.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +34,7 @@ use sha2::Sha256;
 use tokio::time::Instant;
 
 use crate::clients::ClientKey;
+use crate::lock::lock;
 
 /// The window failed logins are counted in.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -131,10 +132,6 @@ impl Window {
             (WINDOW.saturating_sub(now.duration_since(*t))).as_secs() + 1
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The failed-login state of one token service.

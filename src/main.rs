@@ -97,7 +97,10 @@ fn main() -> ExitCode {
     let mut config = match Config::load(raw) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("regrelay: {err}");
+            // Every problem, one line each: one run shows every mistake.
+            for problem in err.each() {
+                eprintln!("regrelay: {problem}");
+            }
             return ExitCode::from(EX_USAGE);
         }
     };
@@ -164,7 +167,10 @@ fn upgrade(raw: ConfigFile) -> ExitCode {
     let config = match Config::load(raw) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("regrelay upgrade: {err}; the running regrelay serves on");
+            for problem in err.each() {
+                eprintln!("regrelay upgrade: {problem}");
+            }
+            eprintln!("regrelay upgrade: nothing was changed; the running regrelay serves on");
             return ExitCode::from(EX_USAGE);
         }
     };

@@ -584,30 +584,9 @@ impl Collector for TokenCollector {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
-            });
-            let conn = auto::Builder::new(TokioExecutor::new());
-            let io = TokioIo::new(stream);
-            let serving = conn.serve_connection(io, service);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), serving).await;
-        });
-    }
-}
-
-fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
+/// The admin listener's answer ([`crate::server::admin`]): the exposition for `GET /metrics`
+/// (and `HEAD`), 404 for anything else.
+pub fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
     let ok = req.uri().path() == "/metrics" && matches!(*req.method(), Method::GET | Method::HEAD);
     let (status, content_type, text) = if ok {
         (

@@ -19,7 +19,9 @@
 pub mod answer;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,8 +68,9 @@ pub struct Minter {
     client: Upstream,
     logins: Logins,
     metrics: Arc<Metrics>,
-    realm: RwLock<Option<Uri>>,
-    service: RwLock<Option<String>>,
+    /// Learned once, read on every mint: lock-free, never poisoned.
+    realm: ArcSwapOption<Uri>,
+    service: ArcSwapOption<String>,
     allow: Vec<AllowedOrigin>,
     timeout: Duration,
     listen: SocketAddr,
@@ -89,8 +92,8 @@ impl Minter {
             client,
             logins: Logins::new(cfg.failed_logins.0, cfg.failed_logins.1),
             metrics,
-            realm: RwLock::new(upstream.token_realm.clone()),
-            service: RwLock::new(None),
+            realm: ArcSwapOption::new(upstream.token_realm.clone().map(Arc::new)),
+            service: ArcSwapOption::empty(),
             allow: upstream.auth_redirect_allow.clone(),
             timeout: cfg.timeouts.token_request,
             listen: cfg.listen,
@@ -110,19 +113,19 @@ impl Minter {
 
     /// The upstream realm: configured, or asked of the registry by regrelay itself, once.
     pub async fn realm(&self) -> Result<Uri, Error> {
-        if let Some(r) = self.realm.read().expect("realm lock").clone() {
-            return Ok(r);
+        if let Some(r) = self.realm.load_full() {
+            return Ok(Uri::clone(&r));
         }
         self.probe().await
     }
 
     /// The `service` the registry announces (asked once), if it names one.
     pub async fn service(&self) -> Option<String> {
-        if let Some(s) = self.service.read().expect("service lock").clone() {
-            return Some(s);
+        if let Some(s) = self.service.load_full() {
+            return Some(String::clone(&s));
         }
         let _ = self.probe().await;
-        self.service.read().expect("service lock").clone()
+        self.service.load_full().map(|s| String::clone(&s))
     }
 
     /// Asks the registry's `GET /v2/` for its challenge: learns its service, and its realm when
@@ -139,10 +142,10 @@ impl Minter {
             .find_map(|v| v.to_str().ok().and_then(Challenge::parse))
             .ok_or_else(unknown)?;
         if let Some(service) = challenge.get("service") {
-            *self.service.write().expect("service lock") = Some(service.to_owned());
+            self.service.store(Some(Arc::new(service.to_owned())));
         }
-        if let Some(r) = self.realm.read().expect("realm lock").clone() {
-            return Ok(r);
+        if let Some(r) = self.realm.load_full() {
+            return Ok(Uri::clone(&r));
         }
         let announced = challenge.get("realm").and_then(|r| r.parse::<Uri>().ok());
         let realm = announced.ok_or_else(unknown)?;
@@ -156,7 +159,7 @@ impl Minter {
             return Err(unknown());
         }
         tracing::info!(realm = %realm, "upstream token realm (announced by the registry)");
-        *self.realm.write().expect("realm lock") = Some(realm.clone());
+        self.realm.store(Some(Arc::new(realm.clone())));
         Ok(realm)
     }
 

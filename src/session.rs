@@ -195,7 +195,8 @@ pub struct KeyRing {
 #[derive(Debug)]
 pub struct Keys {
     path: Option<std::path::PathBuf>,
-    ring: std::sync::RwLock<Arc<KeyRing>>,
+    /// Read on every request with a session: lock-free, never poisoned.
+    ring: arc_swap::ArcSwap<KeyRing>,
 }
 
 impl Keys {
@@ -207,13 +208,13 @@ impl Keys {
         };
         Ok(Keys {
             path: path.map(Path::to_owned),
-            ring: std::sync::RwLock::new(Arc::new(ring)),
+            ring: arc_swap::ArcSwap::from_pointee(ring),
         })
     }
 
     /// The ring in force.
     pub fn current(&self) -> Arc<KeyRing> {
-        self.ring.read().expect("key ring lock").clone()
+        self.ring.load_full()
     }
 
     /// Reads the key file again: `Ok(true)` when replaced, `Ok(false)` without a key file; on
@@ -223,7 +224,7 @@ impl Keys {
             return Ok(false);
         };
         let fresh = KeyRing::load(path)?;
-        *self.ring.write().expect("key ring lock") = Arc::new(fresh);
+        self.ring.store(Arc::new(fresh));
         Ok(true)
     }
 }

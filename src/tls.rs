@@ -9,7 +9,9 @@
 //! [`ConfigError`]s naming the key, because these run while the configuration is validated.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::crypto::ring::default_provider;
 use rustls::crypto::CryptoProvider;
@@ -51,7 +53,8 @@ fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stat
 pub struct ServerCert {
     cert: PathBuf,
     key: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
+    /// Read on every handshake: lock-free, and no panic anywhere can poison it.
+    current: ArcSwap<CertifiedKey>,
 }
 
 impl ServerCert {
@@ -60,28 +63,23 @@ impl ServerCert {
         Ok(ServerCert {
             cert: cert.to_owned(),
             key: key.to_owned(),
-            current: RwLock::new(Arc::new(certified_key(cert, key)?)),
+            current: ArcSwap::from_pointee(certified_key(cert, key)?),
         })
     }
 
     /// Reads the files again; on any error the pair in force stays and the error is returned.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let fresh = certified_key(&self.cert, &self.key)?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        self.current.store(Arc::new(fresh));
         Ok(())
     }
 }
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // Every handshake passes here: a poisoned lock (a panic elsewhere while it was held;
-        // the pair in it is whole either way) must not make every later handshake panic.
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        )
+        // Every handshake passes here: a lock-free load, so a reload never makes a handshake
+        // wait and no panic elsewhere can make every later handshake fail.
+        Some(self.current.load_full())
     }
 }
 

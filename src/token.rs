@@ -40,6 +40,8 @@ use tokio::time::Instant;
 
 use crate::challenge::Scope;
 use crate::error::MintFailure;
+// A slot's fields are each written in one step: a poisoned lock is used as it is.
+use crate::lock::lock;
 use crate::session::unix_now;
 
 /// Lifetime assumed for a token without readable `iat`/`exp` (what Docker assumes without
@@ -339,13 +341,6 @@ impl Slot {
 struct Entry {
     slot: Arc<Slot>,
     session_exp: u64,
-}
-
-/// Locks a slot's state; its fields stay consistent whatever a panicking holder did (each is
-/// written in one step), so a poisoned lock is used as it is rather than panicking every later
-/// request.
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Session id → upstream token, bounded in entries and bytes.

@@ -83,6 +83,37 @@ fn invalid_config_exits_64_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// Three independent mistakes, one run: each is named on a line of its own, and the exit is 64
+/// (validation used to stop at the first, hiding the others until it was fixed).
+#[test]
+fn every_mistake_is_reported_in_one_run() {
+    let out = regrelay(
+        &[
+            "check-config",
+            "--registry",
+            "ftp://r",
+            "--listen",
+            "nowhere",
+            "--max-connections",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("regrelay: "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for key in ["`registry`", "`listen`", "`max_connections`"] {
+        assert!(
+            lines.iter().any(|l| l.contains(key)),
+            "{key} missing:\n{err}"
+        );
+    }
+}
+
 #[test]
 fn flags_beat_env_beat_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -236,8 +236,10 @@ impl Grants {
         }
     }
 
+    /// The table; a panic elsewhere while it was held leaves it whole (each change is one
+    /// step), so it is used as it is rather than making every later pull panic.
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().expect("grants lock")
+        crate::lock::lock(&self.table)
     }
 
     /// Records that `principal` may pull `repo` of `upstream` until `until` (exclusive). Give
@@ -382,3 +384,6 @@ impl Grants {
         t.young.len() + t.old.len()
     }
 }
+
+#[cfg(test)]
+mod tests;

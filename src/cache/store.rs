@@ -158,8 +158,9 @@ impl Index {
 }
 
 impl Inner {
+    /// The index; a poisoned one is used as it is (see [`crate::lock`]).
     pub(super) fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().expect("cache index lock")
+        crate::lock::lock(&self.index)
     }
 
     pub(super) fn blob_path(&self, digest: &Digest) -> PathBuf {

@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use super::*;
 
 fn raw(registry: &str) -> ConfigFile {
@@ -500,4 +502,32 @@ fn listen_addresses_as_people_write_them() {
             .to_string(),
         "0.0.0.0:9100"
     );
+}
+
+/// Three independent mistakes in one run: all three are named, one line each, with what to
+/// write instead (validation used to stop at the first, so fixing a config took a run a mistake).
+#[test]
+fn every_mistake_is_reported_at_once() {
+    let mut c = raw("ftp://r");
+    c.max_connections = Some(0);
+    c.trusted_proxies = Some(vec!["10.0.0.1".into(), "10.0.0.0/40".into()]);
+    let msg = err_of(c);
+    let lines: Vec<&str> = msg.lines().collect();
+    assert_eq!(lines.len(), 3, "{msg}");
+    for (key, fix) in [
+        ("`registry`", "want an http(s) URL"),
+        ("`max_connections`", "set a value within it"),
+        ("`trusted_proxies`", "want ADDR/PREFIX"),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(key) && l.contains(fix)),
+            "{key} with {fix:?} missing:\n{msg}"
+        );
+    }
+    // A key that depends on a broken one is not blamed for it: a bad listen address is one
+    // problem, not a second one about --metrics-listen being the same address.
+    let mut c = raw("http://r");
+    c.listen = Some("nowhere".into());
+    c.metrics_listen = Some(":9100".into());
+    assert_eq!(err_of(c).lines().count(), 1);
 }

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -27,11 +27,8 @@ use crate::body::ProxyBody;
 use crate::clients::Share;
 use crate::telemetry::Logged;
 
-/// Locks a mutex whose data stays consistent whatever a panicking holder did (plain fields
-/// written in one step): a panic elsewhere must not make every later request panic.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+/// Every lock of a connection's state recovers from poisoning ([`crate::lock`]).
+pub(super) use crate::lock::lock;
 
 /// Milliseconds since the process's first look at the clock: stall times fit in an atomic.
 fn now_ms() -> u64 {

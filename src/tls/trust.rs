@@ -12,7 +12,9 @@
 //! [`crate::upstream`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
@@ -35,8 +37,8 @@ const MAX_SESSIONS: usize = 256;
 pub struct UpstreamTrust {
     ca: Option<PathBuf>,
     provider: Arc<CryptoProvider>,
-    verifier: RwLock<Arc<Verifier>>,
-    sessions: RwLock<Arc<ClientSessionMemoryCache>>,
+    verifier: ArcSwap<Verifier>,
+    sessions: ArcSwap<ClientSessionMemoryCache>,
 }
 
 impl std::fmt::Debug for UpstreamTrust {
@@ -55,8 +57,8 @@ impl UpstreamTrust {
         Ok(Arc::new(UpstreamTrust {
             ca: ca.map(Path::to_owned),
             provider,
-            verifier: RwLock::new(Arc::new(verifier)),
-            sessions: RwLock::new(Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS))),
+            verifier: ArcSwap::from_pointee(verifier),
+            sessions: ArcSwap::from_pointee(ClientSessionMemoryCache::new(MAX_SESSIONS)),
         }))
     }
 
@@ -64,9 +66,9 @@ impl UpstreamTrust {
     /// the error is returned.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let fresh = super::verifier(self.ca.as_deref(), &self.provider)?;
-        *self.verifier.write().expect("upstream trust lock") = Arc::new(fresh);
-        *self.sessions.write().expect("upstream sessions lock") =
-            Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS));
+        self.verifier.store(Arc::new(fresh));
+        self.sessions
+            .store(Arc::new(ClientSessionMemoryCache::new(MAX_SESSIONS)));
         Ok(())
     }
 
@@ -90,17 +92,14 @@ impl UpstreamTrust {
         cfg
     }
 
-    /// The verifier in force. The lock is held only to clone the Arc: a reload never waits for
-    /// a handshake.
+    /// The verifier in force: a lock-free load, so a reload never waits for a handshake and a
+    /// handshake never waits for (or is poisoned by) anything.
     fn current(&self) -> Arc<Verifier> {
-        self.verifier.read().expect("upstream trust lock").clone()
+        self.verifier.load_full()
     }
 
     fn sessions(&self) -> Arc<ClientSessionMemoryCache> {
-        self.sessions
-            .read()
-            .expect("upstream sessions lock")
-            .clone()
+        self.sessions.load_full()
     }
 }
 
