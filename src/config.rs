@@ -23,6 +23,7 @@ mod file;
 mod limits;
 mod network;
 mod origin;
+mod problems;
 mod secret;
 mod upstreams;
 mod validate;

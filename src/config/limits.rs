@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::validate::Problems;
+use super::problems::Problems;
 use super::*;
 
 /// One hour, in seconds.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use http::Uri;
 
 use super::origin::parse_realm;
-use super::validate::Problems;
+use super::problems::Problems;
 use super::{invalid, AllowedOrigin, ConfigError, ConfigFile, Origin};
 
 /// One upstream registry of the mirror endpoint.

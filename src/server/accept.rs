@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::connection::{serve_connection, Shared};
+use super::connection::{serve_connection, Shared, Slot};
 use crate::config::Limits;
 use crate::metrics::PoolLabels;
 
@@ -110,14 +110,6 @@ pub(super) struct Acceptor {
     pub(super) reserve: Arc<Semaphore>,
     /// What each connection task gets (its `accepted` is stamped per connection).
     pub(super) template: Shared,
-}
-
-/// A connection's slot.
-pub(super) enum Slot {
-    /// One of `--max-connections`.
-    Main(OwnedSemaphorePermit),
-    /// One of [`crate::config::RESERVE_CONNECTIONS`]: health checks, or a wait for a real slot.
-    Reserve(OwnedSemaphorePermit),
 }
 
 impl Acceptor {

@@ -12,11 +12,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use super::accept::Slot;
 use super::admit::Admission;
 use super::deadline::{Deadlined, Socket};
 use super::state::{ConnState, StreamExec};
@@ -24,6 +23,14 @@ use super::supervise::{shed, supervise, Watch};
 use super::{Phase, SHED_IDLE_AFTER};
 use crate::app::{App, ConnInfo};
 use crate::config::{Limits, Timeouts};
+
+/// A connection's slot.
+pub(super) enum Slot {
+    /// One of `--max-connections`.
+    Main(OwnedSemaphorePermit),
+    /// One of [`crate::config::RESERVE_CONNECTIONS`]: health checks, or a wait for a real slot.
+    Reserve(OwnedSemaphorePermit),
+}
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
