@@ -23,6 +23,7 @@ use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Method;
 
+use crate::api_path::ApiPath;
 use crate::challenge::{self, Challenge, Scope};
 use crate::config::Origin;
 use crate::error::{Error, MintFailure};
@@ -327,16 +328,22 @@ impl Access {
 
     /// A fresh challenge for a request regrelay refuses itself: its token is not valid
     /// (`invalid_token`: log in again).
-    pub fn challenge_for(&self, method: &Method, path: &str, public: &Origin) -> String {
-        self.challenge_with(method, path, public, "invalid_token")
+    pub fn challenge_for(&self, method: &Method, api: &ApiPath, public: &Origin) -> String {
+        self.challenge_with(method, api, public, "invalid_token")
     }
 
     /// A fresh challenge with `error` (`invalid_token`, `insufficient_scope`).
-    fn challenge_with(&self, method: &Method, path: &str, public: &Origin, error: &str) -> String {
+    fn challenge_with(
+        &self,
+        method: &Method,
+        api: &ApiPath,
+        public: &Origin,
+        error: &str,
+    ) -> String {
         let mut c = Challenge { params: vec![] };
         c.set("realm", &self.public_realm(public));
         c.set("service", &self.service.load());
-        if let Some(scope) = challenge::required_scope(method, path) {
+        if let Some(scope) = api.scope(method) {
             c.set("scope", &scope);
         }
         c.set("error", error);
@@ -348,7 +355,7 @@ impl Access {
     pub fn credentials(
         &self,
         method: &Method,
-        path: &str,
+        api: &ApiPath,
         headers: &HeaderMap,
         public: &Origin,
         upstream: &str,
@@ -361,7 +368,7 @@ impl Access {
         }
         let refuse = |reason: OpenError| Error::Unauthorized {
             reason: reason.to_string(),
-            challenge: self.challenge_for(method, path, public),
+            challenge: self.challenge_for(method, api, public),
         };
         let session = self.open_cached(token, public).map_err(refuse)?;
         if session.kind != Kind::Access {
@@ -370,13 +377,13 @@ impl Access {
         if session.upstream != upstream {
             return Err(Error::Unauthorized {
                 reason: "this session was issued for another upstream".into(),
-                challenge: self.challenge_for(method, path, public),
+                challenge: self.challenge_for(method, api, public),
             });
         }
         Ok(Credentials::Session(session))
     }
 
-    /// A GitLab token for `session` to send `method path` with, fresh now (cached, or minted
+    /// A GitLab token for `session` to send `method api` with, fresh now (cached, or minted
     /// once for all waiters). GitLab refusing the credentials (revoked, lost permission) is the
     /// client's 401 with a fresh challenge and GitLab's message, so it logs in again; a busy or
     /// unreachable token service stays what it is (429/503/502/504).
@@ -392,9 +399,9 @@ impl Access {
         session: &Session,
         fwd: &Forward<'_>,
         method: &Method,
-        path: &str,
+        api: &ApiPath,
     ) -> Result<UpstreamToken, Error> {
-        let needed = challenge::required_scope(method, path);
+        let needed = api.scope(method);
         let need = needed.as_deref().and_then(Scope::parse);
         if let Some(need) = &need {
             if !challenge::covered(&session.scopes, need) {
@@ -402,13 +409,13 @@ impl Access {
                     .counters()
                     .scope_refusals
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(self.not_granted(session, need, method, path, fwd.public, false));
+                return Err(self.not_granted(session, need, method, api, fwd.public, false));
             }
         }
         let mint = self.mint_for(session, fwd);
         let token = match self.tokens.get(session.id, session.exp, &mint).await {
             Ok(token) => token,
-            Err(failure) => return Err(self.mint_error(failure, method, path, fwd.public)),
+            Err(failure) => return Err(self.mint_error(failure, method, api, fwd.public)),
         };
         let (Some(need), Some(key)) = (need, needed.as_deref()) else {
             return Ok(token);
@@ -419,14 +426,14 @@ impl Access {
         // The token service left this scope out of the session's token.
         match self.tokens.refusal(session.id, key) {
             Refused::Remembered => {
-                return Err(self.not_granted(session, &need, method, path, fwd.public, true));
+                return Err(self.not_granted(session, &need, method, api, fwd.public, true));
             }
             Refused::Expired => {
                 let fresh = self
                     .tokens
                     .remint(session.id, session.exp, &token, &mint)
                     .await
-                    .map_err(|failure| self.mint_error(failure, method, path, fwd.public))?;
+                    .map_err(|failure| self.mint_error(failure, method, api, fwd.public))?;
                 if fresh.grants.allow(&need) != Some(false) {
                     self.tokens.grant(session.id, key);
                     return Ok(fresh);
@@ -440,7 +447,7 @@ impl Access {
             backoff_secs = backoff.as_secs(),
             "the token service refused the session this scope; answering it without asking again for the backoff"
         );
-        Err(self.not_granted(session, &need, method, path, fwd.public, true))
+        Err(self.not_granted(session, &need, method, api, fwd.public, true))
     }
 
     /// The mint of `session`'s token, for the token cache (it may run in a background task).
@@ -465,13 +472,13 @@ impl Access {
         &self,
         failure: MintFailure,
         method: &Method,
-        path: &str,
+        api: &ApiPath,
         public: &Origin,
     ) -> Error {
         match failure {
             MintFailure::Refused { message, .. } => Error::Unauthorized {
                 reason: format!("the token service refused this session's credentials: {message}"),
-                challenge: self.challenge_for(method, path, public),
+                challenge: self.challenge_for(method, api, public),
             },
             other => Error::Mint(other),
         }
@@ -486,7 +493,7 @@ impl Access {
         session: &Session,
         need: &Scope<'_>,
         method: &Method,
-        path: &str,
+        api: &ApiPath,
         public: &Origin,
         refused: bool,
     ) -> Error {
@@ -511,7 +518,7 @@ impl Access {
         };
         Error::Unauthorized {
             reason,
-            challenge: self.challenge_with(method, path, public, "insufficient_scope"),
+            challenge: self.challenge_with(method, api, public, "insufficient_scope"),
         }
     }
 

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 use crate::access::{Access, Credentials, DEFAULT_SERVICE};
+use crate::api_path::ApiPath;
 use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::PullCache;
@@ -337,26 +338,35 @@ impl App {
     pub fn refuse(
         &self,
         req: &Request<Incoming>,
+        route: &Result<Route, Error>,
         conn: ConnInfo,
         what: &'static str,
     ) -> Response<Logged<ProxyBody>> {
         let err = Error::Overloaded { what };
         tracing::warn!(path = %req.uri().path(), peer = %conn.peer.ip(), error = %err, "request refused");
         self.metrics.requests_overloaded.inc();
-        let mut log = AccessLog::new(req, conn.peer.ip(), self.metrics.clone());
+        let mut log = AccessLog::new(req, class(route), conn.peer.ip(), self.metrics.clone());
         let resp = error_response(&err);
         log.status = resp.status().as_u16();
         resp.map(|b| Logged::new(b, log))
     }
 
-    /// Handles one request; never fails, and logs it once when its response body is done.
+    /// Where `req` goes ([`router::route`]): decided once, before admission, and handed to
+    /// [`App::handle`] with the request.
+    pub fn route_of<B>(&self, req: &Request<B>) -> Result<Route, Error> {
+        router::route(req.method(), req.uri(), req.version(), &self.publics)
+    }
+
+    /// Handles one request routed by [`App::route_of`]; never fails, and logs it once when its
+    /// response body is done.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        route: Result<Route, Error>,
     ) -> Response<Logged<ProxyBody>> {
-        let mut log = AccessLog::new(&req, conn.peer.ip(), self.metrics.clone());
-        let resp = match self.handle_inner(req, conn, &mut log).await {
+        let mut log = AccessLog::new(&req, class(&route), conn.peer.ip(), self.metrics.clone());
+        let resp = match self.handle_inner(req, route, conn, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
                 let status = err.status().as_u16();
@@ -375,10 +385,11 @@ impl App {
     async fn handle_inner(
         &self,
         mut req: Request<Incoming>,
+        route: Result<Route, Error>,
         conn: ConnInfo,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, Error> {
-        let route = router::route(req.method(), req.uri(), req.version(), &self.publics)?;
+        let route = route?;
         let trusted = self.config.is_trusted_proxy(conn.peer.ip());
         // Who asks decides injected credentials: behind a trusted front, the client it names.
         let client = match req.extensions().get::<ClientHandle>() {
@@ -402,9 +413,9 @@ impl App {
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }
-            Route::Registry => {
+            Route::Registry(client_api) => {
                 let public = self.public_origin(&req, conn, trusted)?;
-                let routed = self.route(&req)?;
+                let (routed, api) = self.route(&req, &client_api)?;
                 let lane = &self.lanes[routed.upstream];
                 let fwd = Forward {
                     peer: conn.peer.ip(),
@@ -419,7 +430,7 @@ impl App {
                 fwd.notes.upstream(&lane.config.name);
                 let creds = lane.access.credentials(
                     req.method(),
-                    req.uri().path(),
+                    &client_api,
                     req.headers(),
                     &public,
                     &lane.session_name,
@@ -430,7 +441,7 @@ impl App {
                 };
                 retarget(&mut req, &routed.path)?;
                 let injected = match anonymous {
-                    true => self.injected_session(lane, &req, client).await,
+                    true => self.injected_session(lane, &req, &api, client).await,
                     false => None,
                 };
                 let session = match (injected, creds) {
@@ -455,9 +466,14 @@ impl App {
                 let mut resp = match session {
                     None => proxy::forward(&lane.upstream, req, &fwd).await?,
                     Some(session) => {
-                        let resp = match self.cache_target(&req) {
-                            Some(cached) => self.pull(cached, lane, req, &session, &fwd).await?,
-                            None => self.forward_with_session(lane, req, &session, &fwd).await?,
+                        let resp = match self.cache_target(&method, &api) {
+                            Some(cached) => {
+                                self.pull(cached, lane, req, &api, &session, &fwd).await?
+                            }
+                            None => {
+                                self.forward_with_session(lane, req, &api, &session, &fwd)
+                                    .await?
+                            }
                         };
                         explain_bodiless(resp, &method)
                     }
@@ -473,9 +489,10 @@ impl App {
         }
     }
 
-    /// Which upstream a registry request is for ([`mirror::route`]); pushes go to the default
-    /// upstream only.
-    fn route(&self, req: &Request<Incoming>) -> Result<Routed, Error> {
+    /// Which upstream a registry request is for ([`mirror::route`]), and its path there (the
+    /// client's, unless the mirror names the repository differently upstream); pushes go to the
+    /// default upstream only.
+    fn route(&self, req: &Request<Incoming>, api: &ApiPath) -> Result<(Routed, ApiPath), Error> {
         let path = req.uri().path();
         let rest = path
             .strip_prefix("/v2/")
@@ -496,7 +513,8 @@ impl App {
                     "this upstream is a pull-only mirror: push to the default (GitLab) upstream",
             });
         }
-        Ok(routed)
+        let upstream = routed.upstream_api(api);
+        Ok((routed, upstream))
     }
 
     /// True when regrelay holds pull credentials for `lane` and `client` may use them
@@ -523,6 +541,7 @@ impl App {
         &self,
         lane: &Lane,
         req: &Request<Incoming>,
+        api: &ApiPath,
         client: ClientAddress,
     ) -> Option<Arc<Session>> {
         let injected = lane.injected.as_ref()?;
@@ -531,7 +550,7 @@ impl App {
         {
             return None;
         }
-        let scope = challenge::required_scope(req.method(), req.uri().path())?;
+        let scope = api.scope(req.method())?;
         let credential = injected.current();
         let service = lane
             .access
@@ -566,15 +585,16 @@ impl App {
         &self,
         lane: &Lane,
         req: Request<Incoming>,
+        api: &ApiPath,
         session: &Session,
         fwd: &Forward<'_>,
     ) -> Result<Response<ProxyBody>, Error> {
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let method = req.method().clone();
         let ends = req.body().is_end_stream();
         let cfg = &self.config;
         if upload::is_splittable(
             &method,
-            &path,
+            api,
             req.headers(),
             ends,
             cfg.upload_split,
@@ -588,17 +608,17 @@ impl App {
                 mode: cfg.upload_split,
                 cut: self.upload_cut.subscribe(),
             };
-            return uploader.forward(req, session).await;
+            return uploader.forward(req, api, session).await;
         }
         // A scope the session lacks or GitLab refused it is answered here, a push not granted
         // with why ([`Access::upstream_token`]).
         let token = lane
             .access
-            .upstream_token(session, fwd, &method, &path)
+            .upstream_token(session, fwd, &method, api)
             .await?;
         let retry = ends.then(|| bodiless_copy(&req));
         let (resp, _) = lane
-            .send_refreshing(session, fwd, req, token, retry.map(|r| move || r))
+            .send_refreshing(session, fwd, req, api, token, retry.map(|r| move || r))
             .await?;
         Ok(resp)
     }
@@ -664,6 +684,7 @@ impl Lane {
         session: &Session,
         fwd: &Forward<'_>,
         mut req: Request<B>,
+        api: &ApiPath,
         token: UpstreamToken,
         retry: Option<R>,
     ) -> Result<(Response<ProxyBody>, UpstreamToken), Error>
@@ -687,11 +708,10 @@ impl Lane {
         };
         drop(resp);
         let mut retry = retry();
-        let (method, path) = (retry.method(), retry.uri().path());
-        tracing::info!(path = %path, error, "registry refused the session's token; minting again");
+        tracing::info!(path = %retry.uri().path(), error, "registry refused the session's token; minting again");
         let token = self
             .access
-            .upstream_token(session, fwd, method, path)
+            .upstream_token(session, fwd, retry.method(), api)
             .await?;
         retry
             .headers_mut()
@@ -742,6 +762,11 @@ impl Lanes for App {
             scopes: upstream_scopes,
         })
     }
+}
+
+/// The metrics label of a route; `other` for a refused one.
+fn class(route: &Result<Route, Error>) -> &'static str {
+    route.as_ref().map_or("other", Route::class)
 }
 
 /// Points a request at its upstream path, keeping its query without `ns` (it was for regrelay).

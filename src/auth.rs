@@ -37,6 +37,7 @@ use hyper::body::Incoming;
 use zeroize::Zeroizing;
 
 use crate::access::{bearer_token, Access};
+use crate::api_path::ApiPath;
 use crate::body::{self, ProxyBody};
 use crate::challenge;
 use crate::clients::ClientHandle;
@@ -250,7 +251,7 @@ impl Auth {
                     .filter(|s| s.kind == Kind::Refresh)
                     .ok_or_else(|| Error::Unauthorized {
                         reason: "invalid refresh token".into(),
-                        challenge: access.challenge_for(&Method::GET, "/v2/", public),
+                        challenge: access.challenge_for(&Method::GET, &ApiPath::BASE, public),
                     })?;
                 if refresh.upstream != picked.upstream {
                     // Its credentials were given for another upstream: they never go elsewhere.
@@ -258,7 +259,7 @@ impl Auth {
                         reason: "this refresh token was issued for another upstream; log in to \
                                  this one with its own credentials"
                             .into(),
-                        challenge: access.challenge_for(&Method::GET, "/v2/", public),
+                        challenge: access.challenge_for(&Method::GET, &ApiPath::BASE, public),
                     });
                 }
                 (refresh.authorization.clone(), presented.to_string())

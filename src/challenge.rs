@@ -5,7 +5,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use http::Method;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// A parsed `Bearer` challenge: its auth-params in order (names lowercased).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,42 +122,23 @@ pub fn query_values(query: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// What [`percent_encode`] leaves as it is: RFC 3986's unreserved characters.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Decodes `%XX` and `+` (form encoding). Invalid escapes are kept as they are.
 pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        // Both characters must be hex digits (`from_str_radix` alone accepts a sign).
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'+', _) => out.push(b' '),
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 2;
-            }
-            (b, _) => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Encodes a query value: unreserved characters stay, everything else is `%XX`.
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// The query of a token request for `service` and `scopes` (one `scope` parameter each, as
@@ -169,27 +150,6 @@ pub fn token_query(service: &str, scopes: &[String]) -> String {
         q.push_str(&percent_encode(s));
     }
     q
-}
-
-/// The scope the registry will ask for on `method path`, for a fresh challenge when regrelay
-/// refuses a session itself: `repository:<name>:<actions>` (GET/HEAD pull, POST/PUT/PATCH
-/// pull,push, DELETE delete), or `None` for `/v2/` and paths that name no repository.
-pub fn required_scope(method: &Method, path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v2/")?;
-    let segments: Vec<&str> = rest.split('/').collect();
-    let at = segments
-        .iter()
-        .rposition(|s| matches!(*s, "blobs" | "manifests" | "tags" | "referrers"))?;
-    let name = segments[..at].join("/");
-    if name.is_empty() || segments[..at].iter().any(|s| s.is_empty()) {
-        return None;
-    }
-    let actions = match *method {
-        Method::GET | Method::HEAD => "pull",
-        Method::DELETE => "delete",
-        _ => "pull,push",
-    };
-    Some(format!("repository:{name}:{actions}"))
 }
 
 /// Most scopes one token request may carry. Docker, containerd and BuildKit ask for one to a
@@ -504,51 +464,6 @@ mod tests {
             "service=container_registry&scope=repository%3Ag%2Fp%3Apull%2Cpush&scope=registry%3Acatalog%3A%2A"
         );
         assert_eq!(scopes_from_query(&q), scopes);
-    }
-
-    #[test]
-    fn required_scope_table() {
-        let cases: &[(Method, &str, Option<&str>)] = &[
-            (Method::GET, "/v2/", None),
-            (
-                Method::GET,
-                "/v2/g/p/manifests/v1",
-                Some("repository:g/p:pull"),
-            ),
-            (
-                Method::HEAD,
-                "/v2/a/b/c/blobs/sha256:00",
-                Some("repository:a/b/c:pull"),
-            ),
-            (
-                Method::PATCH,
-                "/v2/g/p/blobs/uploads/u",
-                Some("repository:g/p:pull,push"),
-            ),
-            (
-                Method::PUT,
-                "/v2/g/blobs/manifests/v1",
-                Some("repository:g/blobs:pull,push"),
-            ),
-            (
-                Method::DELETE,
-                "/v2/g/p/manifests/sha256:0",
-                Some("repository:g/p:delete"),
-            ),
-            (
-                Method::GET,
-                "/v2/g/p/tags/list",
-                Some("repository:g/p:pull"),
-            ),
-            (Method::GET, "/v2/_catalog", None),
-            (Method::GET, "/v2/manifests/x", None),
-            // Found by fuzzing (fuzz/regressions/scope-empty-repository-name).
-            (Method::GET, "/v2//blobs", None),
-            (Method::GET, "/v2/a//b/blobs/sha256:00", None),
-        ];
-        for (m, p, want) in cases {
-            assert_eq!(required_scope(m, p).as_deref(), *want, "{m} {p}");
-        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Data flows one way: client → [`server`] (accept with a pause when out of descriptors, TLS,
 //! HTTP/1.1 + h2, supervision, drain; which budget each request takes; the admin (metrics)
 //! listener, drained with the proxy; [`clients`]' fair shares of every shared pool) → [`app`]
-//! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused) →
+//! (dispatch, error → registry JSON) → [`router`] (pure: which handler, what is refused; a
+//! registry path parsed once into an [`api_path::ApiPath`] that every later room reads) →
 //! [`auth`] (the `/jwt/auth` endpoint), [`access`] (sessions on registry requests, challenges)
 //! and [`proxy`] (headers, `Location`, streaming bodies) → [`upstream`] (the only dialer).
 //! Several upstreams (the mirror endpoint): [`mirror`] (pure: which upstream a request is for)
@@ -30,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod api_path;
 pub mod app;
 pub mod auth;
 pub mod body;

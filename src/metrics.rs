@@ -31,7 +31,7 @@ type WatchedTokens = Arc<OnceLock<Vec<(String, Arc<Counters>)>>>;
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// [`route_class`] of the path.
+    /// [`crate::router::Route::class`] of the request.
     pub route: &'static str,
     /// [`method_label`] of the method.
     pub method: &'static str,
@@ -42,7 +42,7 @@ pub struct RequestLabels {
 /// A route class alone.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    /// [`route_class`] of the path.
+    /// [`crate::router::Route::class`] of the request.
     pub route: &'static str,
 }
 
@@ -415,14 +415,13 @@ impl Metrics {
     /// Records one finished request.
     pub fn request(
         &self,
-        path: &str,
+        route: &'static str,
         method: &Method,
         status: u16,
         secs: f64,
         received: u64,
         sent: u64,
     ) {
-        let route = route_class(path);
         self.requests
             .get_or_create(&RequestLabels {
                 route,
@@ -451,37 +450,6 @@ impl Metrics {
         self.session_opens
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-    }
-}
-
-/// The route class of a request path: a fixed set, never a repository name.
-pub fn route_class(path: &str) -> &'static str {
-    if path == "/v2" || path == "/v2/" {
-        return "base";
-    }
-    if path == "/jwt/auth" {
-        return "token";
-    }
-    if path.starts_with("/-/") {
-        return "health";
-    }
-    if !path.starts_with("/v2/") {
-        return "other";
-    }
-    if path.ends_with("/_catalog") {
-        "catalog"
-    } else if path.contains("/blobs/uploads/") || path.ends_with("/blobs/uploads") {
-        "upload"
-    } else if path.contains("/blobs/") {
-        "blob"
-    } else if path.contains("/manifests/") {
-        "manifest"
-    } else if path.ends_with("/tags/list") {
-        "tags"
-    } else if path.contains("/referrers/") {
-        "referrers"
-    } else {
-        "other"
     }
 }
 
@@ -620,25 +588,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_classes_are_a_fixed_set() {
-        let cases = [
-            ("/v2/", "base"),
-            ("/v2", "base"),
-            ("/jwt/auth", "token"),
-            ("/-/ready", "health"),
-            ("/v2/_catalog", "catalog"),
-            ("/v2/g/p/blobs/uploads/", "upload"),
-            ("/v2/g/p/blobs/uploads/uuid", "upload"),
-            ("/v2/g/p/blobs/sha256:ab", "blob"),
-            ("/v2/g/p/manifests/v1", "manifest"),
-            ("/v2/g/p/tags/list", "tags"),
-            ("/v2/g/p/referrers/sha256:ab", "referrers"),
-            ("/v2/g/p/unknown", "other"),
-            ("/favicon.ico", "other"),
-        ];
-        for (path, class) in cases {
-            assert_eq!(route_class(path), class, "{path}");
-        }
+    fn method_labels_are_a_fixed_set() {
         assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
     }
 
@@ -650,7 +600,7 @@ mod tests {
             .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         let m = Metrics::new();
         m.watch_tokens(vec![("default".into(), counters)]);
-        m.request("/v2/g/p/blobs/sha256:ab", &Method::GET, 200, 0.5, 0, 10);
+        m.request("blob", &Method::GET, 200, 0.5, 0, 10);
         let text = m.encode();
         for needle in [
             "regrelay_requests_total{route=\"blob\",method=\"GET\",status=\"200\"} 1",

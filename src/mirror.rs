@@ -14,6 +14,7 @@
 //! dependency proxy, say) is prepended on the way up and removed on the way back
 //! ([`Routed::client_path`], [`Routed::client_scope`]). No I/O here.
 
+use crate::api_path::ApiPath;
 use crate::challenge;
 use crate::config::UpstreamConfig;
 
@@ -105,6 +106,30 @@ impl Routed {
     /// paths and scopes must be translated back.
     pub fn translates(&self) -> bool {
         self.segment.is_some() || !self.prefix.is_empty()
+    }
+
+    /// The upstream's form of the client's parsed path: the same resource, in the repository
+    /// the upstream knows it by (the segment dropped, the prefix added); `/v2/`, the catalog and
+    /// paths regrelay does not read are taken as [`Routed::path`] reads.
+    pub fn upstream_api(&self, client: &ApiPath) -> ApiPath {
+        if !self.translates() {
+            return client.clone();
+        }
+        let bare = client.repository().and_then(|repo| match &self.segment {
+            Some(seg) => repo.get(seg.len()..)?.strip_prefix('/'),
+            None => Some(repo),
+        });
+        match bare.filter(|b| !b.is_empty()) {
+            Some(bare) if self.prefix.is_empty() => ApiPath {
+                repo: bare.to_owned(),
+                kind: client.kind.clone(),
+            },
+            Some(bare) => ApiPath {
+                repo: format!("{}/{bare}", self.prefix),
+                kind: client.kind.clone(),
+            },
+            None => ApiPath::parse(&self.path).unwrap_or_else(|| client.clone()),
+        }
     }
 
     /// The client's form of an upstream repository name.
@@ -332,6 +357,31 @@ mod tests {
                 .clone()
                 .map(|(u, s, p)| (u, s.map(str::to_owned), p.to_owned()));
             assert_eq!(got, want, "{rest} ns={ns:?} root={root}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_path_is_the_routed_path_parsed() {
+        let t = table();
+        for (rest, ns) in [
+            ("docker.io/library/alpine/manifests/3", None),
+            ("docker.io/team/blobs/app/blobs/sha256:ab", None),
+            ("DOCKER.IO/library/a/blobs/uploads/", None),
+            ("library/alpine/manifests/3", Some("docker.io")),
+            ("ghcr.io/o/app/tags/list", None),
+            ("g/app/manifests/1", None),
+            ("docker.io/", None),
+            ("docker.io/manifests/1", None),
+            ("_catalog", None),
+            ("", Some("docker.io")),
+        ] {
+            let routed = route(rest, ns, &t, 0).unwrap();
+            let client = ApiPath::parse(&format!("/v2/{rest}")).unwrap();
+            assert_eq!(
+                Some(routed.upstream_api(&client)),
+                ApiPath::parse(&routed.path),
+                "{rest} ns={ns:?}"
+            );
         }
     }
 

@@ -5,6 +5,7 @@
 
 use http::{Method, Uri, Version};
 
+use crate::api_path::ApiPath;
 use crate::config::Origin;
 use crate::error::Error;
 
@@ -18,8 +19,8 @@ pub const READY_PATH: &str = "/-/ready";
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
-    /// Registry API (`/v2/…`): forwarded to the upstream registry.
-    Registry,
+    /// Registry API (`/v2/…`): forwarded to the upstream registry; its path, parsed.
+    Registry(ApiPath),
     /// The token realm (`/jwt/auth`): served by regrelay, on the registry's own host.
     Token,
     /// `/-/healthy`.
@@ -57,19 +58,20 @@ pub fn route(
         return Err(Error::Refused { reason });
     }
     let route = match path {
-        "/v2" | "/v2/" => Route::Registry,
-        p if p.starts_with("/v2/") => Route::Registry,
         TOKEN_PATH => Route::Token,
         HEALTHY_PATH => Route::Healthy,
         READY_PATH => Route::Ready,
-        _ => {
-            return Err(Error::NotFound {
-                path: path.to_owned(),
-            })
-        }
+        _ => match ApiPath::parse(path) {
+            Some(api) => Route::Registry(api),
+            None => {
+                return Err(Error::NotFound {
+                    path: path.to_owned(),
+                })
+            }
+        },
     };
     let allowed = match route {
-        Route::Registry => matches!(
+        Route::Registry(_) => matches!(
             *method,
             Method::GET
                 | Method::HEAD
@@ -88,6 +90,17 @@ pub fn route(
         });
     }
     Ok(route)
+}
+
+impl Route {
+    /// The metrics label of the route: a fixed set, never a repository name.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Route::Registry(api) => api.class(),
+            Route::Token => "token",
+            Route::Healthy | Route::Ready => "health",
+        }
+    }
 }
 
 /// Refuses paths that mean something else once a later hop normalizes them: dot segments, in
@@ -119,6 +132,10 @@ mod tests {
     use super::*;
     use http::StatusCode;
 
+    fn base() -> ApiPath {
+        ApiPath::parse("/v2/").unwrap()
+    }
+
     #[test]
     fn table() {
         let h1 = Version::HTTP_11;
@@ -131,21 +148,27 @@ mod tests {
             Result<Route, StatusCode>,
         );
         let cases: &[Case] = &[
-            ("GET", "/v2/", Some(&public), h1, Ok(Route::Registry)),
-            ("GET", "/v2", None, h1, Ok(Route::Registry)),
+            (
+                "GET",
+                "/v2/",
+                Some(&public),
+                h1,
+                Ok(Route::Registry(base())),
+            ),
+            ("GET", "/v2", None, h1, Ok(Route::Registry(base()))),
             (
                 "PATCH",
                 "/v2/g/p/blobs/uploads/u?_state=x",
                 None,
                 h1,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             (
                 "DELETE",
                 "/v2/g/p/manifests/sha256:0",
                 None,
                 h1,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             ("HEAD", "/-/healthy", None, h1, Ok(Route::Healthy)),
             ("GET", "/-/ready", None, h1, Ok(Route::Ready)),
@@ -213,14 +236,14 @@ mod tests {
                 "http://px:5000/v2/",
                 Some(&public),
                 h1,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             (
                 "GET",
                 "https://any:1/v2/",
                 None,
                 Version::HTTP_2,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             (
                 "GET",
@@ -266,14 +289,14 @@ mod tests {
                 "/v2/g/p/blobs/sha256%3Aab",
                 None,
                 h1,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             (
                 "GET",
                 "/v2/g/p.v2/manifests/1.0_rc-1",
                 None,
                 h1,
-                Ok(Route::Registry),
+                Ok(Route::Registry(base())),
             ),
             ("GET", "/", None, h1, Err(StatusCode::NOT_FOUND)),
             ("GET", "/v20/", None, h1, Err(StatusCode::NOT_FOUND)),
@@ -283,8 +306,32 @@ mod tests {
             let method: Method = m.parse().unwrap();
             let uri: Uri = target.parse().unwrap();
             let publics: Vec<Origin> = public.iter().map(|p| (*p).clone()).collect();
-            let got = route(&method, &uri, *v, &publics).map_err(|e| e.status());
+            // Which route only: the paths' parsing has its own table (api_path.rs).
+            let got = route(&method, &uri, *v, &publics)
+                .map(|r| match r {
+                    Route::Registry(_) => Route::Registry(base()),
+                    other => other,
+                })
+                .map_err(|e| e.status());
             assert_eq!(&got, want, "{m} {target}");
+        }
+    }
+
+    #[test]
+    fn classes_are_a_fixed_set() {
+        let cases = [
+            ("GET", "/v2/", "base"),
+            ("GET", "/jwt/auth", "token"),
+            ("GET", "/-/ready", "health"),
+            ("HEAD", "/-/healthy", "health"),
+            ("GET", "/v2/g/p/blobs/sha256:ab", "blob"),
+            ("GET", "/v2/team/blobs/app/manifests/sha256:ab", "manifest"),
+            ("PATCH", "/v2/g/p/blobs/uploads/u", "upload"),
+        ];
+        for (m, path, class) in cases {
+            let method: Method = m.parse().unwrap();
+            let route = route(&method, &path.parse().unwrap(), Version::HTTP_11, &[]).unwrap();
+            assert_eq!(route.class(), class, "{m} {path}");
         }
     }
 }

@@ -117,6 +117,8 @@ pub struct AccessLog {
     pub method: Method,
     /// Request path, without query.
     pub path: String,
+    /// Its metrics label ([`crate::router::Route::class`]).
+    pub route: &'static str,
     /// Client address.
     pub peer: IpAddr,
     /// When the request headers arrived.
@@ -139,10 +141,16 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// The log of a request that starts now.
-    pub fn new<B>(req: &http::Request<B>, peer: IpAddr, metrics: Arc<Metrics>) -> AccessLog {
+    pub fn new<B>(
+        req: &http::Request<B>,
+        route: &'static str,
+        peer: IpAddr,
+        metrics: Arc<Metrics>,
+    ) -> AccessLog {
         AccessLog {
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
+            route,
             peer,
             start: Instant::now(),
             status: 0,
@@ -159,7 +167,7 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.metrics.request(
-            &self.path,
+            self.route,
             &self.method,
             self.status,
             self.start.elapsed().as_secs_f64(),

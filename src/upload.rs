@@ -54,6 +54,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::access::Access;
+use crate::api_path::ApiPath;
 use crate::body::{self, IdleTimeout, ProxyBody};
 use crate::config::{Origin, UploadSplit, MAX_SESSION_LIFETIME};
 use crate::error::{BoxError, Error};
@@ -91,13 +92,13 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// are already short and are left alone.
 pub fn is_splittable(
     method: &Method,
-    path: &str,
+    api: &ApiPath,
     headers: &HeaderMap,
     body_ends: bool,
     mode: UploadSplit,
     chunk_max: Option<u64>,
 ) -> bool {
-    if mode == UploadSplit::Never || body_ends || !path.contains("/blobs/uploads/") {
+    if mode == UploadSplit::Never || body_ends || !api.is_upload() {
         return false;
     }
     let length = content_length(headers);
@@ -168,6 +169,7 @@ impl Uploader<'_> {
     pub async fn forward(
         &self,
         req: Request<Incoming>,
+        api: &ApiPath,
         session: &Session,
     ) -> Result<Response<ProxyBody>, Error> {
         let (parts, body) = req.into_parts();
@@ -192,12 +194,12 @@ impl Uploader<'_> {
                     reason: "the upload outlived the session's hard cap".into(),
                     challenge: self
                         .access
-                        .challenge_for(&Method::PATCH, &path, self.fwd.public),
+                        .challenge_for(&Method::PATCH, api, self.fwd.public),
                 });
             }
             let token = self
                 .access
-                .upstream_token(session, self.fwd, &Method::PATCH, &path)
+                .upstream_token(session, self.fwd, &Method::PATCH, api)
                 .await?;
             let budget = token
                 .remaining(Instant::now())
@@ -275,7 +277,7 @@ impl Uploader<'_> {
             }
             drop(resp);
             return self
-                .finish(next, digest.as_deref(), &headers, session, &path)
+                .finish(next, digest.as_deref(), &headers, session, api)
                 .await;
         }
     }
@@ -287,11 +289,11 @@ impl Uploader<'_> {
         digest: Option<&str>,
         headers: &HeaderMap,
         session: &Session,
-        path: &str,
+        api: &ApiPath,
     ) -> Result<Response<ProxyBody>, Error> {
         let token = self
             .access
-            .upstream_token(session, self.fwd, &Method::PUT, path)
+            .upstream_token(session, self.fwd, &Method::PUT, api)
             .await?;
         let mut put = part_request(
             Method::PUT,
@@ -687,7 +689,7 @@ mod tests {
         ];
         for (m, p, headers, ends, mode, max, want) in cases {
             assert_eq!(
-                is_splittable(&m, p, &headers, ends, mode, max),
+                is_splittable(&m, &ApiPath::parse(p).unwrap(), &headers, ends, mode, max),
                 want,
                 "{m} {p} {headers:?} {mode:?} {max:?}"
             );

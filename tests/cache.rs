@@ -9,6 +9,8 @@
 //! - 20 parallel cold GETs of one blob make one upstream GET, all 20 byte-identical.
 //! - After a restart the warm cache still serves hits (after a HEAD re-authorizes), and a
 //!   half-written file left by a killed fetch is gone.
+//! - A repository named like a route (`team/blobs/app`): its manifest by digest is cached and
+//!   every request is counted under what it asks for (issue 22: the path is parsed once).
 //! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
 //!   client whose grant holds (marked stale), and to no one else.
 
@@ -27,6 +29,11 @@ const PRIVATE: &str = "team/private";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 async fn world() -> (GitLab, Registry) {
+    world_with(PRIVATE).await
+}
+
+/// alice's private project `private` and bob's own, on a registry with token auth.
+async fn world_with(private: &str) -> (GitLab, Registry) {
     let pat = |(user, token): (&str, &str)| Credential::Pat {
         user: user.into(),
         token: token.into(),
@@ -35,7 +42,7 @@ async fn world() -> (GitLab, Registry) {
     let gl = gitlab()
         .credential(pat(ALICE))
         .credential(pat(BOB))
-        .project(PRIVATE, false, &[(ALICE.0, Role::Developer)])
+        .project(private, false, &[(ALICE.0, Role::Developer)])
         .project("bob/own", false, &[(BOB.0, Role::Developer)])
         .lifetime(Duration::from_secs(300))
         .start()
@@ -190,6 +197,69 @@ async fn a_cached_private_blob_reaches_no_one_the_upstream_did_not_authorize() {
     let mut secrets = gl.issued();
     secrets.extend([ALICE.1.to_owned(), BOB.1.to_owned()]);
     assert_no_secrets(&px.output.text(), ALICE.0, &secrets);
+}
+
+/// Issue 22: `/v2/team/blobs/app/manifests/sha256:…` is a manifest of `team/blobs/app`, not a
+/// blob of `team`: the cache keeps it (the second GET makes no upstream request) and the metrics
+/// count it as a manifest. (A Developer pulls a private project: gitlab-behaviour.md's rows on
+/// `/jwt/auth` scopes, as in the other tests here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_named_like_a_route_is_cached_and_counted_by_what_it_asks() {
+    const REPO: &str = "team/blobs/app";
+    let (_gl, reg) = world_with(REPO).await;
+    let image = OciImage::random(183, &[1 << 20]);
+    push(&image, reg.addr.to_string(), REPO, ALICE).await;
+    let (layer, _) = image.layers[0].clone();
+    let manifest_uri = format!("/v2/{REPO}/manifests/{}", image.manifest_digest);
+    let blob_uri = format!("/v2/{REPO}/blobs/{layer}");
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--cache-max-bytes",
+        "1073741824",
+        "--session-key-file",
+        keys.path().to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let realm = format!("{}/jwt/auth", px.url());
+    let token = fetch_token(&realm, ALICE.0, ALICE.1, &format!("repository:{REPO}:pull")).await;
+    for _ in 0..2 {
+        for (uri, want) in [(&manifest_uri, &image.manifest_digest), (&blob_uri, &layer)] {
+            let (status, body) = get(&px.url(), uri, Some(&token), false).await;
+            assert_eq!(status, 200, "{uri}\n{}", px.output.text());
+            assert_eq!(&digest(&body), want, "{uri}");
+        }
+    }
+    for uri in [&manifest_uri, &blob_uri] {
+        assert_eq!(
+            upstream_requests(&reg, "GET", uri),
+            1,
+            "the second GET of {uri} is a cache hit\n{}",
+            px.output.text()
+        );
+    }
+    let (_, _, text) = metrics::scrape(metrics::addr(&px)).await;
+    let requests = |route: &str| {
+        metrics::value(
+            &text,
+            "regrelay_requests_total",
+            &[
+                &format!("route=\"{route}\""),
+                "method=\"GET\"",
+                "status=\"200\"",
+            ],
+        )
+    };
+    assert_eq!(
+        (requests("manifest"), requests("blob")),
+        (2.0, 2.0),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,12 +1,13 @@
 //! Token-request queries and scopes: `scopes_from_query`, `query_values`, `percent_decode` /
-//! `percent_encode`, `token_query` and `required_scope`. Input: `KEY\nQUERY` (no newline: the
+//! `percent_encode`, `token_query` and `ApiPath::scope`. Input: `KEY\nQUERY` (no newline: the
 //! whole input is the query and the key is `scope`).
 #![no_main]
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
+use regrelay::api_path::ApiPath;
 use regrelay::challenge::{
-    percent_decode, percent_encode, query_values, required_scope, scopes_from_query, token_query,
+    percent_decode, percent_encode, query_values, scopes_from_query, token_query,
 };
 
 fuzz_target!(|input: &str| {
@@ -48,7 +49,7 @@ fuzz_target!(|input: &str| {
         (Method::DELETE, "delete"),
     ] {
         for path in [query, input] {
-            if let Some(scope) = required_scope(&method, path) {
+            if let Some(scope) = ApiPath::parse(path).and_then(|api| api.scope(&method)) {
                 assert!(path.starts_with("/v2/"), "{method} {path:?} -> {scope:?}");
                 let name = scope
                     .strip_prefix("repository:")

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::{App, Lane};
+use crate::api_path::ApiPath;
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
@@ -85,6 +86,8 @@ pub(super) enum CacheRequest {
 struct Pull<'a> {
     cache: &'a PullCache,
     lane: &'a Lane,
+    /// The upstream path, parsed.
+    api: &'a ApiPath,
     session: &'a Session,
     fwd: &'a Forward<'a>,
     /// Who asks, as the grants know them ([`pull::principal`]).
@@ -123,14 +126,14 @@ impl App {
     /// The cache and what it does with `req`, when it takes part.
     pub(super) fn cache_target(
         &self,
-        req: &Request<Incoming>,
+        method: &Method,
+        api: &ApiPath,
     ) -> Option<(&PullCache, CacheRequest)> {
         let cache = self.cache.as_ref()?;
-        let (method, path) = (req.method(), req.uri().path());
-        if let Some(target) = Target::of(method, path) {
+        if let Some(target) = Target::of(method, api) {
             return Some((cache, CacheRequest::Object(target)));
         }
-        Some((cache, CacheRequest::Tag(TagRef::of(method, path)?)))
+        Some((cache, CacheRequest::Tag(TagRef::of(method, api)?)))
     }
 
     /// Serves a pull the cache takes part in ([`App::cache_target`]).
@@ -139,12 +142,14 @@ impl App {
         (cache, what): (&PullCache, CacheRequest),
         lane: &Lane,
         req: Request<Incoming>,
+        api: &ApiPath,
         session: &Session,
         fwd: &Forward<'_>,
     ) -> Result<Response<ProxyBody>, Error> {
         let p = Pull {
             cache,
             lane,
+            api,
             session,
             fwd,
             principal: pull::principal(session),
@@ -429,13 +434,13 @@ impl App {
         method: Method,
     ) -> Result<(Response<ProxyBody>, UpstreamToken), Error> {
         let (lane, session, fwd) = (p.lane, p.session, p.fwd);
-        let path = p.shape.uri.path();
         let token = lane
             .access
-            .upstream_token(session, fwd, &method, path)
+            .upstream_token(session, fwd, &method, p.api)
             .await?;
         let req = p.shape.request(method.clone());
-        lane.send_refreshing(session, fwd, req, token, Some(|| p.shape.request(method)))
+        let retry = Some(|| p.shape.request(method));
+        lane.send_refreshing(session, fwd, req, p.api, token, retry)
             .await
     }
 

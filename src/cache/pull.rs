@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 
 use super::{CacheError, Digest, Grants, Hit, Store};
+use crate::api_path::{ApiPath, Resource};
 use crate::body::ProxyBody;
 use crate::session::Session;
 
@@ -37,28 +38,21 @@ pub struct Target {
 }
 
 impl Target {
-    /// The target of `method path` (an upstream path, `/v2/<repo>/…`), or `None` for anything
-    /// the cache leaves alone (tags, uploads, other methods, digests other than sha256).
-    pub fn of(method: &Method, path: &str) -> Option<Target> {
+    /// The target of `method api` (an upstream path), or `None` for anything the cache leaves
+    /// alone (tags, uploads, other methods, digests other than sha256).
+    pub fn of(method: &Method, api: &ApiPath) -> Option<Target> {
         if !matches!(*method, Method::GET | Method::HEAD) {
             return None;
         }
-        let rest = path.strip_prefix("/v2/")?;
-        let (repo, kind, reference) = if let Some((repo, d)) = rest.rsplit_once("/blobs/") {
-            (repo, Kind::Blob, d)
-        } else if let Some((repo, d)) = rest.rsplit_once("/manifests/") {
-            (repo, Kind::Manifest, d)
-        } else {
-            return None;
+        let (kind, reference) = match &api.kind {
+            Resource::Blob(digest) => (Kind::Blob, digest),
+            Resource::Manifest(reference) => (Kind::Manifest, reference),
+            _ => return None,
         };
-        if repo.is_empty() || repo.split('/').any(str::is_empty) || reference.contains('/') {
-            return None;
-        }
-        let digest = Digest::parse(reference).ok()?;
         Some(Target {
-            repo: repo.to_owned(),
+            repo: api.repository()?.to_owned(),
             kind,
-            digest,
+            digest: Digest::parse(reference).ok()?,
         })
     }
 }
@@ -74,23 +68,22 @@ pub struct TagRef {
 }
 
 impl TagRef {
-    /// The tag reference of `method path`, if it is one.
-    pub fn of(method: &Method, path: &str) -> Option<TagRef> {
+    /// The tag reference of `method api`, if it is one.
+    pub fn of(method: &Method, api: &ApiPath) -> Option<TagRef> {
         if !matches!(*method, Method::GET | Method::HEAD) {
             return None;
         }
-        let (repo, tag) = path.strip_prefix("/v2/")?.rsplit_once("/manifests/")?;
-        let valid = !repo.is_empty()
-            && !repo.split('/').any(str::is_empty)
-            && !tag.is_empty()
-            && tag.len() <= 128
+        let (Resource::Manifest(tag), Some(repo)) = (&api.kind, api.repository()) else {
+            return None;
+        };
+        let valid = tag.len() <= 128
             && !tag.contains(':')
             && tag
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         valid.then(|| TagRef {
             repo: repo.to_owned(),
-            tag: tag.to_owned(),
+            tag: tag.clone(),
         })
     }
 }
@@ -326,12 +319,26 @@ mod tests {
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
+    fn api(path: impl AsRef<str>) -> ApiPath {
+        ApiPath::parse(path.as_ref()).unwrap()
+    }
+
     #[test]
     fn targets_are_blobs_and_manifests_by_digest_only() {
-        let blob = Target::of(&Method::GET, &format!("/v2/g/p/app/blobs/{D}")).unwrap();
+        let blob = Target::of(&Method::GET, &api(format!("/v2/g/p/app/blobs/{D}"))).unwrap();
         assert_eq!((blob.repo.as_str(), blob.kind), ("g/p/app", Kind::Blob));
-        let m = Target::of(&Method::HEAD, &format!("/v2/g/app/manifests/{D}")).unwrap();
+        let m = Target::of(&Method::HEAD, &api(format!("/v2/g/app/manifests/{D}"))).unwrap();
         assert_eq!(m.kind, Kind::Manifest);
+        // A repository with a route word in its name (issue 22).
+        let m = Target::of(
+            &Method::GET,
+            &api(format!("/v2/team/blobs/app/manifests/{D}")),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.repo.as_str(), m.kind),
+            ("team/blobs/app", Kind::Manifest)
+        );
         for (method, path) in [
             (Method::GET, "/v2/g/app/manifests/latest".to_owned()),
             (Method::PUT, format!("/v2/g/app/blobs/{D}")),
@@ -340,21 +347,27 @@ mod tests {
             (Method::GET, format!("/v2//blobs/{D}")),
             (Method::GET, "/v2/g/app/tags/list".to_owned()),
         ] {
-            assert_eq!(Target::of(&method, &path), None, "{method} {path}");
+            assert_eq!(Target::of(&method, &api(&path)), None, "{method} {path}");
         }
     }
 
     #[test]
     fn tags_are_manifests_by_name() {
-        let t = TagRef::of(&Method::GET, "/v2/g/app/manifests/v1.2-rc_3").unwrap();
+        let t = TagRef::of(&Method::GET, &api("/v2/g/app/manifests/v1.2-rc_3")).unwrap();
         assert_eq!((t.repo.as_str(), t.tag.as_str()), ("g/app", "v1.2-rc_3"));
         assert_eq!(
-            TagRef::of(&Method::GET, &format!("/v2/g/app/manifests/{D}")),
+            TagRef::of(&Method::GET, &api(format!("/v2/g/app/manifests/{D}"))),
             None
         );
-        assert_eq!(TagRef::of(&Method::PUT, "/v2/g/app/manifests/v1"), None);
-        assert_eq!(TagRef::of(&Method::GET, "/v2/g/app/manifests/../x"), None);
-        assert_eq!(TagRef::of(&Method::GET, "/v2/g/app/blobs/v1"), None);
+        assert_eq!(
+            TagRef::of(&Method::PUT, &api("/v2/g/app/manifests/v1")),
+            None
+        );
+        assert_eq!(
+            TagRef::of(&Method::GET, &api("/v2/g/app/manifests/../x")),
+            None
+        );
+        assert_eq!(TagRef::of(&Method::GET, &api("/v2/g/app/blobs/v1")), None);
     }
 
     #[test]

@@ -23,8 +23,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::state::{lock, ConnState, Holds, InFlight, Stream, StreamExec, Tracked};
 use crate::app::{App, ConnInfo};
 use crate::clients::{acquire_pressing, client_address, ClientHandle};
+use crate::error::Error;
 use crate::metrics::{OutcomeLabels, PoolLabels};
-use crate::router::{HEALTHY_PATH, READY_PATH};
+use crate::router::Route;
 
 /// How long a request that finds every request slot taken waits for one (while stalled requests
 /// are shed) before it gets 503.
@@ -78,10 +79,12 @@ impl Admission {
         // In flight from now on: a connection waiting for a slot is not idle (and not shed as
         // such by the pressure its own wait signals).
         let mut guard = InFlight::enter(self.state.clone(), stream, Holds::default());
-        let health = is_health(req.method(), req.uri().path());
+        // Routed once: the route (and a registry request's parsed path) goes on to the app.
+        let route = app.route_of(&req);
+        let health = matches!(route, Ok(Route::Healthy | Route::Ready));
         let reserve = lock(&self.reserve).is_some();
         if health {
-            let mut resp = app.handle(req, conn).await;
+            let mut resp = app.handle(req, conn, route).await;
             if reserve {
                 // One answer per reserve connection: the slot is for the next health check.
                 self.reserve_outcome("health");
@@ -91,7 +94,7 @@ impl Admission {
         }
         if reserve && !self.promote().await {
             self.reserve_outcome("refused");
-            let mut resp = app.refuse(&req, conn, "connections");
+            let mut resp = app.refuse(&req, &route, conn, "connections");
             self.close_after(&mut resp);
             return resp.map(Tracked::without);
         }
@@ -100,15 +103,20 @@ impl Admission {
         let Some(share) = client.try_request() else {
             self.share_refused("requests");
             return app
-                .refuse(&req, conn, "this client's share of requests in flight")
+                .refuse(
+                    &req,
+                    &route,
+                    conn,
+                    "this client's share of requests in flight",
+                )
                 .map(Tracked::without);
         };
         let Some(request) = self.request_slot().await else {
             return app
-                .refuse(&req, conn, "requests in flight")
+                .refuse(&req, &route, conn, "requests in flight")
                 .map(Tracked::without);
         };
-        let upload = is_upload(&req).then(|| self.uploads.clone());
+        let upload = is_upload(req.method(), &route).then(|| self.uploads.clone());
         req.extensions_mut()
             .insert(ClientHandle { client, address });
         guard.hold(Holds {
@@ -116,7 +124,7 @@ impl Admission {
             share: Some(share),
             upload,
         });
-        let resp = app.handle(req, conn).await;
+        let resp = app.handle(req, conn, route).await;
         resp.map(|inner| Tracked::new(inner, guard))
     }
 
@@ -164,14 +172,9 @@ impl Admission {
     }
 }
 
-/// `GET|HEAD /-/healthy` or `/-/ready`.
-fn is_health(method: &Method, path: &str) -> bool {
-    matches!(*method, Method::GET | Method::HEAD) && matches!(path, HEALTHY_PATH | READY_PATH)
-}
-
 /// A blob upload request (`POST`/`PATCH`/`PUT` under `/v2/<name>/blobs/uploads/`): it may
 /// continue past the grace period, until `--upload-drain-secs`.
-fn is_upload(req: &Request<Incoming>) -> bool {
-    matches!(*req.method(), Method::POST | Method::PATCH | Method::PUT)
-        && req.uri().path().contains("/blobs/uploads/")
+fn is_upload(method: &Method, route: &Result<Route, Error>) -> bool {
+    matches!(*method, Method::POST | Method::PATCH | Method::PUT)
+        && matches!(route, Ok(Route::Registry(api)) if api.is_upload())
 }
