@@ -10,37 +10,34 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::uri::Scheme;
-use http::{Method, Request, Response, StatusCode, Uri};
-use hyper::body::{Body, Incoming};
-use sha2::{Digest, Sha256};
-use std::time::Duration;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 
-use crate::access::{Access, Credentials, DEFAULT_SERVICE};
-use crate::api_path::ApiPath;
+use crate::access::Access;
 use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::PullCache;
-use crate::challenge::{self, Challenge};
-use crate::clients::{ClientAddress, ClientHandle, Clients, Shares};
+use crate::clients::{ClientHandle, Clients, Shares};
 use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
 use crate::injected::InjectedCredentials;
 use crate::metrics::Metrics;
 use crate::mint::Minter;
-use crate::mirror::{self, Refusal, Routed};
-use crate::proxy::{self, Forward, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::mirror::{self, Refusal};
+use crate::proxy::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::router::{self, Route};
-use crate::session::{Keys, Kind, Session};
+use crate::session::Keys;
 use crate::telemetry::{AccessLog, Logged};
 use crate::tls;
-use crate::token::UpstreamToken;
-use crate::upload::{self, Uploader};
 use crate::upstream::Upstream;
 
+mod exchange;
 mod pull;
 mod ready;
+
+use exchange::ClientFacts;
 
 use ready::Readiness;
 
@@ -384,7 +381,7 @@ impl App {
 
     async fn handle_inner(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         route: Result<Route, Error>,
         conn: ConnInfo,
         log: &mut AccessLog,
@@ -413,108 +410,15 @@ impl App {
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }
-            Route::Registry(client_api) => {
-                let public = self.public_origin(&req, conn, trusted)?;
-                let (routed, api) = self.route(&req, &client_api)?;
-                let lane = &self.lanes[routed.upstream];
-                let fwd = Forward {
-                    peer: conn.peer.ip(),
+            Route::Registry(api) => {
+                let client = ClientFacts {
+                    conn,
                     trusted,
-                    forwarded_for: proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted),
-                    public: &public,
-                    idle: self.config.timeouts.body_idle,
-                    bytes_in: log.bytes_in.clone(),
-                    notes: log.notes.clone(),
-                    client: req.extensions().get::<ClientHandle>().cloned(),
+                    address: client,
                 };
-                fwd.notes.upstream(&lane.config.name);
-                let creds = lane.access.credentials(
-                    req.method(),
-                    &client_api,
-                    req.headers(),
-                    &public,
-                    &lane.session_name,
-                )?;
-                let anonymous = match &creds {
-                    Credentials::Untouched => !req.headers().contains_key(header::AUTHORIZATION),
-                    Credentials::Session(s) => s.authorization.is_none(),
-                };
-                retarget(&mut req, &routed.path)?;
-                let injected = match anonymous {
-                    true => self.injected_session(lane, &req, &api, client).await,
-                    false => None,
-                };
-                let session = match (injected, creds) {
-                    (Some(session), _) => {
-                        tracing::debug!(upstream = %lane.config.name, "pull with injected credentials");
-                        fwd.notes.principal("injected");
-                        Some(session)
-                    }
-                    (None, Credentials::Session(session)) => {
-                        fwd.notes
-                            .principal(principal(session.authorization.as_deref()));
-                        Some(session)
-                    }
-                    (None, Credentials::Untouched) => {
-                        let auth = req.headers().get(header::AUTHORIZATION);
-                        fwd.notes
-                            .principal(principal(auth.map(HeaderValue::as_bytes)));
-                        None
-                    }
-                };
-                let method = req.method().clone();
-                let mut resp = match session {
-                    None => proxy::forward(&lane.upstream, req, &fwd).await?,
-                    Some(session) => {
-                        let resp = match self.cache_target(&method, &api) {
-                            Some(cached) => {
-                                self.pull(cached, lane, req, &api, &session, &fwd).await?
-                            }
-                            None => {
-                                self.forward_with_session(lane, req, &api, &session, &fwd)
-                                    .await?
-                            }
-                        };
-                        explain_bodiless(resp, &method)
-                    }
-                };
-                log.upstream_status = Some(resp.status().as_u16());
-                lane.access
-                    .rewrite_challenges(resp.headers_mut(), &public, &routed);
-                if routed.translates() {
-                    translate_location(resp.headers_mut(), &routed);
-                }
-                Ok(resp)
+                self.registry(req, api, client, log).await
             }
         }
-    }
-
-    /// Which upstream a registry request is for ([`mirror::route`]), and its path there (the
-    /// client's, unless the mirror names the repository differently upstream); pushes go to the
-    /// default upstream only.
-    fn route(&self, req: &Request<Incoming>, api: &ApiPath) -> Result<(Routed, ApiPath), Error> {
-        let path = req.uri().path();
-        let rest = path
-            .strip_prefix("/v2/")
-            .or_else(|| path.strip_prefix("/v2"))
-            .unwrap_or("");
-        let ns = mirror::ns_param(req.uri().query());
-        let cfg = &self.config;
-        let routed = mirror::route(rest, ns.as_deref(), &cfg.upstreams, cfg.root_upstream)
-            .map_err(|refusal| match refusal {
-                Refusal::Unknown(ns) => Error::NameUnknown { ns },
-                Refusal::Conflict { .. } => Error::Refused {
-                    reason: "the path and ?ns= name two different upstreams",
-                },
-            })?;
-        if routed.upstream != 0 && !matches!(*req.method(), Method::GET | Method::HEAD) {
-            return Err(Error::Unsupported {
-                reason:
-                    "this upstream is a pull-only mirror: push to the default (GitLab) upstream",
-            });
-        }
-        let upstream = routed.upstream_api(api);
-        Ok((routed, upstream))
     }
 
     /// True when regrelay holds pull credentials for `lane` and `client` may use them
@@ -530,97 +434,6 @@ impl App {
                 .inject_credentials_for
                 .iter()
                 .any(|c| c.contains(ip))
-    }
-
-    /// A session for regrelay's own pull credentials of `lane`, when the request may use them:
-    /// a pull (GET/HEAD) of a repository, without credentials of its own, from an
-    /// `--inject-credentials-for` address. Its id is derived from the upstream, the scope and
-    /// the credential, so its GitLab token is cached across requests and a rotated credential
-    /// starts afresh.
-    async fn injected_session(
-        &self,
-        lane: &Lane,
-        req: &Request<Incoming>,
-        api: &ApiPath,
-        client: ClientAddress,
-    ) -> Option<Arc<Session>> {
-        let injected = lane.injected.as_ref()?;
-        if !self.may_inject(lane, client.known())
-            || !matches!(*req.method(), Method::GET | Method::HEAD)
-        {
-            return None;
-        }
-        let scope = api.scope(req.method())?;
-        let credential = injected.current();
-        let service = lane
-            .access
-            .minter()
-            .service()
-            .await
-            .unwrap_or_else(|| DEFAULT_SERVICE.to_owned());
-        let mut session = Session::new(
-            Kind::Access,
-            Some(credential.authorization.to_vec()),
-            service,
-            vec![scope.clone()],
-            Duration::from_secs(INJECTED_SESSION_SECS),
-        );
-        let digest = Sha256::digest(
-            format!(
-                "inject|{}|{scope}|{}",
-                lane.config.name, credential.fingerprint
-            )
-            .as_bytes(),
-        );
-        session.id = u128::from_le_bytes(digest[..16].try_into().expect("16 bytes"));
-        session.upstream = lane.session_name.clone();
-        Some(Arc::new(session))
-    }
-
-    /// Forwards a request of a sealed session with a GitLab token valid on arrival. A registry
-    /// `401` with `invalid_token` or `insufficient_scope` forgets that token (whatever the
-    /// request), and a bodiless request is retried once with a new one. Long uploads go in parts
-    /// ([`Uploader`]).
-    async fn forward_with_session(
-        &self,
-        lane: &Lane,
-        req: Request<Incoming>,
-        api: &ApiPath,
-        session: &Session,
-        fwd: &Forward<'_>,
-    ) -> Result<Response<ProxyBody>, Error> {
-        let method = req.method().clone();
-        let ends = req.body().is_end_stream();
-        let cfg = &self.config;
-        if upload::is_splittable(
-            &method,
-            api,
-            req.headers(),
-            ends,
-            cfg.upload_split,
-            cfg.upload_chunk_max,
-        ) {
-            let uploader = Uploader {
-                upstream: &lane.upstream,
-                access: &lane.access,
-                fwd,
-                chunk_max: cfg.upload_chunk_max,
-                mode: cfg.upload_split,
-                cut: self.upload_cut.subscribe(),
-            };
-            return uploader.forward(req, api, session).await;
-        }
-        // A scope the session lacks or GitLab refused it is answered here, a push not granted
-        // with why ([`Access::upstream_token`]).
-        let token = lane
-            .access
-            .upstream_token(session, fwd, &method, api)
-            .await?;
-        let retry = ends.then(|| bodiless_copy(&req));
-        let (resp, _) = lane
-            .send_refreshing(session, fwd, req, api, token, retry.map(|r| move || r))
-            .await?;
-        Ok(resp)
     }
 
     /// The origin clients use: the configured public URL; else, from a trusted proxy, its
@@ -674,53 +487,6 @@ impl App {
     }
 }
 
-impl Lane {
-    /// Sends `req` upstream with `token`. When the registry calls the token invalid, the token
-    /// is forgotten and, when `retry` is given (it makes a bodiless copy of `req`, only then),
-    /// the copy goes once more with a token minted again. Returns the response and the token
-    /// it went with.
-    async fn send_refreshing<B, R>(
-        &self,
-        session: &Session,
-        fwd: &Forward<'_>,
-        mut req: Request<B>,
-        api: &ApiPath,
-        token: UpstreamToken,
-        retry: Option<R>,
-    ) -> Result<(Response<ProxyBody>, UpstreamToken), Error>
-    where
-        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-        B::Error: Into<crate::error::BoxError>,
-        R: FnOnce() -> Request<ProxyBody>,
-    {
-        req.headers_mut()
-            .insert(header::AUTHORIZATION, token.header.clone());
-        let resp = proxy::forward(&self.upstream, req, fwd).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok((resp, token));
-        }
-        let Some(error) = token_error(resp.headers()) else {
-            return Ok((resp, token));
-        };
-        self.access.invalidate(session, &token);
-        let Some(retry) = retry else {
-            return Ok((resp, token));
-        };
-        drop(resp);
-        let mut retry = retry();
-        tracing::info!(path = %retry.uri().path(), error, "registry refused the session's token; minting again");
-        let token = self
-            .access
-            .upstream_token(session, fwd, retry.method(), api)
-            .await?;
-        retry
-            .headers_mut()
-            .insert(header::AUTHORIZATION, token.header.clone());
-        let resp = proxy::forward(&self.upstream, retry, fwd).await?;
-        Ok((resp, token))
-    }
-}
-
 impl Lanes for App {
     fn pick(
         &self,
@@ -769,171 +535,18 @@ fn class(route: &Result<Route, Error>) -> &'static str {
     route.as_ref().map_or("other", Route::class)
 }
 
-/// Points a request at its upstream path, keeping its query without `ns` (it was for regrelay).
-fn retarget(req: &mut Request<Incoming>, path: &str) -> Result<(), Error> {
-    let query: Vec<&str> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("ns="))
-        .collect();
-    let pq = if query.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{}", query.join("&"))
-    };
-    if pq != req.uri().path_and_query().map_or("", |p| p.as_str()) {
-        let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(pq.parse().map_err(|_| Error::Refused {
-            reason: "unusable request target",
-        })?);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Error::Refused {
-            reason: "unusable request target",
-        })?;
-    }
-    Ok(())
-}
-
-/// Puts a `Location` back in the client's names (`/v2/<prefix>/<name>` → `/v2/<segment>/<name>`).
-fn translate_location(headers: &mut HeaderMap, routed: &Routed) {
-    let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
-        return;
-    };
-    let Ok(uri) = loc.parse::<Uri>() else {
-        return;
-    };
-    let Some(path) = routed.client_path(uri.path()) else {
-        return;
-    };
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let new = match Origin::of(&uri) {
-        Some(origin) => format!("{origin}{path}{query}"),
-        None => format!("{path}{query}"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&new) {
-        headers.insert(header::LOCATION, v);
-    }
-}
-
-/// Who an `Authorization` value says asks, for the access line: the Basic username, `bearer`
-/// (a token regrelay did not issue), `anonymous`. Never a secret.
-fn principal(authorization: Option<&[u8]>) -> String {
-    match authorization {
-        None => "anonymous".into(),
-        Some(a) => challenge::basic_username(a).unwrap_or_else(|| "bearer".into()),
-    }
-}
-
 /// The first comma-separated value of a header.
 fn first_value<'h>(headers: &'h HeaderMap, name: &header::HeaderName) -> Option<&'h str> {
     let v = headers.get(name)?.to_str().ok()?;
     v.split(',').next().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// A copy of a bodiless request (method, target, version, headers) for one retry.
-fn bodiless_copy(req: &Request<Incoming>) -> Request<ProxyBody> {
-    let mut copy = Request::new(body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    if let Some(client) = req.extensions().get::<ClientHandle>() {
-        copy.extensions_mut().insert(client.clone());
-    }
-    copy
-}
-
-/// `invalid_token` or `insufficient_scope`, when a registry challenge to a request that carried
-/// a token says so. A `Bearer` challenge without `error=` is `invalid_token` too: the registry
-/// names no error only when no token came, and GitLab's Dependency Proxy never names one when it
-/// refuses a token (app/controllers/concerns/dependency_proxy/auth.rb).
-fn token_error(headers: &HeaderMap) -> Option<&'static str> {
-    headers
-        .get_all(header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok().and_then(Challenge::parse))
-        .find_map(|c| match c.error() {
-            Some("invalid_token") | None => Some("invalid_token"),
-            Some("insufficient_scope") => Some("insufficient_scope"),
-            _ => None,
-        })
-}
-
-/// An upstream's bodiless `401`, `403` or `404` to a `GET` (GitLab's Dependency Proxy answers
-/// non-members so) gets a body in the registry's error format that says what it may mean:
-/// clients otherwise print only the status.
-fn explain_bodiless(resp: Response<ProxyBody>, method: &Method) -> Response<ProxyBody> {
-    let status = resp.status();
-    let empty = resp.body().is_end_stream()
-        || resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0");
-    if *method == Method::HEAD || !empty || !matches!(status.as_u16(), 401 | 403 | 404) {
-        return resp;
-    }
-    let (code, message) = match status.as_u16() {
-        401 => (
-            "UNAUTHORIZED",
-            "the upstream refused this request's token without saying why: log in again",
-        ),
-        403 => (
-            "DENIED",
-            "the upstream refused this request without saying why: the credential may not \
-             read it",
-        ),
-        _ => (
-            "NAME_UNKNOWN",
-            "the upstream answered 404 without saying why: the repository or its group does \
-             not exist, or this credential may not read it (a GitLab Dependency Proxy hides a \
-             group from non-members; its group deploy tokens need read_registry and \
-             write_registry)",
-        ),
-    };
-    let (mut parts, _) = resp.into_parts();
-    let body = crate::error::registry_error_json(code, message);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Response::from_parts(parts, body::full(body))
-}
-
+/// A JSON response (`application/json; charset=utf-8`) with a streaming body.
 fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut resp = Response::new(body::full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
+    crate::error::json_response(status, body).map(body::full)
 }
 
-/// The synthetic answer for an error: its status, registry JSON error body, and the headers it
-/// implies (`Allow`, `WWW-Authenticate`, `Retry-After`).
+/// The synthetic answer for an error ([`Error::response`]) with a streaming body.
 pub fn error_response(err: &Error) -> Response<ProxyBody> {
-    let mut resp = json(err.status(), err.registry_body());
-    match err {
-        Error::MethodNotAllowed { .. } => {
-            resp.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE"),
-            );
-        }
-        Error::Unauthorized { challenge, .. } => {
-            if let Ok(v) = HeaderValue::from_str(challenge) {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
-        }
-        _ => {}
-    }
-    if let Some(secs) = err.retry_after() {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    resp
+    err.response().map(body::full)
 }

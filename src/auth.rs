@@ -178,23 +178,15 @@ impl Auth {
             user_agent: req.headers().get(header::USER_AGENT),
             client: handle.as_ref(),
         };
-        let jwt = match access
-            .minter()
-            .ask(&query, authorization.as_ref(), &caller)
-            .await?
-        {
-            Answered::Token(jwt) => jwt,
-            Answered::Refused(refused) => return Ok(refused.response()),
-        };
-        let mut session = Session::new(
-            Kind::Access,
-            authorization.map(|a| a.as_bytes().to_vec()),
+        let asked = Asked {
+            query,
             service,
-            picked.scopes,
-            self.session_lifetime,
-        );
-        session.upstream = picked.upstream;
-        answer(access, session, &jwt, public, None)
+            scopes: picked.scopes,
+            upstream: picked.upstream,
+        };
+        let authorization = authorization.as_ref();
+        self.mint_session(access, asked, authorization, &caller, public, None)
+            .await
     }
 
     /// The OAuth2 form (RFC 6749 §4.3 / §6) as containerd sends it.
@@ -278,9 +270,53 @@ impl Auth {
             user_agent: user_agent.as_ref(),
             client: handle.as_ref(),
         };
+        let asked = Asked {
+            query,
+            service,
+            scopes,
+            upstream: picked.upstream,
+        };
+        let refresh = Some(refresh_token);
+        self.mint_session(
+            access,
+            asked,
+            auth_header.as_ref(),
+            &caller,
+            public,
+            refresh,
+        )
+        .await
+    }
+}
+
+/// What a token request asks the token service for, read from either form.
+struct Asked {
+    /// The token service's query (`service`, `scope`s), in the upstream's names.
+    query: String,
+    /// The `service` sealed into the session.
+    service: String,
+    /// The scopes sealed into the session.
+    scopes: Vec<String>,
+    /// The upstream the session is bound to.
+    upstream: String,
+}
+
+impl Auth {
+    /// Asks the token service with `authorization`: its token seeds the cache and becomes a
+    /// sealed session (with `refresh_token` in the OAuth2 form's answer); its refusal is answered
+    /// as the token service's ([`Answered::Refused`]).
+    async fn mint_session(
+        &self,
+        access: &Access,
+        asked: Asked,
+        authorization: Option<&HeaderValue>,
+        caller: &Caller<'_>,
+        public: &Origin,
+        refresh_token: Option<String>,
+    ) -> Result<Response<ProxyBody>, Error> {
         let jwt = match access
             .minter()
-            .ask(&query, auth_header.as_ref(), &caller)
+            .ask(&asked.query, authorization, caller)
             .await?
         {
             Answered::Token(jwt) => jwt,
@@ -288,13 +324,13 @@ impl Auth {
         };
         let mut session = Session::new(
             Kind::Access,
-            authorization,
-            service,
-            scopes,
+            authorization.map(|a| a.as_bytes().to_vec()),
+            asked.service,
+            asked.scopes,
             self.session_lifetime,
         );
-        session.upstream = picked.upstream;
-        answer(access, session, &jwt, public, Some(refresh_token))
+        session.upstream = asked.upstream;
+        answer(access, session, &jwt, public, refresh_token)
     }
 }
 

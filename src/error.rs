@@ -7,7 +7,10 @@
 
 use http::StatusCode;
 
+mod response;
 mod tls;
+
+pub use response::json_response;
 
 pub(crate) use tls::Kind as TlsKind;
 pub use tls::TlsRefused;

@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::body::{self, ProxyBody};
 use crate::token::Counters;
@@ -177,6 +177,36 @@ pub mod phase {
     pub const UPLOADS_CUT: i64 = 4;
 }
 
+/// Registers a metric where it is made, so each is named once ([`Metrics::new`]).
+trait Add {
+    fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M;
+    fn add_with_unit<M: Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Unit,
+        metric: M,
+    ) -> M;
+}
+
+impl Add for Registry {
+    fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        self.register(name, help, metric.clone());
+        metric
+    }
+
+    fn add_with_unit<M: Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Unit,
+        metric: M,
+    ) -> M {
+        self.register_with_unit(name, help, unit, metric.clone());
+        metric
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -188,40 +218,145 @@ impl Metrics {
     pub fn new() -> Metrics {
         let tokens = Arc::new(OnceLock::new());
         let mut registry = Registry::with_prefix("regrelay");
+        let r = &mut registry;
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.5, 14));
-        let requests = Family::default();
-        let request_duration =
-            Family::<RouteLabels, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
-        let upstream_duration =
-            Family::<UpstreamLabels, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
         let m = Metrics {
-            requests,
-            request_duration,
-            received_bytes: Counter::default(),
-            sent_bytes: Counter::default(),
-            upstream_duration,
-            sessions_issued: Counter::default(),
-            session_opens: Family::default(),
-            upload_parts: Counter::default(),
-            upload_token_refreshes: Counter::default(),
-            uploads_cut: Counter::default(),
-            uploads_in_flight: Gauge::default(),
-            connections_accepted: Counter::default(),
-            connections_open: Gauge::default(),
-            connections_shed: Family::default(),
-            requests_overloaded: Counter::default(),
-            client_share_refused: Family::default(),
-            requests_shed: Family::default(),
-            reserve_connections: Family::default(),
-            token_service_bans: Counter::default(),
-            dependency_up: Family::default(),
-            logins_answered_locally: Family::default(),
+            requests: r.add(
+                "requests",
+                "Requests served, by route class, method and status",
+                Family::default(),
+            ),
+            request_duration: r.add_with_unit(
+                "request_duration",
+                "Time from request headers to the end of the response body",
+                Unit::Seconds,
+                Family::new_with_constructor(seconds as fn() -> Histogram),
+            ),
+            received_bytes: r.add_with_unit(
+                "client_received",
+                "Request body bytes read from clients",
+                Unit::Bytes,
+                Counter::default(),
+            ),
+            sent_bytes: r.add_with_unit(
+                "client_sent",
+                "Response body bytes handed to clients",
+                Unit::Bytes,
+                Counter::default(),
+            ),
+            upstream_duration: r.add_with_unit(
+                "upstream_request_duration",
+                "Time from sending a request upstream to its response headers",
+                Unit::Seconds,
+                Family::new_with_constructor(seconds as fn() -> Histogram),
+            ),
+            sessions_issued: r.add(
+                "sessions_issued",
+                "Sealed sessions handed out by /jwt/auth",
+                Counter::default(),
+            ),
+            session_opens: r.add(
+                "session_opens",
+                "Sealed sessions presented on registry requests, by outcome",
+                Family::default(),
+            ),
+            upload_parts: r.add(
+                "upload_parts",
+                "Upstream requests that uploads were split into",
+                Counter::default(),
+            ),
+            upload_token_refreshes: r.add(
+                "upload_token_refreshes",
+                "Upload parts sent with a token minted after the previous part's (refreshed mid-upload)",
+                Counter::default(),
+            ),
+            uploads_cut: r.add(
+                "uploads_cut",
+                "Uploads ended at the upload drain deadline of a shutdown",
+                Counter::default(),
+            ),
+            uploads_in_flight: r.add(
+                "uploads_in_flight",
+                "Blob uploads being served",
+                Gauge::default(),
+            ),
+            connections_accepted: r.add(
+                "connections_accepted",
+                "Client connections accepted",
+                Counter::default(),
+            ),
+            connections_open: r.add(
+                "connections_open",
+                "Client connections open",
+                Gauge::default(),
+            ),
+            connections_shed: r.add(
+                "connections_shed",
+                "Connections closed at the connection limit, by why (idle, stalled)",
+                Family::default(),
+            ),
+            requests_overloaded: r.add(
+                "requests_refused_overload",
+                "Requests answered 503 at --max-requests",
+                Counter::default(),
+            ),
+            client_share_refused: r.add(
+                "client_share_refused",
+                "Connections closed and requests answered 503 because their client held its share of the pool (connections, requests, upstream)",
+                Family::default(),
+            ),
+            requests_shed: r.add(
+                "requests_shed",
+                "Requests whose client took none of their response, reset or cut: stall (past --h2-stall-timeout-secs) or pressure (a shared pool was exhausted)",
+                Family::default(),
+            ),
+            reserve_connections: r.add(
+                "reserve_connections",
+                "Connections accepted past --max-connections, by outcome (health, promoted, refused)",
+                Family::default(),
+            ),
+            token_service_bans: r.add(
+                "token_service_bans",
+                "Answers of a token service that bans regrelay's address (GitLab's failed-login ban)",
+                Counter::default(),
+            ),
+            dependency_up: r.add(
+                "dependency_up",
+                "1 when the last readiness probe found the dependency answering (registry, token_service, cache_dir), else 0",
+                Family::default(),
+            ),
+            logins_answered_locally: r.add(
+                "logins_answered_locally",
+                "Token requests answered without asking the token service: replayed (a refusal of the same credential a moment ago), throttled (failed-login budget spent), banned (the ban, taken as given)",
+                Family::default(),
+            ),
 
-            shutdown_phase: Gauge::default(),
-            unknown_host_requests: Counter::default(),
-            reloads: Family::default(),
-            cache_requests: Family::default(),
-            cache_served_bytes: Counter::default(),
+            shutdown_phase: r.add(
+                "shutdown_phase",
+                "0 serving, 1 shutdown delay (not ready), 2 draining, 3 grace over, 4 uploads cut",
+                Gauge::default(),
+            ),
+            unknown_host_requests: r.add(
+                "unknown_host_requests",
+                "Requests whose Host is no configured --public-url",
+                Counter::default(),
+            ),
+            reloads: r.add(
+                "reloads",
+                "SIGHUP reloads, by outcome (refused: a file was refused and the old one kept)",
+                Family::default(),
+            ),
+            cache_requests: r.add(
+                "cache_requests",
+                "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass, stale)",
+                Family::default(),
+            ),
+            cache_served_bytes: r.add_with_unit(
+                "cache_served",
+                "Body bytes served from the pull-through cache",
+                Unit::Bytes,
+                Counter::default(),
+            ),
             tokens: tokens.clone(),
             registry: Registry::default(),
         };
@@ -254,142 +389,6 @@ impl Metrics {
         for outcome in SESSION_OUTCOMES {
             let _ = m.session_opens.get_or_create(&OutcomeLabels { outcome });
         }
-        let r = &mut registry;
-        r.register(
-            "requests",
-            "Requests served, by route class, method and status",
-            m.requests.clone(),
-        );
-        r.register_with_unit(
-            "request_duration",
-            "Time from request headers to the end of the response body",
-            Unit::Seconds,
-            m.request_duration.clone(),
-        );
-        r.register_with_unit(
-            "client_received",
-            "Request body bytes read from clients",
-            Unit::Bytes,
-            m.received_bytes.clone(),
-        );
-        r.register_with_unit(
-            "client_sent",
-            "Response body bytes handed to clients",
-            Unit::Bytes,
-            m.sent_bytes.clone(),
-        );
-        r.register_with_unit(
-            "upstream_request_duration",
-            "Time from sending a request upstream to its response headers",
-            Unit::Seconds,
-            m.upstream_duration.clone(),
-        );
-        r.register(
-            "sessions_issued",
-            "Sealed sessions handed out by /jwt/auth",
-            m.sessions_issued.clone(),
-        );
-        r.register(
-            "session_opens",
-            "Sealed sessions presented on registry requests, by outcome",
-            m.session_opens.clone(),
-        );
-        r.register(
-            "upload_parts",
-            "Upstream requests that uploads were split into",
-            m.upload_parts.clone(),
-        );
-        r.register(
-            "upload_token_refreshes",
-            "Upload parts sent with a token minted after the previous part's (refreshed mid-upload)",
-            m.upload_token_refreshes.clone(),
-        );
-        r.register(
-            "uploads_cut",
-            "Uploads ended at the upload drain deadline of a shutdown",
-            m.uploads_cut.clone(),
-        );
-        r.register(
-            "uploads_in_flight",
-            "Blob uploads being served",
-            m.uploads_in_flight.clone(),
-        );
-        r.register(
-            "connections_accepted",
-            "Client connections accepted",
-            m.connections_accepted.clone(),
-        );
-        r.register(
-            "connections_open",
-            "Client connections open",
-            m.connections_open.clone(),
-        );
-        r.register(
-            "connections_shed",
-            "Connections closed at the connection limit, by why (idle, stalled)",
-            m.connections_shed.clone(),
-        );
-        r.register(
-            "requests_refused_overload",
-            "Requests answered 503 at --max-requests",
-            m.requests_overloaded.clone(),
-        );
-        r.register(
-            "client_share_refused",
-            "Connections closed and requests answered 503 because their client held its share of the pool (connections, requests, upstream)",
-            m.client_share_refused.clone(),
-        );
-        r.register(
-            "requests_shed",
-            "Requests whose client took none of their response, reset or cut: stall (past --h2-stall-timeout-secs) or pressure (a shared pool was exhausted)",
-            m.requests_shed.clone(),
-        );
-        r.register(
-            "dependency_up",
-            "1 when the last readiness probe found the dependency answering (registry, token_service, cache_dir), else 0",
-            m.dependency_up.clone(),
-        );
-        r.register(
-            "token_service_bans",
-            "Answers of a token service that bans regrelay's address (GitLab's failed-login ban)",
-            m.token_service_bans.clone(),
-        );
-        r.register(
-            "logins_answered_locally",
-            "Token requests answered without asking the token service: replayed (a refusal of the same credential a moment ago), throttled (failed-login budget spent), banned (the ban, taken as given)",
-            m.logins_answered_locally.clone(),
-        );
-        r.register(
-            "reserve_connections",
-            "Connections accepted past --max-connections, by outcome (health, promoted, refused)",
-            m.reserve_connections.clone(),
-        );
-        r.register(
-            "shutdown_phase",
-            "0 serving, 1 shutdown delay (not ready), 2 draining, 3 grace over, 4 uploads cut",
-            m.shutdown_phase.clone(),
-        );
-        r.register(
-            "unknown_host_requests",
-            "Requests whose Host is no configured --public-url",
-            m.unknown_host_requests.clone(),
-        );
-        r.register(
-            "reloads",
-            "SIGHUP reloads, by outcome (refused: a file was refused and the old one kept)",
-            m.reloads.clone(),
-        );
-        r.register(
-            "cache_requests",
-            "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass, stale)",
-            m.cache_requests.clone(),
-        );
-        r.register_with_unit(
-            "cache_served",
-            "Body bytes served from the pull-through cache",
-            Unit::Bytes,
-            m.cache_served_bytes.clone(),
-        );
         r.register(
             "build",
             "regrelay's version",

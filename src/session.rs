@@ -366,26 +366,9 @@ impl KeyRing {
             .find(|k| !k.open_only)
             .expect("a key ring always has a sealing key");
         let plain = Zeroizing::new(serde_json::to_vec(session).expect("a session serializes"));
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let name = name_hint(public_url);
-        let aad = aad(&key.id, Some(&name), public_url);
-        let sealed = key
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &plain,
-                    aad: &aad,
-                },
-            )
-            .expect("XChaCha20-Poly1305 sealing does not fail for in-memory data");
-        let mut data = nonce.to_vec();
-        data.extend_from_slice(&sealed);
-        format!(
-            "{TOKEN_PREFIX}{}.{name}.{}",
-            key.id,
-            URL_SAFE_NO_PAD.encode(data)
-        )
+        let data = key.encrypt(&plain, Some(&name), public_url);
+        format!("{TOKEN_PREFIX}{}.{name}.{data}", key.id)
     }
 
     /// Opens a token sealed for `public_url`, checking its expiry against `now`.
@@ -443,6 +426,28 @@ fn name_hint(public_url: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+impl SealingKey {
+    /// `plain` sealed under this key for `public_url` (and the name hint a token carries, if
+    /// any): a fresh nonce and the ciphertext, base64url.
+    fn encrypt(&self, plain: &[u8], name: Option<&str>, public_url: &str) -> String {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let aad = aad(&self.id, name, public_url);
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 sealing does not fail for in-memory data");
+        let mut data = nonce.to_vec();
+        data.extend_from_slice(&sealed);
+        URL_SAFE_NO_PAD.encode(data)
+    }
 }
 
 fn aad(kid: &str, name: Option<&str>, public_url: &str) -> Vec<u8> {
@@ -514,21 +519,8 @@ mod tests {
         let s = session(60);
         let key = &ring.keys[0];
         let plain = serde_json::to_vec(&s).unwrap();
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let aad = aad(&key.id, None, PUBLIC);
-        let sealed = key
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &plain,
-                    aad: &aad,
-                },
-            )
-            .unwrap();
-        let mut data = nonce.to_vec();
-        data.extend_from_slice(&sealed);
-        let legacy = format!("{TOKEN_PREFIX}{}.{}", key.id, URL_SAFE_NO_PAD.encode(data));
+        let data = key.encrypt(&plain, None, PUBLIC);
+        let legacy = format!("{TOKEN_PREFIX}{}.{data}", key.id);
         assert_eq!(ring.open(&legacy, PUBLIC, unix_now()).unwrap().id, s.id);
         assert_eq!(
             ring.open(&legacy, "https://other.example.com", unix_now())

@@ -12,55 +12,22 @@
 //! stored, and warm pulls never reach the object store.
 
 use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::exchange::{Exchange, Shape};
 use super::{App, Lane};
 use crate::api_path::ApiPath;
-use crate::body::{self, ProxyBody};
+use crate::body::ProxyBody;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
 use crate::cache::{Fill, Follower, Tee};
-use crate::clients::ClientHandle;
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
 use crate::proxy::Forward;
 use crate::session::Session;
 use crate::token::UpstreamToken;
-
-/// A bodiless request's shape, to send it more than once.
-struct Shape {
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    /// The client whose share of upstream connections its requests take.
-    client: Option<ClientHandle>,
-}
-
-impl Shape {
-    fn of(req: &Request<Incoming>) -> Shape {
-        Shape {
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            client: req.extensions().get::<ClientHandle>().cloned(),
-        }
-    }
-
-    /// The bodiless request; its token is set where it is sent ([`Lane::send_refreshing`]).
-    fn request(&self, method: Method) -> Request<ProxyBody> {
-        let mut req = Request::new(body::empty());
-        *req.method_mut() = method;
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        if let Some(client) = &self.client {
-            req.extensions_mut().insert(client.clone());
-        }
-        req
-    }
-}
 
 /// What the upstream answered a read of an object, with the client's token.
 enum Answer {
@@ -140,16 +107,15 @@ impl App {
     pub(super) async fn pull(
         &self,
         (cache, what): (&PullCache, CacheRequest),
-        lane: &Lane,
+        x: &Exchange<'_>,
         req: Request<Incoming>,
-        api: &ApiPath,
         session: &Session,
-        fwd: &Forward<'_>,
     ) -> Result<Response<ProxyBody>, Error> {
+        let (lane, fwd) = (x.lane, &x.fwd);
         let p = Pull {
             cache,
             lane,
-            api,
+            api: &x.api,
             session,
             fwd,
             principal: pull::principal(session),
