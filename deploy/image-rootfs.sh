@@ -10,7 +10,7 @@
 #   /etc/nsswitch.conf                 hosts: files dns
 #   /tmp                               empty, mode 1777
 # No shell, no package manager, nothing else. Needs only POSIX sh, coreutils and ldd (libc-bin).
-# tests/image.rs runs this script on the debug binary and builds the real final stage from it.
+# tests/it/image.rs runs this script on the debug binary and builds the real final stage from it.
 set -eu
 
 die() {

@@ -3,7 +3,7 @@
 //! with or revoked), the OAuth2 form works, minting is single-flight, and nothing secret is
 //! logged. Real registry, the GitLab-behaving token service, regrelay as a process.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

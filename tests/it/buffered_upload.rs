@@ -5,7 +5,7 @@
 //! Straight through nginx the push fails; with regrelay before nginx every upstream part carries
 //! a fresh token and the push succeeds with the client's digest.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

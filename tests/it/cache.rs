@@ -14,7 +14,7 @@
 //! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
 //!   client whose grant holds (marked stale), and to no one else.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -17,7 +17,7 @@
 //!   never reach the object store.
 //! - Without `--cache-dir` the `307` reaches the client untouched (and skopeo follows it).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The command line: `check-config` validates with the same path as `serve`, bad config exits 64
 //! with a message naming the key, and flags win over env over the TOML file.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 

@@ -3,7 +3,7 @@
 //! when regrelay received it, never `exp` against the local clock (which would make 5 s tokens
 //! look good for 10 minutes). GitLab stand-in, registry and the test run on the real clock.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};

@@ -9,7 +9,7 @@
 //!   credentials: a request relayed for an outside client does not, the front's own does (once
 //!   acknowledged: ranges that cover a front are refused at start otherwise), garbage does not.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! route: `?ns=<registry host>` on every request to a host other than the image's registry, and
 //! `/v2/<prefix>/<name>/…` with `override_path`.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,7 @@
 //! a deploy token regrelay injects. The DP is the GitLab stand-in's
 //! ([`support::gitlab::GitLabBuilder::dependency_proxy`]), backed by a real `docker-registry`.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -9,7 +9,7 @@
 //! - at `--max-connections`, with every slot held by connections that make progress, a health
 //!   check is still answered (a reserve connection), and other requests get a quick 503.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

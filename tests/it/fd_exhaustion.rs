@@ -2,7 +2,7 @@
 //! failed accepts (one log line a pause), take their waiting connections once descriptors are
 //! back, and the metrics listener is drained with the proxy at shutdown.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

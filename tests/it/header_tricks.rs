@@ -2,7 +2,7 @@
 //! choosing through `X-Forwarded-Host`, claiming an address in `X-Forwarded-For`, presenting a
 //! regrelay session to GitLab, cookies from upstream, encoded dot segments, broken chunked bodies.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,7 +5,7 @@
 //! certificate with the CA flag (`openssl req -x509`) is trusted when `--ca-file` is that very
 //! certificate, as curl and Docker trust it; another one is still refused.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

@@ -5,7 +5,7 @@
 //! (counted in /proc/PID/fd), HTTP/2 streams cannot open more upstream sockets than
 //! `--max-upstream-connections`, and oversized heads get 431.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -186,7 +186,7 @@ async fn hostile_sockets_are_closed_and_real_clients_get_through() {
     ];
     let registry = reg.url();
     // Hostile sockets and the real client share 127.0.0.1 here: the whole pool is one client's
-    // share, so this sees the connection limit's own shedding (tests/fair_shares.rs covers
+    // share, so this sees the connection limit's own shedding (tests/it/fair_shares.rs covers
     // hostile clients on other addresses).
     let mut args = vec![
         "--registry",

@@ -9,7 +9,7 @@
 //! only then, for its own name. Real `docker-registry` (`http.tls`), real
 //! skopeo, the GitLab stand-in over rustls.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -17,7 +17,7 @@
 //! is taken, on an ephemeral port with `--no-healthcheck`, and the health status part is a SKIP.
 //! A guard removes the container and the images however the test ends.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -77,7 +77,7 @@ fn derive_dockerfile(real: &str, label: &str) -> String {
         "{final_stage}"
     );
     format!(
-        "{head}\n# tests/image.rs: the build stage, replaced by the prebuilt root filesystem.\n\
+        "{head}\n# tests/it/image.rs: the build stage, replaced by the prebuilt root filesystem.\n\
          FROM scratch AS build\nLABEL regrelay.image-test={label}\nCOPY rootfs /rootfs\n\n\
          {final_stage}\n",
         head = lines[..froms[0]].join("\n"),

@@ -1,7 +1,7 @@
 //! Timeouts and limits that fit registry traffic: slow headers and silent bodies are cut off, the
 //! connection limit holds, and there is no total-request timeout.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

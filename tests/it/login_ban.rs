@@ -11,7 +11,7 @@
 //!   is recognised: the client is told it and the fix, an ERROR is logged and counted, and GitLab
 //!   is not asked again for a minute.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

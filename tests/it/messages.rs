@@ -1,7 +1,7 @@
 //! Every message names the cause and the fix (issue 23): what an operator sees when something is
 //! wrong in regrelay's environment or configuration, one test per finding.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 

@@ -3,7 +3,7 @@
 //! value carries a credential; the drain state is visible during shutdown; and every expression of
 //! the shipped Grafana dashboard names a metric the binary exports.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! injected pull credentials for clients that have none: only pulls, only from allowed
 //! addresses, never shown to anyone.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

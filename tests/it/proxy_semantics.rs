@@ -2,7 +2,7 @@
 //! headers, framing, `Expect: 100-continue`, `Location` rewriting, redirects not followed, refusals
 //! that keep it from being an open proxy, and errors in the registry's JSON format.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! alias, a push through the second name completes, and a request under a name that is not
 //! configured is served, sent to the canonical name, and warned about once per host.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! push and answers `403 DENIED` with why: a read-only deploy token, a CI job token of another
 //! project, a user without the Developer role. Real registry, real skopeo.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Real clients push and pull through regrelay to the real registry with GitLab-style tokens,
 //! over plain HTTP and over HTTPS (h2 via ALPN); pulled content is byte-identical.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 //!   request that needs a token is told the *token service* is unreachable, not the registry;
 //! - the cache directory is reported, and `regrelay_dependency_up` follows each of them.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! TLS connection sees the new certificate at once, and bad new files are refused with a logged
 //! error while the old ones stay in force.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::net::SocketAddr;

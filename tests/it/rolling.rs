@@ -13,7 +13,7 @@
 //! - A SIGKILLed carrier: the client's push fails, the registry holds no blob for the digest, and
 //!   the retry through the other replica succeeds.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::process::Output;

@@ -3,7 +3,7 @@
 //! TRACE level (every crate), and not one password, PAT, upstream token, session token, refresh
 //! token or session key appears in its output or in any answer body a client got.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::time::Duration;

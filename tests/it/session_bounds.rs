@@ -10,7 +10,7 @@
 //!   for what it may do stays in use;
 //! - an OAuth2 token form too large is the client's 413, logged as the client's fault.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

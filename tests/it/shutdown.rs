@@ -2,7 +2,7 @@
 //! let requests finish (those without a body until the grace period, uploads until the upload
 //! drain), then exit 0; a second signal ends the drain at once.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

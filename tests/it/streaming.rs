@@ -1,7 +1,7 @@
 //! Bodies stream through regrelay: the upstream sees the first bytes of an upload while the client
 //! is still sending, and regrelay's memory stays flat while 2 GiB pass each way.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -19,7 +19,7 @@
 //! Without systemd-analyze (Debian's `systemd`, installed by scripts/install-deps) the verify
 //! part is skipped, except under CI (env `CI` set), where it fails.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;

@@ -6,7 +6,7 @@
 //! background, so no request waits for a slow GitLab. Real registry, the GitLab-behaving token
 //! service with injected faults, regrelay as a process.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! survive a restart (same key file) and work across replicas behind a round-robin balancer.
 //! Real registry (5 s tokens, 60 s leeway), real skopeo, a throttled TCP link.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -13,9 +13,9 @@
 //!   connection that woke it, and hands that socket over too.
 //!
 //! The systemd unit's own command lines (`ExecStart=`, `ExecReload=` = `regrelay upgrade`,
-//! `sd_notify`) are run in tests/systemd_unit.rs.
+//! `sd_notify`) are run in tests/it/systemd_unit.rs.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;

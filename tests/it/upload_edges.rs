@@ -8,7 +8,7 @@
 //! upload endpoints and records what each request carried); the cut test uses the real registry
 //! behind a TCP relay that can drop its connections on demand.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -1,4 +1,4 @@
-//! The hostile soak (issue 20), shared by `tests/hostile_soak.rs` and the bench's `hostile`
+//! The hostile soak (issue 20), shared by `tests/it/hostile_soak.rs` and the bench's `hostile`
 //! case: for a while, from other loopback addresses at once, every kind of hostile client —
 //! zero-window HTTP/2 streams (health checks and `/v2/`), paced rapid resets, slowloris heads and
 //! idle sockets, sessions of the largest shape allowed and token requests of 1,000 scopes,

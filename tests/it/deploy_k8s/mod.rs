@@ -38,8 +38,7 @@
 //! YAML is read through python3's PyYAML (a dependency of kubernetes-validate): no YAML crate.
 //! Missing tools: a failure when CI is set (scripts/install-deps installs them), else a SKIP.
 
-#[path = "../support/mod.rs"]
-mod support;
+use crate::support;
 
 mod ci;
 mod objects;

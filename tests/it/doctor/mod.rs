@@ -15,8 +15,7 @@
 //! - `grants`: what GitLab granted and why the rest was dropped: `read_api`, job tokens, project
 //!   and group deploy tokens, EE maintenance mode, protected and immutable tags.
 
-#[path = "../support/mod.rs"]
-mod support;
+use crate::support;
 
 mod basics;
 mod grants;

@@ -10,8 +10,7 @@
 //!   429.
 //! - `dp`: the Dependency Proxy's token service, challenge, and who may read it.
 
-#[path = "../support/mod.rs"]
-mod support;
+use crate::support;
 
 mod claims;
 mod dp;
