@@ -67,6 +67,11 @@ pub use signals::{ShutdownSignals, SIGNAL_BURST};
 
 /// Time a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// When a drain starts, an HTTP/1.1 connection that has not sent its first request yet gets
+/// this long (at most its header read deadline) to send it: it was accepted a moment ago and
+/// its request is likely on the way, and a client cannot retry a request refused on a fresh
+/// connection. The request is served with `Connection: close`.
+const DRAIN_FIRST_REQUEST: Duration = Duration::from_secs(2);
 /// At the connection limit, connections idle (or silent) this long are shed to make room. A
 /// client accepted from the backlog has its request (or TLS hello) waiting already.
 pub const SHED_IDLE_AFTER: Duration = Duration::from_millis(500);

@@ -67,6 +67,7 @@ impl AcceptBackoff {
                     }
                     self.failures = 0;
                     self.pause = ACCEPT_BACKOFF_MIN;
+                    tracing::debug!(listener = self.listener, peer = %conn.1, "accepted");
                     return conn;
                 }
                 Err(err) if one_connection(&err) => {

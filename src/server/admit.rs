@@ -124,7 +124,11 @@ impl Admission {
             share: Some(share),
             upload,
         });
-        let resp = app.handle(req, conn, route).await;
+        let mut resp = app.handle(req, conn, route).await;
+        if self.state.draining.load(Ordering::Acquire) {
+            // Served during the drain: the connection ends with this answer.
+            self.close_after(&mut resp);
+        }
         resp.map(|inner| Tracked::new(inner, guard))
     }
 

@@ -119,6 +119,8 @@ pub(super) struct ConnState {
     stalled: Mutex<Option<(Instant, Waker)>>,
     /// Set to cut a stalled connection at once (its socket is reset).
     pub(super) abort: AtomicBool,
+    /// Set when the server drains: each response says `Connection: close`.
+    pub(super) draining: AtomicBool,
     /// The requests in flight.
     streams: Mutex<Vec<Arc<Stream>>>,
 }
@@ -132,6 +134,7 @@ impl ConnState {
             since: Mutex::new(Instant::now()),
             stalled: Mutex::new(None),
             abort: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
         }
     }
@@ -223,6 +226,11 @@ impl ConnState {
             return None;
         }
         Some(*lock(&self.since))
+    }
+
+    /// True once a request has started on this connection.
+    pub(super) fn has_served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
     }
 
     pub(super) fn is_idle_since(&self, first: Duration, idle: Duration) -> bool {

@@ -12,7 +12,9 @@ use tokio::time::Instant;
 
 use super::admit::Admission;
 use super::state::ConnState;
-use super::{Phase, CLOSE_GRACE, SHED_IDLE_AFTER, SHED_STALLED_AFTER, SHED_STREAM_AFTER};
+use super::{
+    Phase, CLOSE_GRACE, DRAIN_FIRST_REQUEST, SHED_IDLE_AFTER, SHED_STALLED_AFTER, SHED_STREAM_AFTER,
+};
 use crate::config::Timeouts;
 use crate::metrics::{self, OutcomeLabels};
 
@@ -84,12 +86,15 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
     let mut draining = false;
     tokio::pin!(conn);
     let mut closing: Option<Instant> = None;
+    // Draining, a fresh HTTP/1.1 connection's first request may still come until then.
+    let mut first_request_by: Option<Instant> = None;
     let h2 = watch.admission.conn.h2;
     let mut scan = Instant::now() + STALL_SCAN;
     loop {
-        let wake = match closing {
-            Some(cut) => cut,
-            None => state.idle_deadline(t.header_read, t.idle),
+        let wake = match (closing, first_request_by) {
+            (Some(cut), _) => cut,
+            (None, Some(by)) => by.min(state.idle_deadline(t.header_read, t.idle)),
+            (None, None) => state.idle_deadline(t.header_read, t.idle),
         };
         tokio::select! {
             res = conn.as_mut() => return res,
@@ -98,7 +103,9 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     tracing::debug!("connection did not close in time after going idle; cut");
                     return Ok(());
                 }
-                if state.is_idle_since(t.header_read, t.idle) {
+                let no_first_request =
+                    first_request_by.is_some_and(|by| by <= Instant::now()) && state.active() == 0;
+                if state.is_idle_since(t.header_read, t.idle) || no_first_request {
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Instant::now() + CLOSE_GRACE);
                 }
@@ -130,11 +137,15 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                 tracing::debug!("idle connection shed at the connection limit");
                 return Ok(());
             }
-            () = watch.admission.closing.notified(), if closing.is_none() && !draining => {
+            () = watch.admission.closing.notified(), if closing.is_none() => {
                 if watch.admission.close.load(Ordering::Acquire) {
                     conn.as_mut().graceful_shutdown();
+                    // Its request (and, draining, the drain's deadlines) decide when it ends.
+                    closing = Some(match draining {
+                        true => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+                        false => Instant::now() + CLOSE_GRACE,
+                    });
                     draining = true;
-                    closing = Some(Instant::now() + CLOSE_GRACE);
                 }
             }
             changed = phases.changed() => {
@@ -142,10 +153,16 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                 if phase != Phase::Serving && !draining {
                     // Draining: finish the requests in flight, take no new ones (keep-alive
                     // connections close after their current request). The drain deadlines are
-                    // the server's.
+                    // the server's. An HTTP/1.1 connection accepted a moment ago, whose first
+                    // request may be on the way, is given DRAIN_FIRST_REQUEST to send it.
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                    state.draining.store(true, Ordering::Release);
+                    if h2 || state.has_served() {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                    } else {
+                        first_request_by = Some(Instant::now() + DRAIN_FIRST_REQUEST.min(t.header_read));
+                    }
                 }
                 if phase == Phase::GraceOver && state.uploads.load(Ordering::Acquire) == 0 {
                     tracing::debug!("grace period over: connection without an upload closed");

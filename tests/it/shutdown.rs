@@ -319,7 +319,9 @@ async fn two_signals_at_once_are_one_and_the_drain_goes_on() {
     );
     assert!(!said.contains("closing every connection now"), "{said}");
     assert!(said.contains("SIGTERM again ends them at once"), "{said}");
-    assert!(said.contains("arrived with the first"), "{said}");
+    // (Whether regrelay saw one signal or two depends on the kernel: a SIGTERM sent while the
+    // first is still pending merges into it. When it sees two, it says the second "arrived with
+    // the first"; either way the drain goes on.)
     // The upload drains: its last bytes arrive and it is answered.
     s.write_all(&[b'x'; 98]).await.unwrap();
     let mut answer = vec![0u8; 12];
@@ -356,4 +358,45 @@ async fn ctrl_c_says_how_to_stop_at_once() {
         .wait_exit(Duration::from_secs(5))
         .expect("exit on the second Ctrl-C");
     assert!(status.success());
+}
+
+/// A connection accepted just before the drain, whose first request comes once the drain has
+/// begun, is answered (with `Connection: close`), not closed unanswered: a client cannot retry a
+/// request refused on a fresh connection. (A handover under load lost 1 of 536 probes so.)
+#[tokio::test]
+async fn a_first_request_just_after_the_drain_began_is_answered() {
+    let origin = upstream::serve(|_req: http::Request<hyper::body::Incoming>| async {
+        Response::new(body::full("{}"))
+    })
+    .await;
+    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    assert!(
+        px.output
+            .wait_for(&format!("peer={me}"), Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        px.output.text()
+    );
+    px.terminate();
+    assert!(px
+        .output
+        .wait_for("draining", Duration::from_secs(5))
+        .is_some());
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 200") && answer.contains("connection: close"),
+        "{answer:?}\n{}",
+        px.output.text()
+    );
+    let status = px
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the drain");
+    assert!(status.success(), "{status:?}");
 }
