@@ -26,7 +26,7 @@ pub(crate) fn secret_content(file: &str) -> Vec<u8> {
         f if f.ends_with(".credentials") => {
             b"gitlab+deploy-token-1:gldt-Zq8Xw3Rk7Lm2Pn5Vt9Yc\n".to_vec()
         }
-        other => panic!("teach tests/deploy_k8s/run.rs what Secret file {other:?} holds"),
+        other => panic!("teach tests/it/deploy_k8s/run.rs what Secret file {other:?} holds"),
     }
 }
 
