@@ -130,33 +130,18 @@ impl App {
     }
 
     /// A manifest by tag: the upstream answers (and the manifest it names is cached by digest
-    /// on the way); when the upstream cannot be reached and `--cache-serve-stale` is on, the
-    /// manifest the tag last named is served to a client whose grant for the repository still
-    /// holds, marked `Warning: 110`.
+    /// on the way). A `GET` of a tag whose last manifest is cached asks with a `HEAD` first
+    /// ([`App::revalidate_tag`]). When the upstream cannot be reached and `--cache-serve-stale`
+    /// is on, the manifest the tag last named is served to a client whose grant for the
+    /// repository still holds, marked `Warning: 110`.
     async fn pull_tag(&self, p: &Pull<'_>, tag: &TagRef) -> Result<Response<ProxyBody>, Error> {
-        let err = match self.send(p, p.method.clone()).await {
-            Ok((resp, token)) => {
-                let digest = resp
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| crate::cache::Digest::parse(v).ok());
-                let Some(digest) = digest.filter(|_| resp.status() == StatusCode::OK) else {
-                    return Ok(resp);
-                };
-                let target = tag.manifest(digest);
-                p.cache.remember_tag(p.upstream(), tag, &digest);
-                p.grant(&target, &token);
-                if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
-                    p.cache.set_media_type(&digest, t);
-                }
-                if !p.head() && p.cache.store.lookup(&digest).is_none() {
-                    if let Ok(Fill::Writer(writer)) = p.cache.store.fill(&digest, None).await {
-                        return Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))));
-                    }
-                }
-                return Ok(resp);
-            }
+        let asked = match self.revalidate_tag(p, tag).await {
+            Ok(Some(hit)) => return Ok(hit),
+            Ok(None) => self.send(p, p.method.clone()).await,
+            Err(err) => Err(err),
+        };
+        let err = match asked {
+            Ok((resp, token)) => return Ok(self.tag_answered(p, tag, resp, &token).await),
             Err(err) => err,
         };
         if !p.cache.serve_stale || !unreachable(&err) {
@@ -177,6 +162,57 @@ impl App {
             header::HeaderValue::from_static("110 - \"Response is Stale\""),
         );
         Ok(resp)
+    }
+
+    /// A `GET` of a tag whose last manifest is in the cache: a `HEAD` with the client's token
+    /// asks the upstream which manifest the tag names now (Docker Hub does not count a `HEAD`
+    /// against its pull rate limit, and no manifest body crosses the network); when that one is
+    /// cached, it is served from the cache (a hit). `None`: the `GET` goes upstream (the tag
+    /// names a manifest not cached, the upstream refused, or nothing was cached for the tag).
+    /// An error is the upstream's unreachability, for the stale path.
+    async fn revalidate_tag(
+        &self,
+        p: &Pull<'_>,
+        tag: &TagRef,
+    ) -> Result<Option<Response<ProxyBody>>, Error> {
+        let last = p.cache.tag(p.upstream(), tag);
+        if p.head() || !last.is_some_and(|d| p.cache.store.lookup(&d).is_some()) {
+            return Ok(None);
+        }
+        let (resp, token) = self.send(p, Method::HEAD).await?;
+        let Some(digest) = manifest_digest(&resp) else {
+            return Ok(None);
+        };
+        let target = tag.manifest(digest);
+        p.cache.remember_tag(p.upstream(), tag, &digest);
+        p.grant(&target, &token);
+        Ok(self.serve_hit(p, &target, "hit").await)
+    }
+
+    /// The upstream's answer to a tag, passed on: its manifest is remembered for the tag, its
+    /// grant kept, and its body cached by digest as it streams to the client.
+    async fn tag_answered(
+        &self,
+        p: &Pull<'_>,
+        tag: &TagRef,
+        resp: Response<ProxyBody>,
+        token: &UpstreamToken,
+    ) -> Response<ProxyBody> {
+        let Some(digest) = manifest_digest(&resp) else {
+            return resp;
+        };
+        let target = tag.manifest(digest);
+        p.cache.remember_tag(p.upstream(), tag, &digest);
+        p.grant(&target, token);
+        if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
+            p.cache.set_media_type(&digest, t);
+        }
+        if !p.head() && p.cache.store.lookup(&digest).is_none() {
+            if let Ok(Fill::Writer(writer)) = p.cache.store.fill(&digest, None).await {
+                return resp.map(|b| pull::boxed(Tee::new(b, writer)));
+            }
+        }
+        resp
     }
 
     /// Serves a `GET`/`HEAD` of a blob or manifest by digest (see the module docs).
@@ -428,4 +464,13 @@ fn unreachable(err: &Error) -> bool {
             | Error::UpstreamFailed { .. }
             | Error::Mint(MintFailure::Failed { .. } | MintFailure::Timeout { .. })
     )
+}
+
+/// The digest of the manifest a `200` to a manifest request names (`Docker-Content-Digest`).
+fn manifest_digest(resp: &Response<ProxyBody>) -> Option<crate::cache::Digest> {
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let v = resp.headers().get("docker-content-digest")?.to_str().ok()?;
+    crate::cache::Digest::parse(v).ok()
 }

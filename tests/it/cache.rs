@@ -11,6 +11,8 @@
 //!   half-written file left by a killed fetch is gone.
 //! - A repository named like a route (`team/blobs/app`): its manifest by digest is cached and
 //!   every request is counted under what it asks for (issue 22: the path is parsed once).
+//! - A tag whose manifest is cached is asked with a `HEAD` and served from the cache; once the
+//!   tag moves, the new manifest is fetched (issue 26).
 //! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
 //!   client whose grant holds (marked stale), and to no one else.
 
@@ -88,8 +90,25 @@ fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
         .lines()
         .filter(|l| l.contains("response completed"))
         .filter(|l| l.contains(&format!("http.request.method={method} ")))
-        .filter(|l| l.contains(&format!("http.request.uri=\"{uri}\"")))
+        // logrus quotes a value only when it needs to (a digest's `:` does, a tag does not).
+        .filter(|l| {
+            l.contains(&format!("http.request.uri=\"{uri}\""))
+                || l.contains(&format!("http.request.uri={uri} "))
+        })
         .count()
+}
+
+/// Like [`upstream_requests`], once the registry has logged at least `n` (its log is read by
+/// another thread): the count then, or after 10 s.
+fn upstream_requests_at_least(reg: &Registry, method: &str, uri: &str, n: usize) -> usize {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = upstream_requests(reg, method, uri);
+        if count >= n || std::time::Instant::now() >= end {
+            return count;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `GET` (or `HEAD`) `path` on `base` with a Bearer token; status and body.
@@ -260,6 +279,54 @@ async fn a_repository_named_like_a_route_is_cached_and_counted_by_what_it_asks()
         (2.0, 2.0),
         "{text}"
     );
+}
+
+/// Issue 26: a `GET` of a tag whose manifest is cached asks the upstream with a `HEAD` (Docker
+/// Hub does not count those against its pull limit; no manifest body crosses the network) and is
+/// served from the cache; when the tag has moved, the new manifest is fetched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_tag_is_revalidated_with_a_head() {
+    let (_gl, reg) = world().await;
+    let image = OciImage::random(184, &[1 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    let realm = format!("{}/jwt/auth", px.url());
+    let scope = format!("repository:{PRIVATE}:pull");
+    let token = fetch_token(&realm, ALICE.0, ALICE.1, &scope).await;
+    let tag_uri = format!("/v2/{PRIVATE}/manifests/v1");
+    let (status, body) = get(&px.url(), &tag_uri, Some(&token), false).await;
+    assert_eq!(
+        (status, digest(&body)),
+        (200, image.manifest_digest.clone())
+    );
+    // The fill commits in the background once the body is out: wait for it.
+    let committed = format!("cache: committed digest={}", image.manifest_digest);
+    let stored = px.output.wait_for(&committed, Duration::from_secs(10));
+    assert!(stored.is_some(), "{}", px.output.text());
+    let (status, again) = get(&px.url(), &tag_uri, Some(&token), false).await;
+    assert_eq!(
+        (status, &again),
+        (200, &body),
+        "the same manifest, from the cache"
+    );
+    let head = upstream_requests_at_least(&reg, "HEAD", &tag_uri, 1);
+    assert_eq!(
+        (upstream_requests(&reg, "GET", &tag_uri), head),
+        (1, 1),
+        "one GET, then one HEAD\n{}",
+        px.output.text()
+    );
+    // The tag moves: the HEAD names a manifest the cache does not hold, so it is fetched.
+    let moved = OciImage::random(185, &[1 << 20]);
+    push(&moved, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (status, body) = get(&px.url(), &tag_uri, Some(&token), false).await;
+    assert_eq!(
+        (status, digest(&body)),
+        (200, moved.manifest_digest.clone())
+    );
+    assert_eq!(upstream_requests_at_least(&reg, "GET", &tag_uri, 2), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
