@@ -433,7 +433,8 @@ async fn run(s: Settings) -> Result<(), String> {
     let fast = origin::Origin::start(content).await;
 
     // The real registry and its token service.
-    let gitlab = with_developer_pat(USER, PAT, "bench", Duration::from_secs(3600)).await;
+    // The project is the repository the cases use (GitLab finds a repository's project by its path).
+    let gitlab = with_developer_pat(USER, PAT, REPO, Duration::from_secs(3600)).await;
     let needs_registry = s.runs("registry") || s.runs("session") || s.runs("cache");
     let registry = (needs_registry && procs::have("docker-registry"))
         .then(|| support::Registry::start_in(&gitlab.realm(), shm.is_dir().then_some(shm)));
