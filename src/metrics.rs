@@ -149,6 +149,10 @@ pub struct Metrics {
     pub cache_requests: Family<OutcomeLabels, Counter>,
     /// `regrelay_cache_served_bytes_total`: body bytes served from the cache.
     pub cache_served_bytes: Counter,
+    /// `regrelay_cache_manifest_gets_avoided_total`: manifest `GET`s by tag answered from the
+    /// cache after a `HEAD` found the tag still naming the cached manifest (Docker Hub counts
+    /// `GET`s against its pull limit, not `HEAD`s).
+    pub cache_manifest_gets_avoided: Counter,
     /// The token caches' counters by upstream name, read at scrape time.
     tokens: WatchedTokens,
 }
@@ -355,6 +359,11 @@ impl Metrics {
                 "cache_served",
                 "Body bytes served from the pull-through cache",
                 Unit::Bytes,
+                Counter::default(),
+            ),
+            cache_manifest_gets_avoided: r.add(
+                "cache_manifest_gets_avoided",
+                "Manifest GETs by tag answered from the cache after a HEAD found the tag unchanged",
                 Counter::default(),
             ),
             tokens: tokens.clone(),

@@ -186,7 +186,11 @@ impl App {
         let target = tag.manifest(digest);
         p.cache.remember_tag(p.upstream(), tag, &digest);
         p.grant(&target, &token);
-        Ok(self.serve_hit(p, &target, "hit").await)
+        let hit = self.serve_hit(p, &target, "hit").await;
+        if hit.is_some() {
+            self.metrics.cache_manifest_gets_avoided.inc();
+        }
+        Ok(hit)
     }
 
     /// The upstream's answer to a tag, passed on: its manifest is remembered for the tag, its

@@ -291,7 +291,16 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let cache = tempfile::tempdir().unwrap();
     let keys = key_file();
-    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    let px = Regrelay::start(&[
+        "--registry",
+        &reg.url(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--session-key-file",
+        keys.path().to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     let realm = format!("{}/jwt/auth", px.url());
     let scope = format!("repository:{PRIVATE}:pull");
     let token = fetch_token(&realm, ALICE.0, ALICE.1, &scope).await;
@@ -327,6 +336,13 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
         (200, moved.manifest_digest.clone())
     );
     assert_eq!(upstream_requests_at_least(&reg, "GET", &tag_uri, 2), 2);
+    let (_, _, text) = metrics::scrape(metrics::addr(&px)).await;
+    let avoided = metrics::value(&text, "regrelay_cache_manifest_gets_avoided_total", &[]);
+    assert_eq!(avoided, 1.0, "{text}");
+    // bob may not pull it: GitLab grants his session nothing there, and no cache answers him.
+    let bob = fetch_token(&realm, BOB.0, BOB.1, &scope).await;
+    let (status, _) = get(&px.url(), &tag_uri, Some(&bob), false).await;
+    assert_eq!(status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread")]
