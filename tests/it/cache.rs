@@ -129,16 +129,24 @@ async fn get(base: &str, path: &str, token: Option<&str>, head: bool) -> (u16, b
 }
 
 fn regrelay_with_cache(reg: &Registry, dir: &Path, keys: &Path) -> Regrelay {
-    Regrelay::start(&[
+    regrelay_with_cache_and(reg, dir, keys, &[])
+}
+
+/// [`regrelay_with_cache`] with `more` flags.
+fn regrelay_with_cache_and(reg: &Registry, dir: &Path, keys: &Path, more: &[&str]) -> Regrelay {
+    let url = reg.url();
+    let mut args = vec![
         "--registry",
-        &reg.url(),
+        &url,
         "--cache-dir",
         dir.to_str().unwrap(),
         "--cache-max-bytes",
         "1073741824",
         "--session-key-file",
         keys.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(more);
+    Regrelay::start(&args)
 }
 
 fn key_file() -> tempfile::NamedTempFile {
@@ -233,18 +241,8 @@ async fn a_repository_named_like_a_route_is_cached_and_counted_by_what_it_asks()
     let blob_uri = format!("/v2/{REPO}/blobs/{layer}");
     let cache = tempfile::tempdir().unwrap();
     let keys = key_file();
-    let px = Regrelay::start(&[
-        "--registry",
-        &reg.url(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--cache-max-bytes",
-        "1073741824",
-        "--session-key-file",
-        keys.path().to_str().unwrap(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
+    let metrics_flags = ["--metrics-listen", "127.0.0.1:0"];
+    let px = regrelay_with_cache_and(&reg, cache.path(), keys.path(), &metrics_flags);
     let realm = format!("{}/jwt/auth", px.url());
     let token = fetch_token(&realm, ALICE.0, ALICE.1, &format!("repository:{REPO}:pull")).await;
     for _ in 0..2 {
@@ -291,16 +289,8 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let cache = tempfile::tempdir().unwrap();
     let keys = key_file();
-    let px = Regrelay::start(&[
-        "--registry",
-        &reg.url(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--session-key-file",
-        keys.path().to_str().unwrap(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
+    let metrics_flags = ["--metrics-listen", "127.0.0.1:0"];
+    let px = regrelay_with_cache_and(&reg, cache.path(), keys.path(), &metrics_flags);
     let realm = format!("{}/jwt/auth", px.url());
     let scope = format!("repository:{PRIVATE}:pull");
     let token = fetch_token(&realm, ALICE.0, ALICE.1, &scope).await;
