@@ -13,6 +13,7 @@
 
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -22,10 +23,11 @@ use crate::api_path::ApiPath;
 use crate::body::ProxyBody;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
-use crate::cache::{Fill, Follower, Tee};
+use crate::cache::{Fill, Follower, Tee, Writer};
+use crate::clients::ClientHandle;
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
-use crate::proxy::Forward;
+use crate::proxy::{self, Forward};
 use crate::session::Session;
 use crate::token::UpstreamToken;
 
@@ -248,6 +250,11 @@ impl App {
                 return self.answer_head(p, target, check).await;
             }
             if ranged {
+                let len = blob_len(target, &check);
+                drop(check);
+                if let Some(resp) = self.range_fill(p, target, len).await? {
+                    return Ok(resp);
+                }
                 self.count(p, "pass");
                 return Ok(self.fetch(p, target).await?.0);
             }
@@ -317,6 +324,106 @@ impl App {
             header::HeaderValue::from_static("follow"),
         );
         Ok(Response::from_parts(parts, pull::boxed(follower.body())))
+    }
+
+    /// A `Range` read of a blob not cached (lazy-pulling snapshotters read layers so), which
+    /// the upstream has just authorized (`check`): it starts, or joins, the one full fill of the
+    /// blob and is answered from the growing file as soon as its bytes are there, so many ranges
+    /// of one cold blob make one upstream read. `None`: passed through instead (a manifest, a
+    /// blob on object storage, a length or range the answer does not make clear). `len`: the
+    /// blob's, as the upstream's yes said ([`blob_len`]).
+    async fn range_fill(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+        len: Option<u64>,
+    ) -> Result<Option<Response<ProxyBody>>, Error> {
+        let Some(len) = len else {
+            tracing::debug!(digest = %target.digest, "cache: range passed through (no blob length in the upstream's answer)");
+            return Ok(None);
+        };
+        let Some(Ok(range)) = pull::range(&p.shape.headers, len) else {
+            tracing::debug!(digest = %target.digest, "cache: range passed through (not one satisfiable range)");
+            return Ok(None);
+        };
+        let digest = &target.digest;
+        let follower = match p.cache.store.fill(digest, Some(len)).await {
+            Ok(Fill::Follower(follower)) => follower,
+            Ok(Fill::Writer(writer)) => {
+                self.fill_in_background(p, writer).await?;
+                match p.cache.store.fill(digest, Some(len)).await {
+                    Ok(Fill::Follower(follower)) => follower,
+                    Ok(Fill::Hit(_)) => return Ok(self.serve_hit(p, target, "hit").await),
+                    _ => return Ok(None),
+                }
+            }
+            Ok(Fill::Hit(_)) => return Ok(self.serve_hit(p, target, "hit").await),
+            Ok(Fill::TooLarge) | Err(_) => {
+                tracing::debug!(digest = %target.digest, "cache: range passed through (no fill)");
+                return Ok(None);
+            }
+        };
+        self.count(p, "follower");
+        Ok(Some(p.cache.range_response(follower, target, len, range)))
+    }
+
+    /// Fetches the whole blob of `p` into `writer` in a task of its own: the fill lives on
+    /// whether or not the range that started it is still read. Its upstream request is the
+    /// client's `GET` without the `Range`, with the client's token; it takes no client's share of
+    /// upstream connections (it is the cache's). A refusal or failure drops the writer: the fill
+    /// fails, and its readers' bodies end with an error.
+    async fn fill_in_background(&self, p: &Pull<'_>, writer: Writer) -> Result<(), Error> {
+        let token = (p.lane.access)
+            .upstream_token(p.session, p.fwd, &Method::GET, p.api)
+            .await?;
+        let mut req = p.shape.request(Method::GET);
+        req.headers_mut().remove(header::RANGE);
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, token.header.clone());
+        req.extensions_mut().remove::<ClientHandle>();
+        let upstream = p.lane.upstream.clone();
+        let (public, forwarded_for) = (p.fwd.public.clone(), p.fwd.forwarded_for.clone());
+        let (peer, trusted, idle) = (p.fwd.peer, p.fwd.trusted, p.fwd.idle);
+        tokio::spawn(async move {
+            let fwd = Forward {
+                peer,
+                trusted,
+                forwarded_for,
+                public: &public,
+                idle,
+                bytes_in: Default::default(),
+                notes: Default::default(),
+                client: None,
+            };
+            let digest = writer.digest();
+            let resp = match proxy::forward(&upstream, req, &fwd).await {
+                Ok(resp) if resp.status() == StatusCode::OK => resp,
+                Ok(resp) => {
+                    tracing::debug!(%digest, status = resp.status().as_u16(), "cache: range fill refused upstream");
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(%digest, error = %err, "cache: range fill failed");
+                    return;
+                }
+            };
+            let mut body = std::pin::pin!(Tee::new(resp.into_body(), writer));
+            loop {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Ok(Some(Ok(_))) => {}
+                    Ok(None) => break,
+                    Ok(Some(Err(err))) => {
+                        tracing::warn!(%digest, error = %err, "cache: range fill cut");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%digest, "cache: range fill stalled past --body-idle; given up");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Asks the upstream (`HEAD`, with the client's own token) whether this client may pull
@@ -444,8 +551,17 @@ impl App {
             .access
             .upstream_token(session, fwd, &method, p.api)
             .await?;
-        let req = p.shape.request(method.clone());
-        let retry = Some(|| p.shape.request(method));
+        // A HEAD asks whether, and what: never for a range (a registry answers a HEAD with a
+        // `Range` 206, which is no yes).
+        let request = |method: Method| {
+            let mut req = p.shape.request(method);
+            if req.method() == Method::HEAD {
+                req.headers_mut().remove(header::RANGE);
+            }
+            req
+        };
+        let req = request(method.clone());
+        let retry = Some(|| request(method));
         lane.send_refreshing(session, fwd, req, p.api, token, retry)
             .await
     }
@@ -477,4 +593,19 @@ fn manifest_digest(resp: &Response<ProxyBody>) -> Option<crate::cache::Digest> {
     }
     let v = resp.headers().get("docker-content-digest")?.to_str().ok()?;
     crate::cache::Digest::parse(v).ok()
+}
+
+/// The length of a blob, as the upstream's own answer to a read of it says (not for a redirect
+/// to object storage: its length is the store's to say).
+fn blob_len(target: &Target, answer: &Answer) -> Option<u64> {
+    match answer {
+        Answer::Here(resp) if target.kind == pull::Kind::Blob => resp
+            .headers()
+            .get(header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok(),
+        _ => None,
+    }
 }

@@ -163,8 +163,13 @@ impl Follower {
         CacheBody::growing(self.store, self.digest, self.progress, self.expected_len)
     }
 
-    /// Waits for the writer to finish: the committed entry, or why there is none. For callers
-    /// that need the whole content first (a range request).
+    /// Bytes `start..=end` of the content, each sent once the writer has written it. The body
+    /// fails when the fill fails (or the content ends before `end`).
+    pub fn range_body(self, start: u64, end: u64) -> CacheBody {
+        CacheBody::growing_range(self.store, self.digest, self.progress, start, end + 1)
+    }
+
+    /// Waits for the writer to finish: the committed entry, or why there is none.
     pub async fn finished(mut self) -> Result<Hit, CacheError> {
         let done = |p: &Progress| matches!(p.state, FlightState::Stored | FlightState::Failed(_));
         let state = match self.progress.wait_for(done).await {

@@ -12,7 +12,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 
-use super::{CacheError, Digest, Grants, Hit, Store};
+use super::{CacheError, Digest, Follower, Grants, Hit, Store};
 use crate::api_path::{ApiPath, Resource};
 use crate::body::ProxyBody;
 use crate::session::Session;
@@ -288,6 +288,30 @@ impl PullCache {
             .body(body)
             .expect("valid headers");
         Ok(Some(resp))
+    }
+}
+
+impl PullCache {
+    /// A `206` of bytes `start..=end` of a blob of `len` bytes being filled, each byte sent once
+    /// the fill has written it ([`Follower::range_body`]).
+    pub fn range_response(
+        &self,
+        follower: Follower,
+        target: &Target,
+        len: u64,
+        (start, end): (u64, u64),
+    ) -> Response<ProxyBody> {
+        Response::builder()
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header("docker-content-digest", target.digest.to_string())
+            .header(header::ETAG, format!("\"{}\"", target.digest))
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header("x-regrelay-cache", "follow")
+            .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+            .header(header::CONTENT_LENGTH, end - start + 1)
+            .body(boxed(follower.range_body(start, end)))
+            .expect("valid headers")
     }
 }
 

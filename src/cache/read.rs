@@ -47,6 +47,8 @@ struct Reader {
     pos: u64,
     /// One past the last byte to read; `None` while the writer may still write.
     end: Option<u64>,
+    /// One past the last byte asked for (a range), whatever the writer writes beyond it.
+    limit: Option<u64>,
     /// The fill being followed, until it commits.
     progress: Option<watch::Receiver<Progress>>,
 }
@@ -90,10 +92,36 @@ impl CacheBody {
                 file: None,
                 pos: 0,
                 end: None,
+                limit: None,
                 progress: Some(progress),
             }),
             next: None,
             remaining: expected_len,
+        }
+    }
+
+    /// Bytes `start..end` of a fill under way: each is sent once the writer has written it
+    /// (a range beyond what is filled waits for it).
+    pub(super) fn growing_range(
+        store: Arc<Inner>,
+        digest: Digest,
+        progress: watch::Receiver<Progress>,
+        start: u64,
+        end: u64,
+    ) -> CacheBody {
+        CacheBody {
+            fixed: None,
+            reader: Some(Reader {
+                store,
+                digest,
+                file: None,
+                pos: start,
+                end: None,
+                limit: Some(end),
+                progress: Some(progress),
+            }),
+            next: None,
+            remaining: Some(end - start),
         }
     }
 }
@@ -184,9 +212,19 @@ impl Reader {
     }
 
     async fn read_chunk(&mut self) -> Result<Option<Bytes>, CacheError> {
-        let available = self.available().await?;
-        if self.pos >= available {
+        if self.limit.is_some_and(|limit| self.pos >= limit) {
             return Ok(None);
+        }
+        let mut available = self.available().await?;
+        if let Some(limit) = self.limit {
+            available = available.min(limit);
+        }
+        if self.pos >= available {
+            // The content ended before the range did: the body is cut short, never padded.
+            return match self.limit {
+                Some(_) => Err(CacheError::Aborted),
+                None => Ok(None),
+            };
         }
         let n = (available - self.pos).min(CHUNK_BYTES as u64) as usize;
         let file = self.file.clone().ok_or(CacheError::Aborted)?;
@@ -256,7 +294,10 @@ impl Body for CacheBody {
             return fixed.is_end_stream();
         }
         let idle = self.next.is_none();
-        let fixed_done = self.reader.as_ref().is_some_and(|r| r.end == Some(r.pos));
+        let fixed_done = self
+            .reader
+            .as_ref()
+            .is_some_and(|r| r.end == Some(r.pos) || r.limit == Some(r.pos));
         idle && (self.reader.is_none() || fixed_done)
     }
 

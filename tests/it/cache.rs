@@ -13,6 +13,8 @@
 //!   every request is counted under what it asks for (issue 22: the path is parsed once).
 //! - A tag whose manifest is cached is asked with a `HEAD` and served from the cache; once the
 //!   tag moves, the new manifest is fetched (issue 26).
+//! - 20 `Range` reads of one cold blob at once make one upstream read of it, each answered from
+//!   the growing fill (issue 26: lazy-pulling snapshotters read layers so).
 //! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
 //!   client whose grant holds (marked stale), and to no one else.
 
@@ -333,6 +335,80 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
     let bob = fetch_token(&realm, BOB.0, BOB.1, &scope).await;
     let (status, _) = get(&px.url(), &tag_uri, Some(&bob), false).await;
     assert_eq!(status, 401);
+}
+
+/// `GET` bytes `start..=end` of `path` on `base` with a Bearer token; status and body.
+async fn get_range(
+    base: &str,
+    path: &str,
+    token: &str,
+    (start, end): (u64, u64),
+) -> (u16, Vec<u8>) {
+    let req = http::Request::get(format!("{base}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("range", format!("bytes={start}-{end}"))
+        .body(regrelay::body::empty())
+        .unwrap();
+    let resp = upstream::client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, body.to_vec())
+}
+
+/// Issue 26: 20 clients read ranges of one cold blob at once (as lazy-pulling snapshotters
+/// do): one upstream GET of it in all, each range byte-identical, answered from the fill as it
+/// grows; afterwards a whole pull of it is a hit.
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_range_reads_of_a_cold_blob_make_one_upstream_read() {
+    let (_gl, reg) = world().await;
+    let image = OciImage::random(186, &[8 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, len) = image.layers[0].clone();
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    let content = std::fs::read(image.dir.path().join("blobs/sha256").join(hex)).unwrap();
+    assert_eq!(content.len(), len);
+    let blob_uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let cache = tempfile::tempdir().unwrap();
+    let keys = key_file();
+    let px = regrelay_with_cache(&reg, cache.path(), keys.path());
+    let realm = format!("{}/jwt/auth", px.url());
+    let scope = format!("repository:{PRIVATE}:pull");
+    let token = fetch_token(&realm, ALICE.0, ALICE.1, &scope).await;
+    let len = len as u64;
+    let reads: Vec<_> = (0..20u64)
+        .map(|i| {
+            // Spread over the blob, the last one reaching its end.
+            let start = (len / 20) * i + i * 7;
+            let end = if i == 19 { len - 1 } else { start + 300_000 };
+            let (base, uri, token) = (px.url(), blob_uri.clone(), token.clone());
+            tokio::spawn(async move {
+                (
+                    (start, end),
+                    get_range(&base, &uri, &token, (start, end)).await,
+                )
+            })
+        })
+        .collect();
+    for read in reads {
+        let ((start, end), (status, body)) = read.await.unwrap();
+        assert_eq!(status, 206, "{start}-{end}\n{}", px.output.text());
+        assert!(
+            body == content[start as usize..=end as usize],
+            "bytes {start}-{end} differ ({} bytes)",
+            body.len()
+        );
+    }
+    let committed = format!("cache: committed digest={layer}");
+    let stored = px.output.wait_for(&committed, Duration::from_secs(20));
+    assert!(stored.is_some(), "{}", px.output.text());
+    let (status, whole) = get(&px.url(), &blob_uri, Some(&token), false).await;
+    assert_eq!((status, whole.len()), (200, content.len()));
+    assert_eq!(
+        upstream_requests_at_least(&reg, "GET", &blob_uri, 1),
+        1,
+        "one upstream read for 20 ranges and a whole pull\n{}",
+        px.output.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
