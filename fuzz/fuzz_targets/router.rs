@@ -74,9 +74,14 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     match r {
-        Route::Registry => {
+        Route::Registry(api) => {
             let path = uri.path();
             assert!(path == "/v2" || path.starts_with("/v2/"), "{path}");
+            // The parsed path names a repository only as the path spells it, never empty.
+            if let Some(repo) = api.repository() {
+                assert!(path.starts_with(&format!("/v2/{repo}/")), "{path} -> {repo}");
+                assert!(!repo.split('/').any(str::is_empty), "{path} -> {repo:?}");
+            }
             let decoded = decode_path(path);
             for seg in decoded.split(|&b| b == b'/') {
                 assert!(
