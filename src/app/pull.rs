@@ -30,6 +30,7 @@ use crate::metrics::OutcomeLabels;
 use crate::proxy::{self, Forward};
 use crate::session::Session;
 use crate::token::UpstreamToken;
+use crate::upload::content_length;
 
 /// What the upstream answered a read of an object, with the client's token.
 enum Answer {
@@ -78,6 +79,20 @@ impl Pull<'_> {
         let (repo, digest) = (&target.repo, &target.digest);
         let now = Instant::now();
         (self.cache.grants).may_serve_in(&self.principal, self.upstream(), repo, digest, now)
+    }
+
+    /// The upstream said, with `token`, that `tag` names the manifest `digest`: remembered for
+    /// the tag (`--cache-serve-stale`), and the grant it proves kept. Returns the manifest.
+    fn tag_names(
+        &self,
+        tag: &TagRef,
+        digest: crate::cache::Digest,
+        token: &UpstreamToken,
+    ) -> Target {
+        let target = tag.manifest(digest);
+        self.cache.remember_tag(self.upstream(), tag, &digest);
+        self.grant(&target, token);
+        target
     }
 
     /// What a `200` (or a redirect to object storage) with `token` proved: this principal may
@@ -185,9 +200,7 @@ impl App {
         let Some(digest) = manifest_digest(&resp) else {
             return Ok(None);
         };
-        let target = tag.manifest(digest);
-        p.cache.remember_tag(p.upstream(), tag, &digest);
-        p.grant(&target, &token);
+        let target = p.tag_names(tag, digest, &token);
         let hit = self.serve_hit(p, &target, "hit").await;
         if hit.is_some() {
             self.metrics.cache_manifest_gets_avoided.inc();
@@ -207,9 +220,7 @@ impl App {
         let Some(digest) = manifest_digest(&resp) else {
             return resp;
         };
-        let target = tag.manifest(digest);
-        p.cache.remember_tag(p.upstream(), tag, &digest);
-        p.grant(&target, token);
+        p.tag_names(tag, digest, token);
         if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
             p.cache.set_media_type(&digest, t);
         }
@@ -407,19 +418,13 @@ impl App {
                     return;
                 }
             };
+            // The body is proxy::forward's: it fails when the upstream stalls past the body idle
+            // timeout, and the tee then gives the fill up.
             let mut body = std::pin::pin!(Tee::new(resp.into_body(), writer));
-            loop {
-                match tokio::time::timeout(idle, body.frame()).await {
-                    Ok(Some(Ok(_))) => {}
-                    Ok(None) => break,
-                    Ok(Some(Err(err))) => {
-                        tracing::warn!(%digest, error = %err, "cache: range fill cut");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%digest, "cache: range fill stalled past --body-idle; given up");
-                        break;
-                    }
+            while let Some(frame) = body.frame().await {
+                if let Err(err) = frame {
+                    tracing::warn!(%digest, error = %err, "cache: range fill cut");
+                    break;
                 }
             }
         });
@@ -522,11 +527,7 @@ impl App {
             Ok(Some(resp)) => {
                 self.count(p, outcome);
                 if !head {
-                    let sent = resp
-                        .headers()
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                        .unwrap_or(0);
+                    let sent = content_length(resp.headers()).unwrap_or(0);
                     self.metrics.cache_served_bytes.inc_by(sent);
                 }
                 Some(resp)
@@ -599,13 +600,7 @@ fn manifest_digest(resp: &Response<ProxyBody>) -> Option<crate::cache::Digest> {
 /// to object storage: its length is the store's to say).
 fn blob_len(target: &Target, answer: &Answer) -> Option<u64> {
     match answer {
-        Answer::Here(resp) if target.kind == pull::Kind::Blob => resp
-            .headers()
-            .get(header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok(),
+        Answer::Here(resp) if target.kind == pull::Kind::Blob => content_length(resp.headers()),
         _ => None,
     }
 }

@@ -142,7 +142,7 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     conn.as_mut().graceful_shutdown();
                     // Its request (and, draining, the drain's deadlines) decide when it ends.
                     closing = Some(match draining {
-                        true => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+                        true => drain_deadline(),
                         false => Instant::now() + CLOSE_GRACE,
                     });
                     draining = true;
@@ -159,7 +159,7 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
                     state.draining.store(true, Ordering::Release);
                     if h2 || state.has_served() {
                         conn.as_mut().graceful_shutdown();
-                        closing = Some(Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                        closing = Some(drain_deadline());
                     } else {
                         first_request_by = Some(Instant::now() + DRAIN_FIRST_REQUEST.min(t.header_read));
                     }
@@ -175,4 +175,9 @@ pub(super) async fn supervise<C: GracefulConnection<Error = hyper::Error>>(
             }
         }
     }
+}
+
+/// A draining connection's own deadline: none (the drain's deadlines are the server's).
+fn drain_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
