@@ -24,7 +24,6 @@ use crate::body::ProxyBody;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
 use crate::cache::{Fill, Follower, Tee, Writer};
-use crate::clients::ClientHandle;
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
 use crate::proxy::{self, Forward};
@@ -380,9 +379,10 @@ impl App {
 
     /// Fetches the whole blob of `p` into `writer` in a task of its own: the fill lives on
     /// whether or not the range that started it is still read. Its upstream request is the
-    /// client's `GET` without the `Range`, with the client's token; it takes no client's share of
-    /// upstream connections (it is the cache's). A refusal or failure drops the writer: the fill
-    /// fails, and its readers' bodies end with an error.
+    /// client's `GET` without the `Range`, with the client's token, and it holds one of that
+    /// client's share of upstream connections until the blob is in (as the cache's other upstream
+    /// requests do): a client cannot start more fills than its share. A refusal or failure drops
+    /// the writer: the fill fails, and its readers' bodies end with an error.
     async fn fill_in_background(&self, p: &Pull<'_>, writer: Writer) -> Result<(), Error> {
         let token = (p.lane.access)
             .upstream_token(p.session, p.fwd, &Method::GET, p.api)
@@ -391,7 +391,6 @@ impl App {
         req.headers_mut().remove(header::RANGE);
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
-        req.extensions_mut().remove::<ClientHandle>();
         let upstream = p.lane.upstream.clone();
         let (public, forwarded_for) = (p.fwd.public.clone(), p.fwd.forwarded_for.clone());
         let (peer, trusted, idle) = (p.fwd.peer, p.fwd.trusted, p.fwd.idle);
