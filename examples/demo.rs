@@ -59,7 +59,7 @@ async fn main() {
         reg.url()
     );
     step(3, "starting regrelay in front of the registry");
-    let px = Regrelay::start(&["--registry", &reg.url()]);
+    let px = Regrelay::process(&["--registry", &reg.url()]);
     println!(
         "      {} -> {}  serves the token realm itself and re-mints GitLab tokens",
         px.url(),

@@ -17,7 +17,8 @@
 //! ring), [`token`] (upstream token cache: single-flight minting, failures remembered, refresh
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
 //! A process's life: [`listeners`] (the sockets: taken over, socket-activated or bound),
-//! [`lifecycle`] (serving, signals, the handover), [`upgrade`] (upgrades in place: the listening
+//! [`lifecycle`] (serving, signals, the handover), [`embedded`] (the same, inside another
+//! program: [`Proxy::start`], as the integration tests run it), [`upgrade`] (upgrades in place: the listening
 //! sockets handed to a successor over `--upgrade-socket`; `regrelay upgrade`; `sd_notify`).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`], every mistake reported at
 //! once; its rooms: file, validate, limits, origin, network, upstreams, secret files), [`tls`]
@@ -40,6 +41,7 @@ pub mod challenge;
 pub mod clients;
 pub mod config;
 pub mod doctor;
+pub mod embedded;
 pub mod error;
 pub mod healthcheck;
 pub mod injected;
@@ -63,4 +65,5 @@ pub mod upstream;
 
 pub use app::App;
 pub use config::Config;
+pub use embedded::{LocalProxy, Proxy};
 pub use error::Error;

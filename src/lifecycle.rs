@@ -19,12 +19,23 @@ use crate::upgrade::wire::Role;
 use crate::upgrade::{self, notify, Offer, Takeover, UpgradeSocket};
 use crate::App;
 
-/// Serves until the process should exit: after a signal's or a handover's drain.
+/// Logs what `serve` found before it binds: the open-file limit, and every warning of the
+/// configuration (`fitted`: limits lowered to fit the open-file limit).
+pub fn log_checks(open_files: u64, fitted: Option<String>, app: &App) {
+    tracing::info!(open_files, "file descriptor limit");
+    for warning in fitted.into_iter().chain(app.startup_warnings()) {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// Serves until the process should exit: after a signal's (or the embedding's [`Stops`]) or a
+/// handover's drain.
 pub async fn serve(
     app: App,
     listeners: Listeners,
     takeover: Option<Takeover>,
     launcher: Option<Launcher>,
+    stops: Stops,
 ) -> anyhow::Result<()> {
     let config = app.config().clone();
     let activated = listeners.activated;
@@ -63,8 +74,13 @@ pub async fn serve(
         _ => None,
     };
     let app = Arc::new(app);
-    reload_on_sighup(app.clone());
-    let signals = Signals::watch();
+    let signals = match stops {
+        Stops::Signals => {
+            reload_on_sighup(app.clone());
+            Signals::watch()
+        }
+        Stops::Handle(signals) => signals,
+    };
     let (handed_tx, handed_rx) = oneshot::channel::<u32>();
     let shutdown = {
         let mut stopping = signals.stopping.clone();
@@ -252,10 +268,54 @@ fn reload_on_sighup(app: Arc<App>) {
     });
 }
 
-/// SIGTERM/SIGINT: the first sets `stopping` (the phased shutdown; no more upgrades), a second
-/// resolves `force` (the drain ends at once). Signals within [`server::SIGNAL_BURST`] of the
-/// first are part of it (`timeout` sends SIGTERM twice at once): they end nothing.
-struct Signals {
+/// What stops serving (and what reloads).
+pub enum Stops {
+    /// The process's signals: SIGTERM/SIGINT stop, SIGHUP reloads (the binary).
+    Signals,
+    /// A [`StopHandle`] (regrelay embedded in another program: no signal is caught).
+    Handle(Signals),
+}
+
+impl Stops {
+    /// Stops by the returned handle.
+    pub fn handle() -> (Stops, StopHandle) {
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (force_tx, force) = oneshot::channel();
+        let handle = StopHandle {
+            stopping: stopping_tx,
+            force: Some(force_tx),
+        };
+        (Stops::Handle(Signals { stopping, force }), handle)
+    }
+}
+
+/// Stops a proxy served with [`Stops::handle`], as the first and the second signal do.
+pub struct StopHandle {
+    stopping: watch::Sender<bool>,
+    force: Option<oneshot::Sender<()>>,
+}
+
+impl StopHandle {
+    /// The phased shutdown, as the first SIGTERM: not ready for the shutdown delay, then the
+    /// drain.
+    pub fn shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Ends the drain at once, as a second SIGTERM (and starts it, when it had not started).
+    pub fn force(&mut self) {
+        self.shutdown();
+        if let Some(force) = self.force.take() {
+            let _ = force.send(());
+        }
+    }
+}
+
+/// What stops serving: the first sets `stopping` (the phased shutdown; no more upgrades), the
+/// second resolves `force` (the drain ends at once). From SIGTERM/SIGINT, signals within
+/// [`server::SIGNAL_BURST`] of the first are part of it (`timeout` sends SIGTERM twice at once):
+/// they end nothing.
+pub struct Signals {
     stopping: watch::Receiver<bool>,
     force: oneshot::Receiver<()>,
 }

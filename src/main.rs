@@ -125,9 +125,8 @@ fn main() -> ExitCode {
         }
     };
     let config = app.config();
-    let warnings = fitted.into_iter().chain(app.startup_warnings());
     if check_only {
-        for warning in warnings {
+        for warning in fitted.into_iter().chain(app.startup_warnings()) {
             eprintln!("regrelay: warning: {warning}");
         }
         println!(
@@ -136,10 +135,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    tracing::info!(open_files, "file descriptor limit");
-    for warning in warnings {
-        tracing::warn!("{warning}");
-    }
+    regrelay::lifecycle::log_checks(open_files, fitted, &app);
     // The configuration is valid: only now are a running regrelay's sockets taken over.
     let (listeners, takeover) = match listeners::obtain(config, &mut activation, launched) {
         Ok(got) => got,
@@ -214,5 +210,12 @@ async fn serve(
     takeover: Option<Takeover>,
     launcher: Option<Launcher>,
 ) -> anyhow::Result<()> {
-    regrelay::lifecycle::serve(app, listeners, takeover, launcher).await
+    regrelay::lifecycle::serve(
+        app,
+        listeners,
+        takeover,
+        launcher,
+        regrelay::lifecycle::Stops::Signals,
+    )
+    .await
 }

@@ -25,18 +25,28 @@ use crate::metrics::Metrics;
 
 /// Installs the global subscriber (stderr). Called once by `main`; a second call is ignored.
 pub fn init(format: LogFormat) {
+    use tracing_subscriber::util::SubscriberInitExt;
     let asked = std::env::var("REGRELAY_LOG").ok();
     let (filter, refused) = log_filter(asked.as_deref());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+    let _ = dispatch(format, filter, std::io::stderr).try_init();
     if let Some(why) = refused {
         tracing::warn!("{why}");
+    }
+}
+
+/// The subscriber for `format` and `filter`, writing to `writer`: the process's (stderr, by
+/// [`init`]) or an embedded proxy's ([`crate::embedded`]).
+pub fn dispatch<W>(format: LogFormat, filter: EnvFilter, writer: W) -> tracing::Dispatch
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => builder.finish().into(),
+        LogFormat::Json => builder.json().flatten_event(true).finish().into(),
     }
 }
 

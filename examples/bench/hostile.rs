@@ -17,7 +17,7 @@ pub async fn hostile(secs: u64) -> Case {
     );
     let (gl, reg) = support::soak::world().await;
     let cache: u64 = 16 << 20;
-    let px = support::Regrelay::start(&[
+    let px = support::Regrelay::process(&[
         "--registry",
         &reg.url(),
         "--session-cache-max-bytes",

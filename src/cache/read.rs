@@ -84,20 +84,7 @@ impl CacheBody {
         progress: watch::Receiver<Progress>,
         expected_len: Option<u64>,
     ) -> CacheBody {
-        CacheBody {
-            fixed: None,
-            reader: Some(Reader {
-                store,
-                digest,
-                file: None,
-                pos: 0,
-                end: None,
-                limit: None,
-                progress: Some(progress),
-            }),
-            next: None,
-            remaining: expected_len,
-        }
+        CacheBody::following(store, digest, progress, 0, None, expected_len)
     }
 
     /// Bytes `start..end` of a fill under way: each is sent once the writer has written it
@@ -109,19 +96,31 @@ impl CacheBody {
         start: u64,
         end: u64,
     ) -> CacheBody {
+        CacheBody::following(store, digest, progress, start, Some(end), Some(end - start))
+    }
+
+    /// A follower of the fill of `digest` from byte `pos`, to `limit` or the end.
+    fn following(
+        store: Arc<Inner>,
+        digest: Digest,
+        progress: watch::Receiver<Progress>,
+        pos: u64,
+        limit: Option<u64>,
+        remaining: Option<u64>,
+    ) -> CacheBody {
         CacheBody {
             fixed: None,
             reader: Some(Reader {
                 store,
                 digest,
                 file: None,
-                pos: start,
+                pos,
                 end: None,
-                limit: Some(end),
+                limit,
                 progress: Some(progress),
             }),
             next: None,
-            remaining: Some(end - start),
+            remaining,
         }
     }
 }

@@ -230,10 +230,12 @@ async fn stalled_streams_are_shed_for_a_request_that_finds_every_slot_taken() {
     let maddr = support::metrics::addr(&px);
     let held = attack::zero_window_streams(host(2), px.addr, 1, 8, "/v2/", None).await;
     let start = Instant::now();
-    while held.sent() < 8 {
+    // Each holds its slot once answered (its body cannot be sent).
+    while held.answered() < 8 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "streams not open"
+            "streams not answered: {} of 8",
+            held.answered()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

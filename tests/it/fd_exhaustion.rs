@@ -62,7 +62,7 @@ fn count(text: &str, needles: &[&str]) -> usize {
 #[test]
 fn out_of_descriptors_accepts_pause_instead_of_spinning_then_resume() {
     support::require("prlimit");
-    let mut px = Regrelay::start(&[
+    let mut px = Regrelay::process(&[
         "--registry",
         "http://127.0.0.1:9",
         "--metrics-listen",

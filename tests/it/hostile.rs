@@ -197,7 +197,7 @@ async fn hostile_sockets_are_closed_and_real_clients_get_through() {
         "100",
     ];
     args.extend(deadlines);
-    let px = Regrelay::start(&args);
+    let px = Regrelay::process(&args);
     let base = px.url();
     let bearer = session(&base).await;
     let small = Bytes::from(vec![42u8; 300_000]);
@@ -246,7 +246,7 @@ async fn hostile_sockets_are_closed_and_real_clients_get_through() {
     drop(hostile);
 
     // TLS listener: silent (handshake deadline), TLS then silent, TLS h2 with no stream.
-    let tls = Regrelay::start(
+    let tls = Regrelay::process(
         &[
             args.clone(),
             vec![

@@ -27,7 +27,7 @@ async fn legitimate_clients_get_through_every_hostile_client_at_once() {
         .unwrap_or(60);
     let (gl, reg) = soak::world().await;
     let cache = 16u64 << 20;
-    let px = Regrelay::start(&[
+    let px = Regrelay::process(&[
         "--registry",
         &reg.url(),
         "--session-cache-max-bytes",
@@ -68,7 +68,11 @@ async fn legitimate_clients_get_through_every_hostile_client_at_once() {
         report.peak_rss_kib
     );
     let (before, _, after) = report.fds;
-    assert!(after <= before + 4, "fds {before} before, {after} after");
+    assert!(
+        after <= before + 4,
+        "fds {before} before, {after} after; its sockets:\n{}",
+        report.sockets_after
+    );
     // The attacks ran, and regrelay answered or ended them (a client that resets its own
     // streams is not answered: its count is of connections regrelay closed, maybe none).
     for (name, sent, ended) in &report.attacks {

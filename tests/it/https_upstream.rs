@@ -238,7 +238,7 @@ async fn a_ca_rotated_on_the_upstream_is_trusted_after_sighup_without_a_restart(
     let ca_file = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_file, ca1.pem()).unwrap();
     let upstream = format!("https://localhost:{}", link.addr.port());
-    let px = Regrelay::start(&[
+    let px = Regrelay::process(&[
         "--registry",
         &upstream,
         "--upstream-ca",

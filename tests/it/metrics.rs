@@ -42,7 +42,7 @@ async fn a_push_shows_in_the_metrics_without_any_secret() {
     // The link's address is the public URL; 1 MiB/s makes an 8 MiB layer span two tokens.
     let link = Relay::start(vec![nginx::free_addr()], Some(1 << 20)).await;
     let public = format!("http://{}", link.addr);
-    let px = Regrelay::start(&[
+    let px = Regrelay::process(&[
         "--registry",
         &reg.url(),
         "--public-url",

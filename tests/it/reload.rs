@@ -83,7 +83,7 @@ async fn sighup_swaps_certificate_and_keys_mid_push_without_dropping_it() {
     std::fs::copy(cert("server.pem"), &cert_path).unwrap();
     write_private(&key_path, &std::fs::read(cert("server.key")).unwrap());
     write_private(&ring_path, format!("{}\n", key_line(1)).as_bytes());
-    let px = Regrelay::start(&[
+    let px = Regrelay::process(&[
         "--registry",
         &reg.url(),
         "--tls-cert",

@@ -107,7 +107,7 @@ impl Rig {
             &public,
         ];
         args.extend_from_slice(extra);
-        Regrelay::start(&args)
+        Regrelay::process(&args)
     }
 
     /// SIGTERM to replica `i`; once it stopped accepting, and `gap` later, a new replica on the

@@ -215,7 +215,7 @@ async fn worst_shape_sessions_stay_within_the_cache_bound() {
         .collect();
     let (_gl, reg) = world(&projects, Duration::from_secs(300)).await;
     let bound: u64 = 4 << 20;
-    let px = Regrelay::start(&[
+    let px = Regrelay::process(&[
         "--registry",
         &reg.url(),
         "--session-cache-max-bytes",

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_upload_then_exits() {
     let origin = upstream::sink().await;
-    let mut px = Regrelay::start(&[
+    let mut px = Regrelay::process(&[
         "--registry",
         &origin.url(),
         "--shutdown-grace-secs",
@@ -61,7 +61,7 @@ async fn sigterm_drains_an_in_flight_upload_then_exits() {
 #[tokio::test]
 async fn the_upload_drain_bounds_the_drain() {
     let origin = upstream::sink().await;
-    let mut px = Regrelay::start(&[
+    let mut px = Regrelay::process(&[
         "--registry",
         &origin.url(),
         "--shutdown-grace-secs",
@@ -166,7 +166,7 @@ async fn status_of(px: std::net::SocketAddr, path: &str) -> Option<String> {
 #[tokio::test]
 async fn sigterm_phases_not_ready_first_then_uploads_outlive_the_grace() {
     let origin = slow_origin().await;
-    let mut px = Regrelay::start(&[
+    let mut px = Regrelay::process(&[
         "--registry",
         &origin.url(),
         "--shutdown-delay-secs",
@@ -245,7 +245,7 @@ async fn sigterm_phases_not_ready_first_then_uploads_outlive_the_grace() {
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
     let origin = upstream::sink().await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut px = Regrelay::process(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(
         b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
@@ -296,7 +296,7 @@ async fn two_signals_at_once_are_one_and_the_drain_goes_on() {
         }
     })
     .await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut px = Regrelay::process(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(
         b"PATCH /v2/g/p/blobs/uploads/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
@@ -342,7 +342,7 @@ async fn two_signals_at_once_are_one_and_the_drain_goes_on() {
 #[tokio::test]
 async fn ctrl_c_says_how_to_stop_at_once() {
     let origin = upstream::sink().await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "30"]);
+    let mut px = Regrelay::process(&["--registry", &origin.url(), "--shutdown-delay-secs", "30"]);
     px.signal("INT");
     let line = px
         .output
@@ -369,7 +369,7 @@ async fn a_first_request_just_after_the_drain_began_is_answered() {
         Response::new(body::full("{}"))
     })
     .await;
-    let mut px = Regrelay::start(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
+    let mut px = Regrelay::process(&["--registry", &origin.url(), "--shutdown-delay-secs", "0"]);
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     let me = s.local_addr().unwrap();
     assert!(

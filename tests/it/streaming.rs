@@ -109,7 +109,7 @@ async fn memory_stays_flat_while_2_gib_stream_each_way() {
         }
     })
     .await;
-    let px = Regrelay::start(&["--registry", &origin.url()]);
+    let px = Regrelay::process(&["--registry", &origin.url()]);
     let baseline = support::proc_status_kib(px.pid(), "VmRSS:");
     let up = Request::put(format!(
         "{}/v2/g/p/blobs/uploads/u?digest=sha256:0",

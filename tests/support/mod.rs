@@ -23,61 +23,94 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-/// Output lines of a child process, collected by reader threads.
+/// Output lines of a child process (collected by reader threads) or of an embedded regrelay
+/// (written by its log subscriber); a waiter wakes on each new line.
 #[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<String>>);
+pub struct Captured(Arc<(Mutex<String>, Condvar)>);
 
 impl Captured {
     /// Collects the lines of `stream` (on a reader thread).
     pub fn attach(&self, stream: impl Read + Send + 'static) {
-        let buf = self.0.clone();
+        let mut to = self.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
-                let mut b = buf.lock().unwrap();
-                b.push_str(&line);
-                b.push('\n');
+                to.append(&line, "\n");
             }
         });
     }
 
-    /// Everything so far.
-    pub fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
+    fn append(&mut self, text: &str, end: &str) {
+        let (buf, grew) = &*self.0;
+        let mut b = buf.lock().unwrap();
+        b.push_str(text);
+        b.push_str(end);
+        grew.notify_all();
     }
 
-    /// Everything, once the process has printed nothing new for a moment (its lines reach us
-    /// through reader threads, a little after the request they belong to has been answered).
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Everything, once the process has printed nothing new for a moment (a line can follow the
+    /// response it belongs to: the access line is written when the body has been sent).
     pub fn settled(&self) -> String {
         let end = Instant::now() + Duration::from_secs(3);
-        let mut seen = self.text();
+        let (buf, grew) = &*self.0;
+        let mut b = buf.lock().unwrap();
         loop {
-            std::thread::sleep(Duration::from_millis(150));
-            let now = self.text();
-            if now.len() == seen.len() || Instant::now() > end {
-                return now;
+            let seen = b.len();
+            let (next, quiet) = grew.wait_timeout(b, Duration::from_millis(150)).unwrap();
+            b = next;
+            if quiet.timed_out() && b.len() == seen || Instant::now() > end {
+                return b.clone();
             }
-            seen = now;
         }
     }
 
     /// Waits until a line contains `needle`; returns that line.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
         let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
+        let (buf, grew) = &*self.0;
+        let mut b = buf.lock().unwrap();
+        loop {
+            if let Some(l) = b.lines().find(|l| l.contains(needle)) {
                 return Some(l.to_owned());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let left = end.checked_duration_since(Instant::now())?;
+            b = grew.wait_timeout(b, left).unwrap().0;
         }
-        None
     }
 }
+
+/// An embedded regrelay's log lines ([`regrelay::Proxy::start`]) go here too.
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.append(&String::from_utf8_lossy(bytes), "");
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a test that needs a process gets told.
+const IN_PROCESS: &str = "regrelay runs in this process: start it with Regrelay::process";
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
@@ -278,18 +311,55 @@ fn token_auth(realm: &str) -> String {
     )
 }
 
-/// A running `regrelay serve` process.
+/// A running regrelay: in this process ([`Regrelay::start`]), or the binary
+/// ([`Regrelay::process`], for what only a process has: a pid, signals, an exit status, its
+/// memory and descriptors).
 pub struct Regrelay {
     /// Its address.
     pub addr: SocketAddr,
-    /// Everything it printed (stdout and stderr).
+    /// Everything it printed (stdout and stderr), or logged.
     pub output: Captured,
-    child: Child,
+    run: Run,
+}
+
+enum Run {
+    Process(Child),
+    /// Dropped (stopped, joined, a panic on its threads raised again) with the `Regrelay`.
+    InProcess(#[allow(dead_code)] regrelay::Proxy),
 }
 
 impl Drop for Regrelay {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        if let Run::Process(child) = &mut self.run {
+            kill(child);
+        }
+    }
+}
+
+/// regrelay serving on the test's own current-thread runtime ([`regrelay::LocalProxy`]): under
+/// `#[tokio::test(start_paused = true)]` its deadlines run on the paused clock, so a test of a
+/// timeout takes no wall time. Everything it talks to must run on that runtime too (the paused
+/// clock jumps ahead whenever the runtime waits): an in-process origin, not a registry process.
+/// Read its output with [`Captured::text`] (a blocking wait would stop the runtime it runs on).
+pub struct LocalRegrelay {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Everything it logged.
+    pub output: Captured,
+    _proxy: regrelay::embedded::LocalProxy,
+}
+
+impl LocalRegrelay {
+    /// `regrelay serve --listen 127.0.0.1:0 ARGS…` on this runtime.
+    pub fn start(args: &[&str]) -> LocalRegrelay {
+        let output = Captured::default();
+        let proxy = regrelay::Proxy::start_local(serve_flags(args), LOG, output.clone())
+            .unwrap_or_else(|e| panic!("regrelay did not start: {e:#}\n{}", output.text()));
+        LocalRegrelay {
+            addr: proxy.addr(),
+            output,
+            _proxy: proxy,
+        }
     }
 }
 
@@ -311,16 +381,51 @@ pub fn cert(name: &str) -> String {
     format!("{}/certs/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The log filter regrelay runs with in tests.
+const LOG: &str = "regrelay=debug,info";
+
+/// `--listen 127.0.0.1:0` unless ARGS listen elsewhere.
+fn serve_flags<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = Vec::with_capacity(args.len() + 2);
+    if !args.contains(&"--listen") {
+        flags.extend(["--listen", "127.0.0.1:0"]);
+    }
+    flags.extend(args);
+    flags
+}
+
 impl Regrelay {
-    /// Starts `regrelay serve --listen 127.0.0.1:0 ARGS…` (or ARGS' own `--listen`) and waits
-    /// for its listening line.
+    /// Serves `regrelay serve --listen 127.0.0.1:0 ARGS…` (or ARGS' own `--listen`) in this
+    /// process ([`regrelay::Proxy`]); returns once it listens.
     pub fn start(args: &[&str]) -> Regrelay {
+        let output = Captured::default();
+        let proxy = regrelay::Proxy::start(serve_flags(args), LOG, output.clone())
+            .unwrap_or_else(|e| panic!("regrelay did not start: {e:#}\n{}", output.text()));
+        let px = Regrelay {
+            addr: proxy.addr(),
+            output,
+            run: Run::InProcess(proxy),
+        };
+        // It listens already; its listening line (which tests read) follows at once.
+        if px
+            .output
+            .wait_for("listening addr=", Duration::from_secs(20))
+            .is_none()
+        {
+            panic!("regrelay wrote no listening line:\n{}", px.output.text());
+        }
+        px
+    }
+
+    /// Starts the binary, `regrelay serve --listen 127.0.0.1:0 ARGS…`, and waits for its
+    /// listening line.
+    pub fn process(args: &[&str]) -> Regrelay {
         Regrelay::start_with_prefix(&[], args)
     }
 
-    /// Like [`Regrelay::start`], run as `PREFIX… regrelay serve …` (e.g. `env VAR=… ` to preload
-    /// a library). The prefix must `exec` regrelay rather than fork it, so that the child process
-    /// is regrelay itself (its pid, signals, kill on drop).
+    /// Like [`Regrelay::process`], run as `PREFIX… regrelay serve …` (e.g. `env VAR=… ` to
+    /// preload a library). The prefix must `exec` regrelay rather than fork it, so that the child
+    /// process is regrelay itself (its pid, signals, kill on drop).
     pub fn start_with_prefix(prefix: &[&str], args: &[&str]) -> Regrelay {
         let mut px = Regrelay::spawn_with_prefix(prefix, args);
         px.wait_listening(Duration::from_secs(20));
@@ -340,15 +445,10 @@ impl Regrelay {
             }
             None => Command::new(&bin),
         };
-        let listen = if args.contains(&"--listen") {
-            vec!["serve"]
-        } else {
-            vec!["serve", "--listen", "127.0.0.1:0"]
-        };
         let mut child = cmd
-            .args(listen)
-            .args(args)
-            .env("REGRELAY_LOG", "regrelay=debug,info")
+            .arg("serve")
+            .args(serve_flags(args))
+            .env("REGRELAY_LOG", LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -360,14 +460,16 @@ impl Regrelay {
         Regrelay {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             output,
-            child,
+            run: Run::Process(child),
         }
     }
 
     /// Waits for the listening line and takes the address from it.
     pub fn wait_listening(&mut self, timeout: Duration) {
         let Some(line) = self.output.wait_for("listening addr=", timeout) else {
-            kill(&mut self.child);
+            if let Run::Process(child) = &mut self.run {
+                kill(child);
+            }
             panic!("regrelay did not start:\n{}", self.output.text());
         };
         let addr = line
@@ -385,9 +487,12 @@ impl Regrelay {
         format!("http://{}", self.addr)
     }
 
-    /// Process id.
+    /// Process id (of [`Regrelay::process`]).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Run::Process(child) => child.id(),
+            Run::InProcess(_) => panic!("{IN_PROCESS}"),
+        }
     }
 
     /// Sends SIGTERM.
@@ -413,7 +518,10 @@ impl Regrelay {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            let Run::Process(child) = &mut self.run else {
+                panic!("{IN_PROCESS}");
+            };
+            if let Some(status) = child.try_wait().unwrap() {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -75,6 +75,8 @@ pub struct Report {
     pub peak_rss_kib: u64,
     /// Its open file descriptors before the attack, at its height, and once it was over.
     pub fds: (usize, usize, usize),
+    /// Its sockets once it was over (`ss`), to tell what stayed open.
+    pub sockets_after: String,
     /// Each attack: name, requests/streams/sockets it made, and how many the server ended.
     pub attacks: Vec<(&'static str, usize, usize)>,
 }
@@ -84,6 +86,20 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// The TCP sockets of process `pid`, as `ss -tanp` lists them.
+pub fn sockets_of(pid: u32) -> String {
+    let out = std::process::Command::new("ss").arg("-tanp").output();
+    let needle = format!("pid={pid},");
+    match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("ss: {e}"),
+    }
 }
 
 fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
@@ -349,6 +365,7 @@ pub async fn run(px: &Regrelay, duration: Duration) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     report.fds = (fds_before, fds_peak, open_fds(px.pid()));
+    report.sockets_after = sockets_of(px.pid());
     report
 }
 
