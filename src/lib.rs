@@ -18,7 +18,7 @@
 //! ahead), [`upload`] (long uploads split into parts that each carry a fresh token).
 //! A process's life: [`listeners`] (the sockets: taken over, socket-activated or bound),
 //! [`lifecycle`] (serving, signals, the handover), [`embedded`] (the same, inside another
-//! program: [`Proxy::start`], as the integration tests run it), [`upgrade`] (upgrades in place: the listening
+//! program: [`embedded::Proxy::start`], as the integration tests run it), [`upgrade`] (upgrades in place: the listening
 //! sockets handed to a successor over `--upgrade-socket`; `regrelay upgrade`; `sd_notify`).
 //! Leaves: [`config`] (flags/env/TOML → validated [`config::Config`], every mistake reported at
 //! once; its rooms: file, validate, limits, origin, network, upstreams, secret files), [`tls`]
@@ -65,5 +65,4 @@ pub mod upstream;
 
 pub use app::App;
 pub use config::Config;
-pub use embedded::{LocalProxy, Proxy};
 pub use error::Error;

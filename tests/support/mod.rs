@@ -89,7 +89,7 @@ impl Captured {
     }
 }
 
-/// An embedded regrelay's log lines ([`regrelay::Proxy::start`]) go here too.
+/// An embedded regrelay's log lines ([`regrelay::embedded::Proxy::start`]) go here too.
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     type Writer = Captured;
 
@@ -325,7 +325,7 @@ pub struct Regrelay {
 enum Run {
     Process(Child),
     /// Dropped (stopped, joined, a panic on its threads raised again) with the `Regrelay`.
-    InProcess(#[allow(dead_code)] regrelay::Proxy),
+    InProcess(#[allow(dead_code)] regrelay::embedded::Proxy),
 }
 
 impl Drop for Regrelay {
@@ -336,7 +336,7 @@ impl Drop for Regrelay {
     }
 }
 
-/// regrelay serving on the test's own current-thread runtime ([`regrelay::LocalProxy`]): under
+/// regrelay serving on the test's own current-thread runtime ([`regrelay::embedded::LocalProxy`]): under
 /// `#[tokio::test(start_paused = true)]` its deadlines run on the paused clock, so a test of a
 /// timeout takes no wall time. Everything it talks to must run on that runtime too (the paused
 /// clock jumps ahead whenever the runtime waits): an in-process origin, not a registry process.
@@ -353,7 +353,7 @@ impl LocalRegrelay {
     /// `regrelay serve --listen 127.0.0.1:0 ARGS…` on this runtime.
     pub fn start(args: &[&str]) -> LocalRegrelay {
         let output = Captured::default();
-        let proxy = regrelay::Proxy::start_local(serve_flags(args), LOG, output.clone())
+        let proxy = regrelay::embedded::Proxy::start_local(serve_flags(args), LOG, output.clone())
             .unwrap_or_else(|e| panic!("regrelay did not start: {e:#}\n{}", output.text()));
         LocalRegrelay {
             addr: proxy.addr(),
@@ -396,10 +396,10 @@ fn serve_flags<'a>(args: &[&'a str]) -> Vec<&'a str> {
 
 impl Regrelay {
     /// Serves `regrelay serve --listen 127.0.0.1:0 ARGS…` (or ARGS' own `--listen`) in this
-    /// process ([`regrelay::Proxy`]); returns once it listens.
+    /// process ([`regrelay::embedded::Proxy`]); returns once it listens.
     pub fn start(args: &[&str]) -> Regrelay {
         let output = Captured::default();
-        let proxy = regrelay::Proxy::start(serve_flags(args), LOG, output.clone())
+        let proxy = regrelay::embedded::Proxy::start(serve_flags(args), LOG, output.clone())
             .unwrap_or_else(|e| panic!("regrelay did not start: {e:#}\n{}", output.text()));
         let px = Regrelay {
             addr: proxy.addr(),

@@ -75,6 +75,9 @@ pub struct Report {
     pub peak_rss_kib: u64,
     /// Its open file descriptors before the attack, at its height, and once it was over.
     pub fds: (usize, usize, usize),
+    /// Of the descriptors open once it was over, connections to the upstreams kept in the pool
+    /// (they outlive the attack by design: idle pooled connections close on the pool's timer).
+    pub pooled_after: usize,
     /// Its sockets once it was over (`ss`), to tell what stayed open.
     pub sockets_after: String,
     /// Each attack: name, requests/streams/sockets it made, and how many the server ended.
@@ -86,6 +89,19 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Connections process `pid` opened (to its upstreams), not accepted on `listen_port`.
+pub fn upstream_connections(pid: u32, listen_port: u16) -> usize {
+    let own = format!(":{listen_port}");
+    sockets_of(pid)
+        .lines()
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.first() == Some(&"ESTAB")
+                && cols.get(3).is_some_and(|local| !local.ends_with(&own))
+        })
+        .count()
 }
 
 /// The TCP sockets of process `pid`, as `ss -tanp` lists them.
@@ -361,9 +377,12 @@ pub async fn run(px: &Regrelay, duration: Duration) -> Report {
     drop(running);
     // The attackers are gone: regrelay closes what they held.
     let settle = Instant::now();
-    while open_fds(px.pid()) > fds_before + 4 && settle.elapsed() < Duration::from_secs(30) {
+    let unsettled =
+        || open_fds(px.pid()) > fds_before + 4 + upstream_connections(px.pid(), px.addr.port());
+    while unsettled() && settle.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    report.pooled_after = upstream_connections(px.pid(), px.addr.port());
     report.fds = (fds_before, fds_peak, open_fds(px.pid()));
     report.sockets_after = sockets_of(px.pid());
     report
@@ -390,11 +409,13 @@ impl Report {
                 self.head_loaded_ms.1
             ),
             format!(
-                "peak RSS {} MiB; fds {} before, {} at most, {} after",
+                "peak RSS {} MiB; fds {} before, {} at most, {} after ({} of them pooled upstream \
+                 connections)",
                 self.peak_rss_kib >> 10,
                 self.fds.0,
                 self.fds.1,
-                self.fds.2
+                self.fds.2,
+                self.pooled_after
             ),
         ];
         for (name, sent, ended) in &self.attacks {
