@@ -342,7 +342,7 @@ impl App {
         let err = Error::Overloaded { what };
         tracing::warn!(path = %req.uri().path(), peer = %conn.peer.ip(), error = %err, "request refused");
         self.metrics.requests_overloaded.inc();
-        let mut log = AccessLog::new(req, class(route), conn.peer.ip(), self.metrics.clone());
+        let mut log = self.access_log(req, class(route), conn);
         let resp = error_response(&err);
         log.status = resp.status().as_u16();
         resp.map(|b| Logged::new(b, log))
@@ -354,6 +354,12 @@ impl App {
         router::route(req.method(), req.uri(), req.version(), &self.publics)
     }
 
+    /// The access line of a request that starts now.
+    fn access_log<B>(&self, req: &Request<B>, route: &'static str, conn: ConnInfo) -> AccessLog {
+        let json = self.config.log_format == crate::config::LogFormat::Json;
+        AccessLog::new(req, route, conn.peer.ip(), self.metrics.clone(), json)
+    }
+
     /// Handles one request routed by [`App::route_of`]; never fails, and logs it once when its
     /// response body is done.
     pub async fn handle(
@@ -362,7 +368,7 @@ impl App {
         conn: ConnInfo,
         route: Result<Route, Error>,
     ) -> Response<Logged<ProxyBody>> {
-        let mut log = AccessLog::new(&req, class(&route), conn.peer.ip(), self.metrics.clone());
+        let mut log = self.access_log(&req, class(&route), conn);
         let resp = match self.handle_inner(req, route, conn, &mut log).await {
             Ok(resp) => resp,
             Err(err) => {
@@ -399,14 +405,14 @@ impl App {
         };
         match route {
             Route::Healthy => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())),
-            Route::Ready => Ok(self.ready().await),
+            Route::Ready => Ok(Box::pin(self.ready()).await),
             Route::Token => {
                 let public = self.public_origin(&req, conn, trusted)?;
                 let xff = proxy::forwarded_for(req.headers(), conn.peer.ip(), trusted);
-                let resp = self
+                let endpoint = self
                     .auth
-                    .token_endpoint(req, self, &public, &xff, client.known())
-                    .await?;
+                    .token_endpoint(req, self, &public, &xff, client.known());
+                let resp = Box::pin(endpoint).await?;
                 log.upstream_status = Some(resp.status().as_u16());
                 Ok(resp)
             }

@@ -145,10 +145,7 @@ impl App {
         };
         retarget(req, &x.routed.path)?;
         let injected = match anonymous {
-            true => {
-                self.injected_session(lane, req.method(), &x.api, client)
-                    .await
-            }
+            true => Box::pin(self.injected_session(lane, req.method(), &x.api, client)).await,
             false => None,
         };
         Ok(match (injected, creds) {
@@ -182,7 +179,7 @@ impl App {
         };
         let method = req.method().clone();
         let resp = match self.cache_target(&method, &x.api) {
-            Some(cached) => self.pull(cached, x, req, &session).await?,
+            Some(cached) => Box::pin(self.pull(cached, x, req, &session)).await?,
             None => self.forward_with_session(x, req, &session).await?,
         };
         Ok(explain_bodiless(resp, &method))
@@ -262,7 +259,7 @@ impl App {
                 mode: cfg.upload_split,
                 cut: self.upload_cut.subscribe(),
             };
-            return uploader.forward(req, api, session).await;
+            return Box::pin(uploader.forward(req, api, session)).await;
         }
         // A scope the session lacks or GitLab refused it is answered here, a push not granted
         // with why ([`Access::upstream_token`]).

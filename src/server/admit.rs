@@ -84,7 +84,7 @@ impl Admission {
         let health = matches!(route, Ok(Route::Healthy | Route::Ready));
         let reserve = lock(&self.reserve).is_some();
         if health {
-            let mut resp = app.handle(req, conn, route).await;
+            let mut resp = Box::pin(app.handle(req, conn, route)).await;
             if reserve {
                 // One answer per reserve connection: the slot is for the next health check.
                 self.reserve_outcome("health");
@@ -124,7 +124,7 @@ impl Admission {
             share: Some(share),
             upload,
         });
-        let mut resp = app.handle(req, conn, route).await;
+        let mut resp = Box::pin(app.handle(req, conn, route)).await;
         if self.state.draining.load(Ordering::Acquire) {
             // Served during the drain: the connection ends with this answer.
             self.close_after(&mut resp);
