@@ -22,6 +22,8 @@ mod client;
 mod delay;
 #[path = "bench/hostile.rs"]
 mod hostile;
+#[path = "bench/instructions.rs"]
+mod instructions;
 #[path = "bench/origin.rs"]
 mod origin;
 #[path = "bench/procs.rs"]
@@ -43,7 +45,7 @@ use support::gitlab::with_developer_pat;
 const REPO: &str = "bench/blob";
 const USER: &str = "bench";
 const PAT: &str = "glpat-bench-0000000000";
-const ALL_CASES: [&str; 9] = [
+const ALL_CASES: [&str; 10] = [
     "plain",
     "registry",
     "tls",
@@ -53,6 +55,7 @@ const ALL_CASES: [&str; 9] = [
     "session",
     "cache",
     "hostile",
+    "instructions",
 ];
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -506,6 +509,7 @@ async fn run(s: Settings) -> Result<(), String> {
                 "docker-registry is not installed",
             ),
             "hostile" => hostile::hostile(b.s.hostile_secs).await,
+            "instructions" => instructions::instructions(&b).await,
             _ => unreachable!(),
         };
         if let Some(why) = &case.skipped {

@@ -521,11 +521,30 @@ pub async fn small(b: &Bench) -> Case {
         ),
         ("GET /v2/", "GET", "/v2/".to_owned()),
     ];
-    let lanes: Vec<Lane> = b
+    let mut lanes: Vec<Lane> = b
         .fronts
         .iter()
         .map(|f| Lane::new(&f.name, "", http(f.fast.addr), Proto::H1, None, f.fast.pid))
         .collect();
+    // The reference: hyper alone, on regrelay's runtime model and thread-per-core (bench code).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut bare = vec![];
+    for (path, model) in [(BARE, "multi"), (BARE_PER_CORE, "per-core")] {
+        match procs::bare_forwarder(&[], &b.work, b.fronts[0].fast.addr, model, workers) {
+            Ok((p, addr)) => {
+                lanes.push(Lane::new(
+                    path,
+                    "",
+                    http(addr),
+                    Proto::H1,
+                    None,
+                    Some(p.pid()),
+                ));
+                bare.push(p);
+            }
+            Err(e) => eprintln!("SKIP {path}: {e}"),
+        }
+    }
     reset_rss(&lanes);
     let mut ms = vec![];
     let mut metrics = vec![];
@@ -562,6 +581,12 @@ pub async fn small(b: &Bench) -> Case {
                 }
             });
             let mut rps = Measurement::new(*kind, "req/s", &lane.path, None);
+            if lane.path == "regrelay" {
+                rps.goal = Some(Goal::AtLeast {
+                    vs: BARE,
+                    ratio: 0.9,
+                });
+            }
             let mut p50 = Measurement::new(format!("{kind} p50"), "ms", &lane.path, None);
             let mut p99 = Measurement::new(format!("{kind} p99"), "ms", &lane.path, None);
             match r {
@@ -585,6 +610,9 @@ pub async fn small(b: &Bench) -> Case {
         eprintln!("  {kind} done");
     }
     set_rss(&mut ms, &lanes);
+    procs::stop_all(bare);
+    let mut paths = b.front_names();
+    paths.extend([BARE, BARE_PER_CORE]);
     Case {
         id: "small",
         title,
@@ -593,14 +621,23 @@ pub async fn small(b: &Bench) -> Case {
              and path: requests/s, and latency p50/p99 from wrk's distribution. HEAD goes by the \
              bench's own hyper client with as many connections (wrk 4.1.0 waits for a body after a \
              HEAD answer with a Content-Length, as registries send). The origin answers from \
-             memory, so this is the front's per-request cost; CPU is per request.",
+             memory, so this is the front's per-request cost; CPU is per request. `{BARE}` is \
+             the bench's bare hyper 1 forwarder (examples/bare_forwarder.rs: no routing, \
+             headers, sessions, metrics or log) on regrelay's runtime model, `{BARE_PER_CORE}` \
+             the same thread-per-core (one current-thread runtime and SO_REUSEPORT listener per \
+             core): what hyper itself costs, the goal regrelay is held to (within 10 %).",
             b.s.wrk_threads, b.s.wrk_conn, b.s.wrk_secs
         ),
-        measurements: arrange(ms, &metrics, &b.front_names()),
+        measurements: arrange(ms, &metrics, &paths),
         baseline: None,
         skipped: None,
     }
 }
+
+/// Case 5's reference fronts: the bare hyper forwarder, on tokio's work-stealing runtime and
+/// thread-per-core.
+const BARE: &str = "bare hyper";
+const BARE_PER_CORE: &str = "bare hyper per-core";
 
 /// Case 6's path of a client that brings its own GitLab token through regrelay.
 const OWN_TOKEN: &str = "regrelay, own GitLab token";

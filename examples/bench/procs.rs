@@ -27,6 +27,12 @@ impl Proc {
             .status();
     }
 
+    /// Sends SIGTERM and waits up to `grace` for the exit (then kills).
+    pub fn stop_within(mut self, grace: Duration) {
+        self.terminate();
+        self.reap(grace);
+    }
+
     /// Waits up to `grace` for the exit, then kills.
     fn reap(&mut self, grace: Duration) {
         let end = Instant::now() + grace;
@@ -141,8 +147,20 @@ pub fn regrelay(
     registry: &str,
     extra: &[&str],
 ) -> Result<(Proc, SocketAddr), String> {
+    regrelay_under(&[], bin, name, dir, registry, extra)
+}
+
+/// Like [`regrelay`], run as `WRAPPER… regrelay serve …` (e.g. under valgrind).
+pub fn regrelay_under(
+    wrapper: &[String],
+    bin: &Path,
+    name: &str,
+    dir: &Path,
+    registry: &str,
+    extra: &[&str],
+) -> Result<(Proc, SocketAddr), String> {
     let addr = free_addr();
-    let mut cmd = Command::new(bin);
+    let mut cmd = wrapped(wrapper, bin);
     cmd.args([
         "serve",
         "--listen",
@@ -154,6 +172,49 @@ pub fn regrelay(
     .args(extra)
     .env_remove("REGRELAY_LOG");
     Ok((spawn_listening(name, cmd, dir, &[addr])?, addr))
+}
+
+/// `WRAPPER… PROGRAM` (or PROGRAM alone).
+fn wrapped(wrapper: &[String], program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The bench's bare hyper forwarder (`examples/bare_forwarder.rs`, built beside the bench) on a
+/// free port in front of `origin`: `model` `multi` (a work-stealing runtime of `workers`
+/// threads) or `per-core` (`workers` current-thread runtimes on `SO_REUSEPORT` listeners).
+pub fn bare_forwarder(
+    wrapper: &[String],
+    dir: &Path,
+    origin: SocketAddr,
+    model: &str,
+    workers: usize,
+) -> Result<(Proc, SocketAddr), String> {
+    let bin = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("bare_forwarder");
+    if !bin.is_file() {
+        return Err(format!(
+            "{} is missing (scripts/bench builds it: cargo build --release --example bare_forwarder)",
+            bin.display()
+        ));
+    }
+    let addr = free_addr();
+    let mut cmd = wrapped(wrapper, &bin);
+    cmd.args([
+        addr.to_string(),
+        origin.to_string(),
+        model.to_owned(),
+        workers.to_string(),
+    ]);
+    let name = format!("bare-{model}-{workers}");
+    Ok((spawn_listening(&name, cmd, dir, &[addr])?, addr))
 }
 
 /// Where a peer listens and what it forwards to.
@@ -220,6 +281,20 @@ impl Peer {
         fast_origin: SocketAddr,
         registry: SocketAddr,
     ) -> Result<(Proc, PeerPorts), String> {
+        self.start_under(&[], false, root, fast_origin, registry)
+    }
+
+    /// Like [`Peer::start`], run as `WRAPPER… PROGRAM …`; `one_worker`: one process with one
+    /// thread (nginx without its master process, HAProxy with `nbthread 1`), to count what a
+    /// request costs it (valgrind).
+    pub fn start_under(
+        self,
+        wrapper: &[String],
+        one_worker: bool,
+        root: &Path,
+        fast_origin: SocketAddr,
+        registry: SocketAddr,
+    ) -> Result<(Proc, PeerPorts), String> {
         let dir = root.join(self.name());
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let ports = PeerPorts {
@@ -255,10 +330,18 @@ impl Peer {
                 ("CERT_KEY", cert_key.display().to_string()),
             ],
         )?;
+        let config = match (one_worker, self) {
+            (false, _) | (true, Peer::Caddy) => config,
+            (true, Peer::Nginx) => config.replace(
+                "worker_processes auto;",
+                "worker_processes 1;\nmaster_process off;",
+            ),
+            (true, Peer::Haproxy) => config.replacen("global\n", "global\n    nbthread 1\n", 1),
+        };
         let config_path = dir.join(self.template());
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
         let conf = config_path.display().to_string();
-        let mut cmd = Command::new(self.program());
+        let mut cmd = wrapped(wrapper, self.program());
         match self {
             Peer::Nginx => {
                 cmd.args(["-p", &dir.display().to_string(), "-c", &conf]);

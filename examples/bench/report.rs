@@ -72,7 +72,7 @@ impl Measurement {
     }
 
     fn higher_is_better(&self) -> bool {
-        self.unit != "ms"
+        !matches!(self.unit, "ms" | "instr")
     }
 }
 
