@@ -29,7 +29,8 @@ pub async fn hostile(secs: u64) -> Case {
     }
     let summary = format!(
         "{} of {} legitimate requests failed; {} of {} health checks failed; {} pushes+pulls; \
-         peak RSS {} MiB; fds {} before, {} at most, {} after",
+         peak RSS {} MiB; fds {} before, {} at most, {} after ({} of them pooled upstream \
+         connections)",
         r.legit_failures.len(),
         r.legit,
         r.health_failures.len(),
@@ -38,7 +39,8 @@ pub async fn hostile(secs: u64) -> Case {
         r.peak_rss_kib >> 10,
         r.fds.0,
         r.fds.1,
-        r.fds.2
+        r.fds.2,
+        r.pooled_after
     );
     let mut measurements = vec![];
     for (metric, unloaded, loaded) in [
