@@ -392,6 +392,8 @@ mod tests {
     #[test]
     fn every_config_problem_is_returned() {
         let err = Proxy::start(["--max-connections", "0"], "info", std::io::sink).unwrap_err();
-        assert!(err.to_string().contains("registry"), "{err:#}");
+        let text = err.to_string();
+        assert!(text.contains("`registry`"), "{err:#}");
+        assert!(text.contains("`max_connections`"), "{err:#}");
     }
 }
