@@ -145,6 +145,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Threads serving connections, each on a runtime of its own (0: one work-stealing runtime).
+    pub workers: usize,
     /// Bounds.
     pub limits: Limits,
     /// Timeouts.

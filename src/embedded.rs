@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, Once, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use crate::config::{Config, ConfigFile};
 use crate::lifecycle::{self, StopHandle, Stops};
 use crate::listeners::{self, Listeners};
 use crate::lock::lock;
+use crate::server::Workers;
 use crate::upgrade::Takeover;
 use crate::{server, telemetry, App};
 
@@ -141,6 +142,16 @@ impl Proxy {
         };
         let handle = runtime.handle().clone();
         let (stops, stop) = Stops::handle();
+        let workers = {
+            let dispatch = dispatch.clone();
+            let start: server::ThreadHook = Arc::new(move || enter(id, &dispatch));
+            let stop: server::ThreadHook = Arc::new(leave);
+            match prepared.config.workers {
+                0 => Workers::here(),
+                n => Workers::start(n, Some(start), Some(stop))
+                    .context("cannot start the worker threads")?,
+            }
+        };
         let (started_tx, started) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("regrelay-{id}"))
@@ -149,7 +160,7 @@ impl Proxy {
                 let served = runtime.block_on(async move {
                     let (app, listeners, takeover) = prepared.bind()?;
                     let _ = started_tx.send(listeners.main.local_addr()?);
-                    lifecycle::serve(app, listeners, takeover, None, stops).await
+                    lifecycle::serve(app, listeners, takeover, None, stops, workers).await
                 });
                 runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
                 leave();
@@ -192,7 +203,15 @@ impl Proxy {
         let (app, listeners, takeover) = prepared.bind()?;
         let addr = listeners.main.local_addr()?;
         let (stops, stop) = Stops::handle();
-        let task = tokio::spawn(lifecycle::serve(app, listeners, takeover, None, stops));
+        // Everything on the test's runtime (its clock): no worker threads.
+        let task = tokio::spawn(lifecycle::serve(
+            app,
+            listeners,
+            takeover,
+            None,
+            stops,
+            Workers::here(),
+        ));
         Ok(LocalProxy {
             addr,
             stop,

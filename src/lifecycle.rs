@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
 use crate::listeners::Listeners;
-use crate::server::{self, Stop};
+use crate::server::{self, Stop, Workers};
 use crate::upgrade::launch::Launcher;
 use crate::upgrade::wire::Role;
 use crate::upgrade::{self, notify, Offer, Takeover, UpgradeSocket};
@@ -29,13 +29,14 @@ pub fn log_checks(open_files: u64, fitted: Option<String>, app: &App) {
 }
 
 /// Serves until the process should exit: after a signal's (or the embedding's [`Stops`]) or a
-/// handover's drain.
+/// handover's drain. Connections run on `workers`, which end with the drain.
 pub async fn serve(
     app: App,
     listeners: Listeners,
     takeover: Option<Takeover>,
     launcher: Option<Launcher>,
     stops: Stops,
+    workers: Workers,
 ) -> anyhow::Result<()> {
     let config = app.config().clone();
     let activated = listeners.activated;
@@ -92,9 +93,16 @@ pub async fn serve(
         }
     };
     let force = signals.force;
-    let server = tokio::spawn(server::run(listener, app.clone(), shutdown, async move {
-        let _ = force.await;
-    }));
+    let workers = Arc::new(workers);
+    let server = tokio::spawn(server::run(
+        listener,
+        workers.clone(),
+        app.clone(),
+        shutdown,
+        async move {
+            let _ = force.await;
+        },
+    ));
     let from_pid = match takeover {
         Some(takeover) => Some(finish_takeover(takeover).await),
         None => None,
@@ -135,6 +143,9 @@ pub async fn serve(
         launcher.took_over(from);
     }
     server.await?;
+    if let Some(workers) = Arc::into_inner(workers) {
+        workers.stop().await;
+    }
     // The drain is over: so is the admin listener's.
     admin_stop.send_replace(true);
     if let Some(admin) = admin {

@@ -203,19 +203,34 @@ async fn healthcheck(url: &str, ca_file: Option<&std::path::Path>, timeout_secs:
     }
 }
 
-#[tokio::main]
-async fn serve(
+/// Serves on `--workers` threads of their own (the process's runtime, one thread, accepts and
+/// runs the metrics listener, signals and upgrades), or with `--workers 0` everything on one
+/// work-stealing runtime.
+fn serve(
     app: App,
     listeners: Listeners,
     takeover: Option<Takeover>,
     launcher: Option<Launcher>,
 ) -> anyhow::Result<()> {
-    regrelay::lifecycle::serve(
+    let count = app.config().workers;
+    let (mut runtime, workers) = if count == 0 {
+        let runtime = tokio::runtime::Builder::new_multi_thread();
+        (runtime, server::Workers::here())
+    } else {
+        let workers = server::Workers::start(count, None, None)
+            .map_err(|e| anyhow::anyhow!("cannot start {count} worker threads: {e}"))?;
+        (tokio::runtime::Builder::new_current_thread(), workers)
+    };
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start a runtime: {e}"))?;
+    runtime.block_on(regrelay::lifecycle::serve(
         app,
         listeners,
         takeover,
         launcher,
         regrelay::lifecycle::Stops::Signals,
-    )
-    .await
+        workers,
+    ))
 }

@@ -6,7 +6,8 @@
 //! running connection watched: idle, stalls, pressure, the drain), `admit.rs` (which budget
 //! each request takes), `state.rs` (what a connection knows of its requests), `deadline.rs` (a
 //! socket whose stuck writes fail), [`admin`] (the metrics listener, drained with the proxy),
-//! `signals.rs` (SIGTERM, SIGINT).
+//! `signals.rs` (SIGTERM, SIGINT), `workers.rs` (the threads connections run on, one
+//! current-thread runtime each: `--workers`).
 //!
 //! Every phase of a connection has a deadline, so a host cannot hold sockets by saying nothing:
 //! - TLS handshake: `--tls-handshake-timeout-secs`;
@@ -46,6 +47,7 @@ mod deadline;
 mod signals;
 mod state;
 mod supervise;
+mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -64,6 +66,7 @@ use connection::{Protocols, Shared};
 pub use accept::{raise_fd_limit, ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
 pub use admit::{PRESSURE_WAIT, RESERVE_WAIT};
 pub use signals::{ShutdownSignals, SIGNAL_BURST};
+pub use workers::{ThreadHook, Workers};
 
 /// Time a connection closed for idleness gets to say goodbye (HTTP/2 GOAWAY) before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -114,9 +117,10 @@ pub enum Stop {
 /// replica out; a handover skips this), stops accepting, lets requests finish (keep-alive
 /// connections close after their current request), closes connections with no upload in flight
 /// at `--shutdown-grace-secs`, and lets uploads run until `--upload-drain-secs`. `force` (a
-/// second signal) ends the drain at once.
+/// second signal) ends the drain at once. Connections run on `workers`.
 pub async fn run(
     listener: TcpListener,
+    workers: Arc<Workers>,
     app: Arc<App>,
     shutdown: impl Future<Output = Stop>,
     force: impl Future<Output = ()>,
@@ -141,6 +145,7 @@ pub async fn run(
             pressure: Arc::new(Notify::new()),
             accepted: Instant::now(),
         },
+        workers,
     };
     let uploads = acceptor.template.uploads.clone();
     let phase_gauge = app.metrics().shutdown_phase.clone();

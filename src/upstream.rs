@@ -15,11 +15,19 @@
 //! Connect and the TLS handshake have a deadline each; nothing else does here (uploads may stream
 //! for hours; body silence is watched by [`crate::body::Watched`]).
 //!
+//! Each connection worker ([`crate::server::Workers`]) has a pool of its own ([`on_worker`]):
+//! a request takes an upstream connection driven on its own thread, never one another worker's
+//! runtime drives (nginx's and HAProxy's upstream keep-alive is per worker as well). The bound
+//! above is over all pools together: they share the permits. An idle pooled connection holds its
+//! permit, so when every permit is taken a request goes to the pool that holds idle
+//! connections, on whichever worker, rather than wait for one of its own.
+//!
 //! TLS ([`Connector`]): certificates are verified against the upstream's [`UpstreamTrust`], which
 //! SIGHUP replaces without touching the pool; a refused handshake comes back as a
 //! [`crate::error::TlsRefused`] that names the origin, rustls' reason and the fix.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,12 +61,26 @@ pub const MAX_IDLE_PER_ORIGIN: usize = 32;
 /// Seconds an idle pooled connection is kept.
 pub const POOL_IDLE_SECS: u64 = 90;
 
+thread_local! {
+    /// The connection worker this thread is (1-based; 0: not a worker).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as connection worker `index` (0-based) of `count`: requests it serves use
+/// that worker's pools. Threads not marked share one more pool.
+pub fn on_worker(index: usize) {
+    WORKER.with(|w| w.set(index + 1));
+}
+
 /// Pooled, bounded client bound to one origin.
 #[derive(Clone)]
 pub struct Upstream {
     origin: Origin,
     body_idle: Duration,
-    client: Client<Connector, ProxyBody>,
+    /// One pool per connection worker, after one for every other thread.
+    pools: Arc<[Pool]>,
+    /// The connection permits all pools share.
+    permits: Arc<Semaphore>,
     trust: Arc<UpstreamTrust>,
     slots: Arc<Semaphore>,
     /// Where response times go, under this upstream's name.
@@ -69,11 +91,46 @@ pub struct Upstream {
     what: &'static str,
 }
 
+/// One worker's pool and what it holds.
+struct Pool {
+    client: Client<Connector, ProxyBody>,
+    /// Its sockets open (in use or idle).
+    open: Arc<AtomicUsize>,
+    /// Its requests sent whose response has not ended.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    /// Its connections idle now, about (a response that just ended may be on its way back).
+    fn idle(&self) -> usize {
+        let open = self.open.load(Ordering::Relaxed);
+        open.saturating_sub(self.busy.load(Ordering::Relaxed))
+    }
+}
+
+/// A count held up for as long as this lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A TCP connector whose sockets each hold a permit until they close.
 #[derive(Clone)]
 pub struct Bounded {
     inner: HttpConnector,
     permits: Arc<Semaphore>,
+    /// Its pool's count of open sockets.
+    open: Arc<AtomicUsize>,
 }
 
 /// The upstream connector: TCP through [`Bounded`], then for `https` a TLS handshake (SNI and
@@ -149,11 +206,12 @@ impl tower_service::Service<http::Uri> for Connector {
 }
 
 pin_project_lite::pin_project! {
-    /// A socket holding its connection permit.
+    /// A socket holding its connection permit (and counted in its pool).
     pub struct Permitted<T> {
         #[pin]
         io: T,
         _permit: OwnedSemaphorePermit,
+        _open: Counted,
     }
 }
 
@@ -169,6 +227,7 @@ impl tower_service::Service<http::Uri> for Bounded {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let (mut inner, permits) = (self.inner.clone(), self.permits.clone());
+        let open = self.open.clone();
         Box::pin(async move {
             let wait = Duration::from_millis(UPSTREAM_QUEUE_MILLIS);
             let permit = tokio::time::timeout(wait, permits.acquire_owned())
@@ -179,6 +238,7 @@ impl tower_service::Service<http::Uri> for Bounded {
             Ok(Permitted {
                 io,
                 _permit: permit,
+                _open: Counted::new(&open),
             })
         })
     }
@@ -237,6 +297,7 @@ pin_project_lite::pin_project! {
         inner: Incoming,
         permit: Option<OwnedSemaphorePermit>,
         share: Option<Share>,
+        busy: Option<Counted>,
     }
 }
 
@@ -254,6 +315,7 @@ impl Body for UpstreamBody {
             // The connection is back in the pool (or gone): free the slot now.
             this.permit.take();
             this.share.take();
+            this.busy.take();
         }
         polled
     }
@@ -286,25 +348,38 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
-        let bounded = Bounded {
-            inner: http,
-            permits: Arc::new(Semaphore::new(max)),
-        };
-        // No ALPN offered: the pool speaks HTTP/1.1 only.
-        let connector = Connector {
-            tcp: bounded,
-            tls: TlsConnector::from(Arc::new(trust.client_config())),
-            trust: trust.clone(),
-            handshake: cfg.timeouts.upstream_connect,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(POOL_IDLE_SECS))
-            .pool_max_idle_per_host(max.min(MAX_IDLE_PER_ORIGIN))
-            .build(connector);
+        let permits = Arc::new(Semaphore::new(max));
+        let tls = TlsConnector::from(Arc::new(trust.client_config()));
+        let pools = (0..=cfg.workers)
+            .map(|_| {
+                let open = Arc::new(AtomicUsize::new(0));
+                // No ALPN offered: the pool speaks HTTP/1.1 only.
+                let connector = Connector {
+                    tcp: Bounded {
+                        inner: http.clone(),
+                        permits: permits.clone(),
+                        open: open.clone(),
+                    },
+                    tls: tls.clone(),
+                    trust: trust.clone(),
+                    handshake: cfg.timeouts.upstream_connect,
+                };
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(POOL_IDLE_SECS))
+                    .pool_max_idle_per_host(max.min(MAX_IDLE_PER_ORIGIN))
+                    .build(connector);
+                Pool {
+                    client,
+                    open,
+                    busy: Arc::new(AtomicUsize::new(0)),
+                }
+            })
+            .collect();
         Upstream {
             origin,
             body_idle: cfg.timeouts.body_idle,
-            client,
+            pools,
+            permits,
             trust: trust.clone(),
             slots: Arc::new(Semaphore::new(max)),
             observed: None,
@@ -371,7 +446,9 @@ impl Upstream {
         };
         let target = Origin::of(req.uri()).unwrap_or_else(|| self.origin.clone());
         let started = std::time::Instant::now();
-        let resp = self.client.request(req).await;
+        let pool = self.pool();
+        let busy = Counted::new(&pool.busy);
+        let resp = pool.client.request(req).await;
         if let Some((metrics, name)) = &self.observed {
             metrics.upstream(name, started.elapsed().as_secs_f64());
         }
@@ -401,7 +478,23 @@ impl Upstream {
             inner,
             permit: Some(permit),
             share,
+            busy: Some(busy),
         }))
+    }
+
+    /// The pool a request of this thread takes: its worker's, unless that has no idle
+    /// connection while idle ones elsewhere hold every permit.
+    fn pool(&self) -> &Pool {
+        let worker = WORKER.with(std::cell::Cell::get);
+        let own = self.pools.get(worker).unwrap_or(&self.pools[0]);
+        if self.permits.available_permits() > 0 || own.idle() > 0 {
+            return own;
+        }
+        self.pools
+            .iter()
+            .max_by_key(|p| p.idle())
+            .filter(|p| p.idle() > 0)
+            .unwrap_or(own)
     }
 
     /// Readiness: the upstream answers `GET /v2/` with any HTTP status (401 is the normal answer of

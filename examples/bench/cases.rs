@@ -526,9 +526,30 @@ pub async fn small(b: &Bench) -> Case {
         .iter()
         .map(|f| Lane::new(&f.name, "", http(f.fast.addr), Proto::H1, None, f.fast.pid))
         .collect();
-    // The reference: hyper alone, on regrelay's runtime model and thread-per-core (bench code).
+    // regrelay on one work-stealing runtime (`--workers 0`, its model before thread-per-core),
+    // and the reference: hyper alone, on that model and thread-per-core (bench code).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut bare = vec![];
+    match procs::regrelay(
+        &support::regrelay_bin(),
+        "regrelay-shared-runtime",
+        &b.work,
+        &http(b.fronts[0].fast.addr),
+        &["--workers", "0"],
+    ) {
+        Ok((p, addr)) => {
+            lanes.push(Lane::new(
+                SHARED_RUNTIME,
+                "",
+                http(addr),
+                Proto::H1,
+                None,
+                Some(p.pid()),
+            ));
+            bare.push(p);
+        }
+        Err(e) => eprintln!("SKIP {SHARED_RUNTIME}: {e}"),
+    }
     for (path, model) in [(BARE, "multi"), (BARE_PER_CORE, "per-core")] {
         match procs::bare_forwarder(&[], &b.work, b.fronts[0].fast.addr, model, workers) {
             Ok((p, addr)) => {
@@ -583,7 +604,7 @@ pub async fn small(b: &Bench) -> Case {
             let mut rps = Measurement::new(*kind, "req/s", &lane.path, None);
             if lane.path == "regrelay" {
                 rps.goal = Some(Goal::AtLeast {
-                    vs: BARE,
+                    vs: BARE_PER_CORE,
                     ratio: 0.9,
                 });
             }
@@ -612,7 +633,7 @@ pub async fn small(b: &Bench) -> Case {
     set_rss(&mut ms, &lanes);
     procs::stop_all(bare);
     let mut paths = b.front_names();
-    paths.extend([BARE, BARE_PER_CORE]);
+    paths.extend([SHARED_RUNTIME, BARE, BARE_PER_CORE]);
     Case {
         id: "small",
         title,
@@ -621,11 +642,13 @@ pub async fn small(b: &Bench) -> Case {
              and path: requests/s, and latency p50/p99 from wrk's distribution. HEAD goes by the \
              bench's own hyper client with as many connections (wrk 4.1.0 waits for a body after a \
              HEAD answer with a Content-Length, as registries send). The origin answers from \
-             memory, so this is the front's per-request cost; CPU is per request. `{BARE}` is \
-             the bench's bare hyper 1 forwarder (examples/bare_forwarder.rs: no routing, \
-             headers, sessions, metrics or log) on regrelay's runtime model, `{BARE_PER_CORE}` \
-             the same thread-per-core (one current-thread runtime and SO_REUSEPORT listener per \
-             core): what hyper itself costs, the goal regrelay is held to (within 10 %).",
+             memory, so this is the front's per-request cost; CPU is per request. regrelay runs \
+             thread-per-core (`--workers`, one current-thread runtime per CPU), `{SHARED_RUNTIME}` \
+             on one work-stealing runtime as before. `{BARE}` is the bench's bare hyper 1 \
+             forwarder (examples/bare_forwarder.rs: no routing, headers, sessions, metrics or \
+             log) on tokio's work-stealing runtime, `{BARE_PER_CORE}` the same thread-per-core \
+             (one current-thread runtime and SO_REUSEPORT listener per core): what hyper itself \
+             costs on regrelay's runtime model, the goal regrelay is held to (within 10 %).",
             b.s.wrk_threads, b.s.wrk_conn, b.s.wrk_secs
         ),
         measurements: arrange(ms, &metrics, &paths),
@@ -638,6 +661,8 @@ pub async fn small(b: &Bench) -> Case {
 /// thread-per-core.
 const BARE: &str = "bare hyper";
 const BARE_PER_CORE: &str = "bare hyper per-core";
+/// Case 5's regrelay on one work-stealing runtime (`--workers 0`).
+const SHARED_RUNTIME: &str = "regrelay --workers 0";
 
 /// Case 6's path of a client that brings its own GitLab token through regrelay.
 const OWN_TOKEN: &str = "regrelay, own GitLab token";

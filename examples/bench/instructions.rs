@@ -80,8 +80,9 @@ pub async fn instructions(b: &Bench) -> Case {
              (the fast origin's answer), one keep-alive connection, requests one after another: \
              two fresh processes, {WARM_UP} + {} and {WARM_UP} + {} requests, the difference of \
              their totals over {} requests. Lower is better; the ratio column is the best \
-             peer's count over this one. regrelay and the bare hyper forwarder run one runtime \
-             thread (`TOKIO_WORKER_THREADS=1`, the forwarder's `multi 1`).",
+             peer's count over this one. regrelay runs one worker (`REGRELAY_WORKERS=1`: one \
+             connection thread beside its accepting one), the bare hyper forwarder one runtime \
+             thread (`multi 1`).",
             RUNS.0,
             RUNS.1,
             RUNS.1 - RUNS.0
@@ -103,7 +104,7 @@ async fn counted(front: &str, dir: &Path, origin: SocketAddr, n: u64) -> Result<
     ];
     let (proc, addr): (Proc, SocketAddr) = match front {
         "regrelay" => {
-            let mut wrapper = vec!["env".to_owned(), "TOKIO_WORKER_THREADS=1".to_owned()];
+            let mut wrapper = vec!["env".to_owned(), "REGRELAY_WORKERS=1".to_owned()];
             wrapper.extend(valgrind);
             let bin = crate::support::regrelay_bin();
             procs::regrelay_under(

@@ -51,6 +51,11 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 /// The share of each pool all clients share (connections, requests in flight, upstream
 /// connections) that one client may hold, in percent.
 pub const DEFAULT_CLIENT_SHARE_PERCENT: u8 = 25;
+
+/// `--workers`' default: one per CPU this process may use (its affinity and cgroup quota).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
 /// Time an HTTP/2 stream may go without the client taking any of its response (a send window
 /// held at zero) before the stream is reset.
 pub const DEFAULT_H2_STALL_TIMEOUT_SECS: u64 = 30;

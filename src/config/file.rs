@@ -99,6 +99,11 @@ pub struct ConfigFile {
     /// Log format: text or json [default: text].
     #[arg(long, env = "REGRELAY_LOG_FORMAT", value_name = "text|json")]
     pub log_format: Option<LogFormat>,
+    /// Threads that serve connections, each with an event loop of its own (thread-per-core, as
+    /// nginx's and HAProxy's); 0 serves them on one work-stealing runtime instead [default: the
+    /// CPUs this process may use].
+    #[arg(long, env = "REGRELAY_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
     /// Client connections served at once [default: 1024].
     #[arg(long, env = "REGRELAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -343,6 +348,7 @@ impl ConfigFile {
             tls_key,
             upstream_ca,
             log_format,
+            workers,
             max_connections,
             max_requests,
             max_upstream_connections,

@@ -124,6 +124,7 @@ impl TryFrom<ConfigFile> for Config {
             DEFAULT_SESSION_CACHE_MAX_BYTES,
             (1 << 20, 1 << 40),
         );
+        let workers = p.bounded("workers", raw.workers, default_workers(), (0, 1024));
         let upload_chunk_max = raw
             .upload_chunk_max
             .map(|n| p.bounded("upload_chunk_max", Some(n), n, (1, u64::MAX)));
@@ -157,6 +158,7 @@ impl TryFrom<ConfigFile> for Config {
             public_aliases: publics,
             tls,
             log_format: raw.log_format.unwrap_or_default(),
+            workers,
             limits,
             timeouts,
             trusted_proxies,

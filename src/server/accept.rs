@@ -20,6 +20,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::connection::{serve_connection, Shared, Slot};
+use super::workers::Workers;
 use crate::config::Limits;
 use crate::metrics::PoolLabels;
 
@@ -111,6 +112,8 @@ pub(super) struct Acceptor {
     pub(super) reserve: Arc<Semaphore>,
     /// What each connection task gets (its `accepted` is stamped per connection).
     pub(super) template: Shared,
+    /// Where connections run.
+    pub(super) workers: Arc<Workers>,
 }
 
 impl Acceptor {
@@ -156,7 +159,7 @@ impl Acceptor {
             let mut shared = self.template.clone();
             shared.accepted = Instant::now();
             metrics.connections_open.inc();
-            tokio::spawn(async move {
+            self.workers.spawn(stream, move |stream| async move {
                 serve_connection(stream, peer, shared, slot).await;
                 metrics.connections_open.dec();
                 drop(share);

@@ -47,3 +47,4 @@ mod token_faults;
 mod token_refresh;
 mod upgrade;
 mod upload_edges;
+mod workers;

@@ -1,0 +1,113 @@
+//! Thread-per-core (`--workers`): connections spread over the worker threads, each worker keeps
+//! upstream connections of its own, and the bound on upstream connections still holds over all
+//! of them: a worker whose pool is empty while another's idle connections hold every permit
+//! borrows one of those instead of waiting for a permit that never frees.
+
+use crate::support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Response;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use regrelay::body;
+use support::Regrelay;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An origin answering every request `200 {}` that counts the connections it accepts.
+async fn counting_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(body::full("{}")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// `GET /v2/` on the keep-alive connection `conn`; the status line.
+async fn get_v2(conn: &mut TcpStream) -> String {
+    conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The answer is small: read until its body (`{}`, or an error's JSON) has arrived.
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    text.lines().next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_worker_has_its_own_upstream_connections() {
+    let (origin, accepted) = counting_origin().await;
+    let registry = format!("http://{origin}");
+    let px = Regrelay::start(&[
+        "--registry",
+        &registry,
+        "--workers",
+        "2",
+        "--max-upstream-connections",
+        "2",
+    ]);
+    // The first connection goes to one worker, the second (the first still open) to the other.
+    let mut first = TcpStream::connect(px.addr).await.unwrap();
+    assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
+    let mut second = TcpStream::connect(px.addr).await.unwrap();
+    assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    // One upstream connection per worker: one shared pool would have reused the first.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // Each reuses its own from then on.
+    for _ in 0..5 {
+        assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
+        assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_borrows_an_idle_connection_when_another_worker_holds_every_permit() {
+    let (origin, accepted) = counting_origin().await;
+    let registry = format!("http://{origin}");
+    let px = Regrelay::start(&[
+        "--registry",
+        &registry,
+        "--workers",
+        "2",
+        "--max-upstream-connections",
+        "1",
+    ]);
+    let mut first = TcpStream::connect(px.addr).await.unwrap();
+    assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
+    // The only upstream connection is idle in the first worker's pool. The second client's
+    // worker has none and no permit is free: waiting for one would end in 503 after the
+    // upstream queue's 2 s, since an idle connection keeps its permit for 90 s.
+    let mut second = TcpStream::connect(px.addr).await.unwrap();
+    assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
