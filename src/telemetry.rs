@@ -94,13 +94,48 @@ where
             };
         };
         if self.time {
-            SystemTime.format_time(&mut writer)?;
+            write_time(&mut writer)?;
             writer.write_char(' ')?;
         }
         writer.write_str(" INFO regrelay::access: ")?;
         write_escaped(&mut writer, &message)?;
         writer.write_char('\n')
     }
+}
+
+/// The time as `tracing-subscriber`'s [`SystemTime`] writes it (RFC 3339 in UTC, microseconds:
+/// `2026-12-07T11:35:24.681080Z`). Its formatter runs once a second per thread; within that
+/// second the access line reuses the date and time it wrote and adds the microseconds.
+fn write_time(w: &mut Writer<'_>) -> std::fmt::Result {
+    use std::time::UNIX_EPOCH;
+    thread_local! {
+        /// The second last formatted, and its text up to the fraction (`…T11:35:24.`).
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = since(std::time::SystemTime::now());
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != now.as_secs() {
+            let mut text = String::with_capacity(32);
+            SystemTime.format_time(&mut Writer::new(&mut text))?;
+            // Kept only when the formatter's own reading fell in the same second, in the
+            // expected shape; else this line gets its text as it is.
+            let same = since(std::time::SystemTime::now()).as_secs() == now.as_secs();
+            if !(same && text.len() == 27 && text.as_bytes()[19] == b'.') {
+                return w.write_str(&text);
+            }
+            text.truncate(20);
+            *second = (now.as_secs(), text);
+        }
+        w.write_str(&second.1)?;
+        let mut n = itoa::Buffer::new();
+        let micros = n.format(now.subsec_micros());
+        w.write_str(&"000000"[micros.len()..])?;
+        w.write_str(micros)?;
+        w.write_char('Z')
+    })
 }
 
 /// An event's message, when it is its only field.
@@ -491,6 +526,24 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn the_access_lines_time_is_what_tracing_writes() {
+        for _ in 0..3 {
+            let (mut ours, mut theirs) = (String::new(), String::new());
+            write_time(&mut Writer::new(&mut ours)).unwrap();
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            assert_eq!(ours.len(), 27, "{ours}");
+            assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.', "{ours}");
+            // Read a moment apart: the same second (but at a second's turn), later or equal.
+            assert!(ours <= theirs, "{ours} after {theirs}");
+            if ours[..19] == theirs[..19] {
+                assert!(ours[20..26].bytes().all(|b| b.is_ascii_digit()), "{ours}");
+            }
         }
     }
 

@@ -51,6 +51,7 @@ use crate::error::{BoxError, Error, TlsRefused};
 use crate::metrics::Metrics;
 use crate::tls::UpstreamTrust;
 use hyper_util::client::legacy::connect::{Connected, Connection};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// How long `/-/ready` waits for the upstream.
 pub const READY_TIMEOUT_SECS: u64 = 5;
@@ -84,7 +85,7 @@ pub struct Upstream {
     trust: Arc<UpstreamTrust>,
     slots: Arc<Semaphore>,
     /// Where response times go, under this upstream's name.
-    observed: Option<(Arc<Metrics>, Arc<str>)>,
+    observed: Option<(Arc<Metrics>, Histogram)>,
     /// Signalled when every slot is taken: stalled requests are shed.
     pressure: Option<Arc<Notify>>,
     /// What it is, for errors: `upstream registry` or `token service`.
@@ -402,7 +403,8 @@ impl Upstream {
 
     /// Records response times in `metrics` under `name` (a configured upstream name).
     pub fn observed_by(mut self, metrics: Arc<Metrics>, name: &str) -> Upstream {
-        self.observed = Some((metrics, name.into()));
+        let histogram = metrics.upstream_histogram(name);
+        self.observed = Some((metrics, histogram));
         self
     }
 
@@ -449,8 +451,8 @@ impl Upstream {
         let pool = self.pool();
         let busy = Counted::new(&pool.busy);
         let resp = pool.client.request(req).await;
-        if let Some((metrics, name)) = &self.observed {
-            metrics.upstream(name, started.elapsed().as_secs_f64());
+        if let Some((_, histogram)) = &self.observed {
+            histogram.observe(started.elapsed().as_secs_f64());
         }
         let resp = resp.map_err(|e| {
             let upstream = target.to_string();
