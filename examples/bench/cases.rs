@@ -529,29 +529,26 @@ pub async fn small(b: &Bench) -> Case {
     // regrelay on one work-stealing runtime (`--workers 0`, its model before thread-per-core),
     // and the reference: hyper alone, on that model and thread-per-core (bench code).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut bare = vec![];
-    match procs::regrelay(
-        &support::regrelay_bin(),
-        "regrelay-shared-runtime",
-        &b.work,
-        &http(b.fronts[0].fast.addr),
-        &["--workers", "0"],
-    ) {
-        Ok((p, addr)) => {
-            lanes.push(Lane::new(
-                SHARED_RUNTIME,
-                "",
-                http(addr),
-                Proto::H1,
-                None,
-                Some(p.pid()),
-            ));
-            bare.push(p);
-        }
-        Err(e) => eprintln!("SKIP {SHARED_RUNTIME}: {e}"),
-    }
+    let origin = b.fronts[0].fast.addr;
+    let mut extra = vec![(
+        SHARED_RUNTIME,
+        procs::regrelay(
+            &support::regrelay_bin(),
+            "regrelay-shared-runtime",
+            &b.work,
+            &http(origin),
+            &["--workers", "0"],
+        ),
+    )];
     for (path, model) in [(BARE, "multi"), (BARE_PER_CORE, "per-core")] {
-        match procs::bare_forwarder(&[], &b.work, b.fronts[0].fast.addr, model, workers) {
+        extra.push((
+            path,
+            procs::bare_forwarder(&[], &b.work, origin, model, workers),
+        ));
+    }
+    let mut bare = vec![];
+    for (path, started) in extra {
+        match started {
             Ok((p, addr)) => {
                 lanes.push(Lane::new(
                     path,

@@ -63,8 +63,10 @@ async fn get_v2(conn: &mut TcpStream) -> String {
     text.lines().next().unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_worker_has_its_own_upstream_connections() {
+/// regrelay with two workers and `max_upstream` upstream connections in front of a counting
+/// origin; a first client's `GET /v2/`, then (the first still connected) a second client's, each
+/// answered 200. The least loaded worker takes each connection: the two are on different workers.
+async fn two_clients(max_upstream: &str) -> (Regrelay, [TcpStream; 2], Arc<AtomicUsize>) {
     let (origin, accepted) = counting_origin().await;
     let registry = format!("http://{origin}");
     let px = Regrelay::start(&[
@@ -73,13 +75,18 @@ async fn each_worker_has_its_own_upstream_connections() {
         "--workers",
         "2",
         "--max-upstream-connections",
-        "2",
+        max_upstream,
     ]);
-    // The first connection goes to one worker, the second (the first still open) to the other.
     let mut first = TcpStream::connect(px.addr).await.unwrap();
     assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
     let mut second = TcpStream::connect(px.addr).await.unwrap();
     assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    (px, [first, second], accepted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_worker_has_its_own_upstream_connections() {
+    let (_px, [mut first, mut second], accepted) = two_clients("2").await;
     // One upstream connection per worker: one shared pool would have reused the first.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // Each reuses its own from then on.
@@ -92,22 +99,10 @@ async fn each_worker_has_its_own_upstream_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_borrows_an_idle_connection_when_another_worker_holds_every_permit() {
-    let (origin, accepted) = counting_origin().await;
-    let registry = format!("http://{origin}");
-    let px = Regrelay::start(&[
-        "--registry",
-        &registry,
-        "--workers",
-        "2",
-        "--max-upstream-connections",
-        "1",
-    ]);
-    let mut first = TcpStream::connect(px.addr).await.unwrap();
-    assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
-    // The only upstream connection is idle in the first worker's pool. The second client's
-    // worker has none and no permit is free: waiting for one would end in 503 after the
-    // upstream queue's 2 s, since an idle connection keeps its permit for 90 s.
-    let mut second = TcpStream::connect(px.addr).await.unwrap();
-    assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    // After the first answer the only upstream connection is idle in the first worker's pool.
+    // The second client's worker has none and no permit is free: waiting for one fails after
+    // the upstream queue's 2 s (502: an idle connection keeps its permit for 90 s), so the
+    // second answer (200, checked by `two_clients`) came over the first worker's connection.
+    let (_px, _clients, accepted) = two_clients("1").await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
