@@ -1,13 +1,15 @@
 //! Prometheus metrics (`--metrics-listen`, `GET /metrics`, OpenMetrics text), with the
 //! `prometheus-client` crate. Names follow Prometheus conventions (`regrelay_` prefix, base units,
 //! `_total` counters). Labels are bounded: a route class, a method from the registry API's set,
-//! a status code, a configured upstream name, an outcome from a fixed list. No label carries a
+//! a status code, a configured upstream name, an outcome from a fixed list, a worker's index. No label carries a
 //! repository name, a host a client sent, or anything from a credential.
 //!
 //! Most metrics are updated where the event happens; the token caches' counters (kept by
-//! [`crate::token`] for its own tests and logs) are read at scrape time by [`TokenCollector`].
+//! [`crate::token`] for its own tests and logs) are read at scrape time by [`TokenCollector`],
+//! and each connection worker's open connections by [`WorkerCollector`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
 use http::{Method, Request, Response, StatusCode};
@@ -27,6 +29,8 @@ use crate::token::Counters;
 
 /// The token caches' counters by upstream name, set once the upstreams are built.
 type WatchedTokens = Arc<OnceLock<Vec<(String, Arc<Counters>)>>>;
+/// Each connection worker's count of open connections, once the server has its workers.
+type WatchedWorkers = Arc<OnceLock<Vec<Arc<AtomicUsize>>>>;
 
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +159,7 @@ pub struct Metrics {
     pub cache_manifest_gets_avoided: Counter,
     /// The token caches' counters by upstream name, read at scrape time.
     tokens: WatchedTokens,
+    workers: WatchedWorkers,
     /// `request_duration`'s histogram of each route class, taken once: a request's own
     /// observation skips the family's lock and label hashing.
     route_durations: Vec<(&'static str, Histogram)>,
@@ -224,6 +229,7 @@ impl Metrics {
     /// Every metric, registered (the token caches' counters come with [`Metrics::watch_tokens`]).
     pub fn new() -> Metrics {
         let tokens = Arc::new(OnceLock::new());
+        let workers = Arc::new(OnceLock::new());
         let mut registry = Registry::with_prefix("regrelay");
         let r = &mut registry;
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.5, 14));
@@ -370,6 +376,7 @@ impl Metrics {
                 Counter::default(),
             ),
             tokens: tokens.clone(),
+            workers: workers.clone(),
             registry: Registry::default(),
             route_durations: Vec::new(),
         };
@@ -408,6 +415,7 @@ impl Metrics {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         r.register_collector(Box::new(TokenCollector { tokens }));
+        r.register_collector(Box::new(WorkerCollector { workers }));
         let route_durations = ROUTE_CLASSES
             .iter()
             .map(|&route| {
@@ -420,6 +428,11 @@ impl Metrics {
             route_durations,
             ..m
         }
+    }
+
+    /// Exports each connection worker's open connections (once; later calls are ignored).
+    pub fn watch_workers(&self, open: Vec<Arc<AtomicUsize>>) {
+        let _ = self.workers.set(open);
     }
 
     /// Exports the token caches' counters, by upstream name (once; later calls are ignored).
@@ -505,6 +518,31 @@ pub fn method_label(method: &Method) -> &'static str {
         Method::DELETE => "DELETE",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
+    }
+}
+
+/// `regrelay_worker_connections{worker}`, read at each scrape (nothing per connection).
+#[derive(Debug)]
+struct WorkerCollector {
+    workers: WatchedWorkers,
+}
+
+impl Collector for WorkerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "worker_connections",
+            "Client connections each worker thread serves now (--workers; none with 0)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (i, open) in self.workers.get().into_iter().flatten().enumerate() {
+            let worker = i.to_string();
+            let labels = [("worker", worker.as_str())];
+            let encoder = family.encode_family(&labels)?;
+            let n = open.load(std::sync::atomic::Ordering::Relaxed);
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(encoder)?;
+        }
+        Ok(())
     }
 }
 

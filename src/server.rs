@@ -127,6 +127,7 @@ pub async fn run(
 ) {
     let limits = app.config().limits;
     let t = app.config().timeouts;
+    app.metrics().watch_workers(workers.counts());
     let protocols = Arc::new(Protocols::new(&app));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let (phase, phases) = watch::channel(Phase::Serving);

@@ -120,6 +120,11 @@ impl Workers {
         self.workers.len()
     }
 
+    /// Each worker's count of the connections it serves (for the metrics).
+    pub fn counts(&self) -> Vec<Arc<AtomicUsize>> {
+        self.workers.iter().map(|w| w.open.clone()).collect()
+    }
+
     /// Connections each worker serves now.
     pub fn open(&self) -> Vec<usize> {
         self.workers

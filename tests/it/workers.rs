@@ -13,7 +13,7 @@ use http::Response;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use regrelay::body;
-use support::Regrelay;
+use support::{metrics, Regrelay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,7 +63,7 @@ async fn get_v2(conn: &mut TcpStream) -> String {
     text.lines().next().unwrap().to_owned()
 }
 
-/// regrelay with two workers and `max_upstream` upstream connections in front of a counting
+/// regrelay with two workers (and its metrics listener) and `max_upstream` upstream connections in front of a counting
 /// origin; a first client's `GET /v2/`, then (the first still connected) a second client's, each
 /// answered 200. The least loaded worker takes each connection: the two are on different workers.
 async fn two_clients(max_upstream: &str) -> (Regrelay, [TcpStream; 2], Arc<AtomicUsize>) {
@@ -76,6 +76,8 @@ async fn two_clients(max_upstream: &str) -> (Regrelay, [TcpStream; 2], Arc<Atomi
         "2",
         "--max-upstream-connections",
         max_upstream,
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]);
     let mut first = TcpStream::connect(px.addr).await.unwrap();
     assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
@@ -86,9 +88,15 @@ async fn two_clients(max_upstream: &str) -> (Regrelay, [TcpStream; 2], Arc<Atomi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_worker_has_its_own_upstream_connections() {
-    let (_px, [mut first, mut second], accepted) = two_clients("2").await;
+    let (px, [mut first, mut second], accepted) = two_clients("2").await;
     // One upstream connection per worker: one shared pool would have reused the first.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The operator sees one connection on each worker.
+    let (_, _, text) = metrics::scrape(metrics::addr(&px)).await;
+    for worker in ["worker=\"0\"", "worker=\"1\""] {
+        let open = metrics::value(&text, "regrelay_worker_connections", &[worker]);
+        assert_eq!(open, 1.0, "{worker}\n{text}");
+    }
     // Each reuses its own from then on.
     for _ in 0..5 {
         assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
