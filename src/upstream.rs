@@ -67,8 +67,8 @@ thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Marks this thread as connection worker `index` (0-based) of `count`: requests it serves use
-/// that worker's pools. Threads not marked share one more pool.
+/// Marks this thread as connection worker `index` (0-based, below `--workers`): requests it
+/// serves use that worker's pools. Threads not marked share one more pool.
 pub fn on_worker(index: usize) {
     WORKER.with(|w| w.set(index + 1));
 }
