@@ -67,13 +67,21 @@ async fn get_v2(conn: &mut TcpStream) -> String {
 /// origin; a first client's `GET /v2/`, then (the first still connected) a second client's, each
 /// answered 200. The least loaded worker takes each connection: the two are on different workers.
 async fn two_clients(max_upstream: &str) -> (Regrelay, [TcpStream; 2], Arc<AtomicUsize>) {
+    two_clients_on(max_upstream, "2").await
+}
+
+/// [`two_clients`] with `--workers WORKERS` (with 0 the two share one runtime).
+async fn two_clients_on(
+    max_upstream: &str,
+    workers: &str,
+) -> (Regrelay, [TcpStream; 2], Arc<AtomicUsize>) {
     let (origin, accepted) = counting_origin().await;
     let registry = format!("http://{origin}");
     let px = Regrelay::start(&[
         "--registry",
         &registry,
         "--workers",
-        "2",
+        workers,
         "--max-upstream-connections",
         max_upstream,
         "--metrics-listen",
@@ -113,4 +121,18 @@ async fn a_worker_borrows_an_idle_connection_when_another_worker_holds_every_per
     // second answer (200, checked by `two_clients`) came over the first worker's connection.
     let (_px, _clients, accepted) = two_clients("1").await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_workers_every_connection_shares_one_runtime_and_one_pool() {
+    let (px, [mut first, mut second], accepted) = two_clients_on("2", "0").await;
+    // One pool: the second client's request took the first one's idle upstream connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(get_v2(&mut first).await, "HTTP/1.1 200 OK");
+    assert_eq!(get_v2(&mut second).await, "HTTP/1.1 200 OK");
+    let (_, _, text) = metrics::scrape(metrics::addr(&px)).await;
+    assert!(
+        !text.contains("regrelay_worker_connections{"),
+        "no worker threads, no per-worker samples\n{text}"
+    );
 }
