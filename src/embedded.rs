@@ -146,11 +146,8 @@ impl Proxy {
             let dispatch = dispatch.clone();
             let start: server::ThreadHook = Arc::new(move || enter(id, &dispatch));
             let stop: server::ThreadHook = Arc::new(leave);
-            match prepared.config.workers {
-                0 => Workers::here(),
-                n => Workers::start(n, Some(start), Some(stop))
-                    .context("cannot start the worker threads")?,
-            }
+            Workers::start(prepared.config.workers, Some(start), Some(stop))
+                .context("cannot start the worker threads")?
         };
         let (started_tx, started) = mpsc::channel();
         let thread = std::thread::Builder::new()

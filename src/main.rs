@@ -213,13 +213,11 @@ fn serve(
     launcher: Option<Launcher>,
 ) -> anyhow::Result<()> {
     let count = app.config().workers;
-    let (mut runtime, workers) = if count == 0 {
-        let runtime = tokio::runtime::Builder::new_multi_thread();
-        (runtime, server::Workers::here())
-    } else {
-        let workers = server::Workers::start(count, None, None)
-            .map_err(|e| anyhow::anyhow!("cannot start {count} worker threads: {e}"))?;
-        (tokio::runtime::Builder::new_current_thread(), workers)
+    let workers = server::Workers::start(count, None, None)
+        .map_err(|e| anyhow::anyhow!("cannot start {count} worker threads: {e}"))?;
+    let mut runtime = match count {
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = runtime
         .enable_all()

@@ -416,7 +416,8 @@ impl Metrics {
         );
         r.register_collector(Box::new(TokenCollector { tokens }));
         r.register_collector(Box::new(WorkerCollector { workers }));
-        let route_durations = ROUTE_CLASSES
+        // Every route class is timed from the first scrape on.
+        let route_durations = crate::router::Route::CLASSES
             .iter()
             .map(|&route| {
                 let h = m.request_duration.get_or_create(&RouteLabels { route });
@@ -492,20 +493,6 @@ impl Metrics {
             .inc();
     }
 }
-
-/// Every [`crate::router::Route::class`] (requests of each are timed from the first scrape on).
-const ROUTE_CLASSES: [&str; 10] = [
-    "base",
-    "catalog",
-    "tags",
-    "referrers",
-    "blob",
-    "manifest",
-    "upload",
-    "other",
-    "token",
-    "health",
-];
 
 /// The method as a label: the ones registry clients use, else `other` (methods are open-ended).
 pub fn method_label(method: &Method) -> &'static str {

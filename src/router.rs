@@ -93,7 +93,21 @@ pub fn route(
 }
 
 impl Route {
-    /// The metrics label of the route: a fixed set, never a repository name.
+    /// Every value [`Route::class`] returns.
+    pub const CLASSES: [&'static str; 10] = [
+        "base",
+        "catalog",
+        "tags",
+        "referrers",
+        "blob",
+        "manifest",
+        "upload",
+        "other",
+        "token",
+        "health",
+    ];
+
+    /// The metrics label of the route: a fixed set ([`Route::CLASSES`]), never a repository name.
     pub fn class(&self) -> &'static str {
         match self {
             Route::Registry(api) => api.class(),
@@ -134,6 +148,28 @@ mod tests {
 
     fn base() -> ApiPath {
         ApiPath::parse("/v2/").unwrap()
+    }
+
+    #[test]
+    fn every_class_is_listed() {
+        let registry = [
+            "/v2/",
+            "/v2/_catalog",
+            "/v2/g/p/tags/list",
+            "/v2/g/p/referrers/sha256:0123",
+            "/v2/g/p/blobs/sha256:0123",
+            "/v2/g/p/manifests/v1",
+            "/v2/g/p/blobs/uploads/",
+            "/v2/g/p/what",
+        ];
+        let mut routes: Vec<Route> = registry
+            .iter()
+            .map(|p| Route::Registry(ApiPath::parse(p).unwrap()))
+            .collect();
+        routes.extend([Route::Token, Route::Healthy, Route::Ready]);
+        let classes: std::collections::BTreeSet<_> = routes.iter().map(Route::class).collect();
+        let listed: std::collections::BTreeSet<_> = Route::CLASSES.into_iter().collect();
+        assert_eq!(classes, listed);
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl std::fmt::Debug for Workers {
 impl Workers {
     /// Starts `count` worker threads named `regrelay-w{i}`, each with a current-thread runtime;
     /// `start` and `stop` run on each thread at its start and end, and on each thread of the
-    /// runtimes' blocking pools (cache file work) too.
+    /// runtimes' blocking pools (cache file work) too. A `count` of 0 starts none: [`Workers::here`].
     pub fn start(
         count: usize,
         start: Option<ThreadHook>,
@@ -115,22 +115,9 @@ impl Workers {
         }
     }
 
-    /// Worker threads (0: connections run where they are accepted).
-    pub fn count(&self) -> usize {
-        self.workers.len()
-    }
-
     /// Each worker's count of the connections it serves (for the metrics).
     pub fn counts(&self) -> Vec<Arc<AtomicUsize>> {
         self.workers.iter().map(|w| w.open.clone()).collect()
-    }
-
-    /// Connections each worker serves now.
-    pub fn open(&self) -> Vec<usize> {
-        self.workers
-            .iter()
-            .map(|w| w.open.load(Ordering::Relaxed))
-            .collect()
     }
 
     /// Runs `serve(stream)` for an accepted connection on the worker with the fewest open
@@ -249,7 +236,12 @@ mod tests {
             .unwrap();
         assert!(second.starts_with("regrelay-w"), "{second}");
         assert_ne!(first, second, "both connections on one worker");
-        assert_eq!(workers.open(), vec![1, 1]);
+        let open: Vec<_> = workers
+            .counts()
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(open, vec![1, 1]);
         release_tx.send(()).unwrap();
         workers.stop().await;
     }
