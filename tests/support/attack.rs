@@ -79,7 +79,7 @@ impl Attack {
 pub async fn zero_window_h2(
     local: IpAddr,
     to: SocketAddr,
-) -> std::io::Result<(h2::client::SendRequest<Bytes>, JoinHandle<()>)> {
+) -> std::io::Result<(h2::client::SendRequest<Bytes>, AbortOnDrop)> {
     let tcp = connect_from(local, to).await?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -89,7 +89,7 @@ pub async fn zero_window_h2(
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok((send, driver))
+    Ok((send, AbortOnDrop(driver)))
 }
 
 /// `connections` zero-window HTTP/2 connections from `local`, each keeping `streams` streams
@@ -122,11 +122,21 @@ pub async fn zero_window_streams(
                     [&sent, &answered, &ended],
                 )
                 .await;
-                driver.abort();
+                drop(driver);
             }
         }));
     }
     attack
+}
+
+/// A task aborted when this is dropped: an attack's connection driver, so that dropping the
+/// attack (which aborts its tasks, and with them this) closes its connections.
+pub struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Keeps `n` streams of `GET path` open on `send` until the connection ends.
@@ -201,7 +211,7 @@ pub async fn rapid_resets(local: IpAddr, to: SocketAddr, per_sec: u32) -> Attack
                 tokio::time::sleep(gap).await;
             }
             ended.fetch_add(1, Ordering::SeqCst);
-            driver.abort();
+            drop(driver);
         }
     }));
     attack
