@@ -45,7 +45,7 @@ use support::gitlab::with_developer_pat;
 const REPO: &str = "bench/blob";
 const USER: &str = "bench";
 const PAT: &str = "glpat-bench-0000000000";
-const ALL_CASES: [&str; 10] = [
+const ALL_CASES: [&str; 11] = [
     "plain",
     "registry",
     "tls",
@@ -54,6 +54,7 @@ const ALL_CASES: [&str; 10] = [
     "small",
     "session",
     "cache",
+    "shared",
     "hostile",
     "instructions",
 ];
@@ -438,7 +439,8 @@ async fn run(s: Settings) -> Result<(), String> {
     // The real registry and its token service.
     // The project is the repository the cases use (GitLab finds a repository's project by its path).
     let gitlab = with_developer_pat(USER, PAT, REPO, Duration::from_secs(3600)).await;
-    let needs_registry = s.runs("registry") || s.runs("session") || s.runs("cache");
+    let needs_registry =
+        s.runs("registry") || s.runs("session") || s.runs("cache") || s.runs("shared");
     let registry = (needs_registry && procs::have("docker-registry"))
         .then(|| support::Registry::start_in(&gitlab.realm(), shm.is_dir().then_some(shm)));
 
@@ -503,6 +505,12 @@ async fn run(s: Settings) -> Result<(), String> {
                 "docker-registry is not installed",
             ),
             "cache" => cases::cache(&b).await,
+            "shared" if registry.is_none() => Case::skip(
+                "shared",
+                "7b. Shared cache on object storage",
+                "docker-registry is not installed",
+            ),
+            "shared" => cases::shared(&b).await,
             "hostile" if !procs::have("docker-registry") => Case::skip(
                 "hostile",
                 "8. Hostile soak",

@@ -19,6 +19,7 @@ use crate::access::Access;
 use crate::auth::{Auth, Lanes, Picked};
 use crate::body::{self, ProxyBody};
 use crate::cache::pull::PullCache;
+use crate::cache::shared::Shared;
 use crate::clients::{ClientHandle, Clients, Shares};
 use crate::config::{Config, ConfigError, Origin, UpstreamConfig};
 use crate::error::{Blame, Error};
@@ -180,6 +181,21 @@ impl App {
                 })
             })
             .transpose()?;
+        let cache = match (cache, config.cache.as_ref().and_then(|c| c.shared.as_ref())) {
+            (Some(mut cache), Some(shared)) => {
+                let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+                let origin = Origin::parse("cache_s3_endpoint", &shared.endpoint)?;
+                // Its own connections: the bucket never takes the registry's.
+                let client = Upstream::new(&config, lanes[0].upstream.trust(), origin)
+                    .serving("shared cache object store");
+                let bucket = Shared::new(shared, client).map_err(|e| invalid("cache_store", e))?;
+                let bucket = Arc::new(bucket);
+                metrics.watch_shared(bucket.clone());
+                cache.shared = Some(bucket);
+                Some(cache)
+            }
+            (cache, _) => cache,
+        };
         let publics = config
             .public_url
             .iter()

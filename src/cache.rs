@@ -62,7 +62,9 @@
 //! # HTTP
 //! [`pull`] holds the HTTP side (which requests, principals, `Range`, manifest media types, hit
 //! responses); [`redirect`] follows a registry's redirect to object storage (presigned URLs)
-//! so a cold fill can read the blob there; asking the upstream whether a principal may pull
+//! so a cold fill can read the blob there; [`shared`] is the bucket replicas share behind this
+//! store (`--cache-store`: leases, uploads, eviction across replicas); asking the upstream
+//! whether a principal may pull
 //! (`HEAD`/`GET` with its own token) is in [`crate::app`], which holds sessions and upstreams.
 
 use std::fmt;
@@ -73,10 +75,11 @@ mod grants;
 pub mod pull;
 mod read;
 pub mod redirect;
+pub mod shared;
 mod store;
 mod tee;
 
-pub use fill::{Fill, Follower, Writer, WRITE_BATCH_BYTES};
+pub use fill::{AfterCommit, Fill, Follower, Writer, WRITE_BATCH_BYTES};
 pub use grants::{Grants, DEFAULT_MAX_GRANTS, DEFAULT_MAX_SEEN};
 pub use read::CacheBody;
 pub use store::{Hit, Stats, Store, CHUNK_BYTES};

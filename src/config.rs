@@ -13,10 +13,12 @@
 //! endpoint), `secret.rs` (reading files that hold secrets: permissions, size bounds),
 //! `defaults.rs` (every default), `cli.rs` (what clap's own errors leave out).
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod cache_store;
 pub mod cli;
 mod defaults;
 mod file;
@@ -28,6 +30,7 @@ mod secret;
 mod upstreams;
 mod validate;
 
+pub use cache_store::{DEFAULT_CACHE_S3_LEASE_SECS, DEFAULT_CACHE_STORE_MAX_BYTES};
 pub use defaults::*;
 pub use file::{ConfigFile, LogFormat, UploadSplit, UpstreamTable};
 pub use limits::{Limits, Timeouts, READY_PROBE_CONNECTIONS, RESERVE_CONNECTIONS};
@@ -124,6 +127,53 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Answer manifests by tag from the cache while the upstream is unreachable.
     pub serve_stale: bool,
+    /// The bucket replicas share (`--cache-store`), when set.
+    pub shared: Option<SharedConfig>,
+}
+
+/// `--cache-store` and its settings: where the shared bucket is and how to sign for it.
+#[derive(Clone)]
+pub struct SharedConfig {
+    /// The bucket's name.
+    pub bucket: String,
+    /// Where regrelay's objects go in it: empty, or ending in `/`.
+    pub prefix: String,
+    /// The object store's URL (`http(s)://HOST[:PORT]`), asked path-style.
+    pub endpoint: String,
+    /// The region requests are signed for.
+    pub region: String,
+    /// The access key id.
+    pub key_id: String,
+    /// The secret access key: never printed.
+    pub secret: String,
+    /// A session token (temporary credentials): never printed.
+    pub session_token: Option<String>,
+    /// How long a claim on a fill holds without renewal.
+    pub lease: Duration,
+    /// The bucket's size bound (`--cache-store-max-bytes`).
+    pub max_bytes: u64,
+    /// `--cache-redirect`.
+    pub redirect: bool,
+}
+
+impl fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("key_id", &self.key_id)
+            .field("secret", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("lease", &self.lease)
+            .field("max_bytes", &self.max_bytes)
+            .field("redirect", &self.redirect)
+            .finish()
+    }
 }
 
 /// Validated configuration: plain data.

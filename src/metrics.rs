@@ -31,6 +31,8 @@ use crate::token::Counters;
 type WatchedTokens = Arc<OnceLock<Vec<(String, Arc<Counters>)>>>;
 /// Each connection worker's count of open connections, once the server has its workers.
 type WatchedWorkers = Arc<OnceLock<Vec<Arc<AtomicUsize>>>>;
+/// The shared bucket's counters (`--cache-store`), once the cache is open.
+type WatchedShared = Arc<OnceLock<Arc<crate::cache::shared::Shared>>>;
 
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,7 +151,8 @@ pub struct Metrics {
     pub reloads: Family<OutcomeLabels, Counter>,
     /// `regrelay_cache_requests_total{outcome}`: pulls the cache took part in: `hit`, `miss`
     /// (fetched and filled), `follower` (read another fill), `denied` (the upstream refused the
-    /// client), `pass` (proxied without caching).
+    /// client), `pass` (proxied without caching), `shared` (read from the shared bucket),
+    /// `redirect` (sent to the shared bucket by a presigned URL).
     pub cache_requests: Family<OutcomeLabels, Counter>,
     /// `regrelay_cache_served_bytes_total`: body bytes served from the cache.
     pub cache_served_bytes: Counter,
@@ -160,6 +163,7 @@ pub struct Metrics {
     /// The token caches' counters by upstream name, read at scrape time.
     tokens: WatchedTokens,
     workers: WatchedWorkers,
+    shared: WatchedShared,
     /// `request_duration`'s histogram of each route class, taken once: a request's own
     /// observation skips the family's lock and label hashing.
     route_durations: Vec<(&'static str, Histogram)>,
@@ -230,6 +234,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let tokens = Arc::new(OnceLock::new());
         let workers = Arc::new(OnceLock::new());
+        let shared = Arc::new(OnceLock::new());
         let mut registry = Registry::with_prefix("regrelay");
         let r = &mut registry;
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.5, 14));
@@ -361,7 +366,7 @@ impl Metrics {
             ),
             cache_requests: r.add(
                 "cache_requests",
-                "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass, stale)",
+                "Pulls the cache took part in, by outcome (hit, miss, follower, denied, pass, stale, shared, redirect)",
                 Family::default(),
             ),
             cache_served_bytes: r.add_with_unit(
@@ -377,6 +382,7 @@ impl Metrics {
             ),
             tokens: tokens.clone(),
             workers: workers.clone(),
+            shared: shared.clone(),
             registry: Registry::default(),
             route_durations: Vec::new(),
         };
@@ -400,7 +406,9 @@ impl Metrics {
                 .reserve_connections
                 .get_or_create(&OutcomeLabels { outcome });
         }
-        for outcome in ["hit", "miss", "follower", "denied", "pass", "stale"] {
+        for outcome in [
+            "hit", "miss", "follower", "denied", "pass", "stale", "shared", "redirect",
+        ] {
             let _ = m.cache_requests.get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["ok", "refused"] {
@@ -416,6 +424,7 @@ impl Metrics {
         );
         r.register_collector(Box::new(TokenCollector { tokens }));
         r.register_collector(Box::new(WorkerCollector { workers }));
+        r.register_collector(Box::new(SharedCollector { shared }));
         // Every route class is timed from the first scrape on.
         let route_durations = crate::router::Route::CLASSES
             .iter()
@@ -434,6 +443,11 @@ impl Metrics {
     /// Exports each connection worker's open connections (once; later calls are ignored).
     pub fn watch_workers(&self, open: Vec<Arc<AtomicUsize>>) {
         let _ = self.workers.set(open);
+    }
+
+    /// Exports the shared bucket's counters (once; later calls are ignored).
+    pub fn watch_shared(&self, shared: Arc<crate::cache::shared::Shared>) {
+        let _ = self.shared.set(shared);
     }
 
     /// Exports the token caches' counters, by upstream name (once; later calls are ignored).
@@ -528,6 +542,42 @@ impl Collector for WorkerCollector {
             let encoder = family.encode_family(&labels)?;
             let n = open.load(std::sync::atomic::Ordering::Relaxed);
             ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the shared bucket's counters at scrape time (nothing without `--cache-store`).
+#[derive(Debug)]
+struct SharedCollector {
+    shared: WatchedShared,
+}
+
+impl Collector for SharedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(shared) = self.shared.get() else {
+            return Ok(());
+        };
+        let s = shared.stats();
+        let mut family = encoder.encode_descriptor(
+            "cache_shared_operations",
+            "The shared bucket's work (--cache-store), by operation: hits (local misses read \
+             from it), uploads, upload_failures, waits (for another replica's fill), takeovers \
+             (of a fill whose replica stopped renewing its lease), evictions",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (operation, n) in [
+            ("hits", s.hits),
+            ("uploads", s.uploads),
+            ("upload_failures", s.upload_failures),
+            ("waits", s.waits),
+            ("takeovers", s.takeovers),
+            ("evictions", s.evictions),
+        ] {
+            let labels = [("operation", operation)];
+            let encoder = family.encode_family(&labels)?;
+            ConstCounter::new(n).encode(encoder)?;
         }
         Ok(())
     }

@@ -17,6 +17,10 @@ use crate::support::upstream::drain;
 use crate::{delay, procs, support};
 use crate::{http, https, Blob, Front, Settings, GIB, MIB, PAT, REPO, USER};
 
+#[path = "shared.rs"]
+mod shared;
+pub use shared::shared;
+
 /// What one case sends one way: a labelled endpoint and the process it crosses.
 #[derive(Clone)]
 struct Lane {

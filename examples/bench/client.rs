@@ -190,6 +190,25 @@ pub async fn download(ep: &Endpoint, repo: &str, digest: &str, len: u64) -> Resu
     Ok(r)
 }
 
+/// Downloads `url` (`len` bytes, HTTP/1.1, no `Authorization`: a presigned URL); returns the
+/// reply.
+pub async fn download_url(url: &str, len: u64) -> Result<Reply, String> {
+    let ep = Endpoint {
+        base: String::new(),
+        proto: Proto::H1,
+        auth: None,
+    };
+    let mut args = curl_base(&ep);
+    args.extend(["-o".into(), "/dev/null".into(), url.to_owned()]);
+    let (r, _) = curl(args).await?;
+    let r = r.into_iter().next().unwrap();
+    expect(&r, 200, "GET object", ep.proto)?;
+    if r.down != len {
+        return Err(format!("GET object: {} bytes of {len}", r.down));
+    }
+    Ok(r)
+}
+
 /// Pushes `file` (`len` bytes, `digest`) as one blob: POST, one PATCH with the whole body, PUT
 /// ?digest. Returns the seconds of the PATCH and PUT (handshakes excluded).
 pub async fn upload(

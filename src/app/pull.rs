@@ -23,6 +23,7 @@ use crate::api_path::ApiPath;
 use crate::body::ProxyBody;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
+use crate::cache::shared::{Claim, Stat};
 use crate::cache::{Fill, Follower, Tee, Writer};
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
@@ -224,7 +225,11 @@ impl App {
             p.cache.set_media_type(&digest, t);
         }
         if !p.head() && p.cache.store.lookup(&digest).is_none() {
-            if let Ok(Fill::Writer(writer)) = p.cache.store.fill(&digest, None).await {
+            if let Ok(Fill::Writer(mut writer)) = p.cache.store.fill(&digest, None).await {
+                if let Some(shared) = &p.cache.shared {
+                    let t = resp.headers().get(header::CONTENT_TYPE).cloned();
+                    shared.upload_when_committed(&mut writer, t, None);
+                }
                 return resp.map(|b| pull::boxed(Tee::new(b, writer)));
             }
         }
@@ -271,22 +276,7 @@ impl App {
         }
         let fill = p.cache.store.fill(&target.digest, None).await;
         match fill {
-            Ok(Fill::Writer(writer)) => {
-                let (resp, token) = self.fetch(p, target).await?;
-                if resp.status() != StatusCode::OK {
-                    // Dropping the writer abandons the fill.
-                    self.count(p, "denied");
-                    return Ok(resp);
-                }
-                p.grant(target, &token);
-                if target.kind == pull::Kind::Manifest {
-                    if let Some(t) = resp.headers().get(header::CONTENT_TYPE) {
-                        p.cache.set_media_type(&target.digest, t);
-                    }
-                }
-                self.count(p, "miss");
-                Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
-            }
+            Ok(Fill::Writer(writer)) => self.fill_miss(p, target, writer).await,
             Ok(Fill::Follower(follower)) => self.follow_fill(p, target, follower).await,
             Ok(Fill::Hit(_)) => {
                 // Stored since the lookup above: authorize as for any other hit.
@@ -305,6 +295,135 @@ impl App {
                 Ok(self.fetch(p, target).await?.0)
             }
         }
+    }
+
+    /// A cold `GET` this caller fills: from the shared bucket when it holds `target` (or gets it
+    /// from the replica fetching it), else from the upstream, uploaded to the bucket once
+    /// verified ([`crate::cache::shared`]).
+    async fn fill_miss(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+        mut writer: Writer,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let mut lease = None;
+        if let Some(shared) = &p.cache.shared {
+            // The upstream's yes first: a client it refuses never reaches the bucket's leases.
+            let check = match self.authorize(p, target).await? {
+                Ok(check) => check,
+                // The client gets the upstream's own refusal, with its error body.
+                Err(_) => return Ok(self.fetch(p, target).await?.0),
+            };
+            match shared.claim(&target.digest).await {
+                Ok(Claim::Stored(stat)) => {
+                    match self
+                        .serve_from_bucket(p, target, &stat, check, writer)
+                        .await
+                    {
+                        Ok(resp) => return Ok(resp),
+                        Err(back) => writer = back,
+                    }
+                }
+                Ok(Claim::Lease(held)) => lease = Some(held),
+                Ok(Claim::Unclaimed) => {}
+                Err(err) => {
+                    tracing::warn!(digest = %target.digest, error = %err, "shared cache unusable; fetching from the upstream")
+                }
+            }
+        }
+        let (resp, token) = self.fetch(p, target).await?;
+        if resp.status() != StatusCode::OK {
+            // Dropping the writer abandons the fill (and the lease, if any).
+            self.count(p, "denied");
+            return Ok(resp);
+        }
+        p.grant(target, &token);
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        if target.kind == pull::Kind::Manifest {
+            if let Some(t) = &content_type {
+                p.cache.set_media_type(&target.digest, t);
+            }
+        }
+        if let Some(shared) = &p.cache.shared {
+            let manifest = target.kind == pull::Kind::Manifest;
+            shared.upload_when_committed(&mut writer, content_type.filter(|_| manifest), lease);
+        }
+        self.count(p, "miss");
+        Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
+    }
+
+    /// `target` is in the shared bucket (`stat`) and the upstream said yes to this client
+    /// (`check`): it is read from there into `writer` (which verifies it again), or, with
+    /// `--cache-redirect`, the client is sent there. `Err(writer)`: the bucket lost it since;
+    /// fetch it from the upstream.
+    async fn serve_from_bucket(
+        &self,
+        p: &Pull<'_>,
+        target: &Target,
+        stat: &Stat,
+        check: Answer,
+        writer: Writer,
+    ) -> Result<Response<ProxyBody>, Writer> {
+        let Some(shared) = &p.cache.shared else {
+            return Err(writer);
+        };
+        let registry = match check {
+            Answer::Here(check) => check.into_parts().0.headers,
+            Answer::Elsewhere { registry, .. } => registry.headers,
+        };
+        if target.kind == pull::Kind::Manifest {
+            let t = stat.content_type.as_ref();
+            match t.or(registry.get(header::CONTENT_TYPE)) {
+                Some(t) => p.cache.set_media_type(&target.digest, t),
+                None => return Err(writer),
+            }
+        }
+        if let Some(resp) = self.bucket_redirect(p, target) {
+            return Ok(resp);
+        }
+        let object = match shared.get(&target.digest).await {
+            Ok(Some(object)) => object,
+            Ok(None) => return Err(writer),
+            Err(err) => {
+                tracing::warn!(digest = %target.digest, error = %err, "shared cache: reading an object failed; fetching from the upstream");
+                return Err(writer);
+            }
+        };
+        self.count(p, "shared");
+        shared.touch(&target.digest);
+        let mut resp = redirect::client_response(&registry, object, &target.digest, p.fwd.idle);
+        if target.kind == pull::Kind::Manifest {
+            if let Some(t) = p.cache.media_type(&target.digest) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, t);
+            }
+        }
+        resp.headers_mut().insert(
+            "x-regrelay-cache",
+            header::HeaderValue::from_static("shared"),
+        );
+        Ok(resp.map(|b| pull::boxed(Tee::new(b, writer))))
+    }
+
+    /// With `--cache-redirect`, a granted `GET` of a blob in the shared bucket: a `307` to a
+    /// presigned URL that lives seconds (never logged), so the bytes flow from the object
+    /// store.
+    fn bucket_redirect(&self, p: &Pull<'_>, target: &Target) -> Option<Response<ProxyBody>> {
+        let shared = p.cache.shared.as_ref().filter(|s| s.redirects())?;
+        if p.head() || target.kind != pull::Kind::Blob {
+            return None;
+        }
+        let location = shared.presigned(&target.digest)?;
+        self.count(p, "redirect");
+        shared.touch(&target.digest);
+        let resp = Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, location)
+            .header("docker-content-digest", target.digest.to_string())
+            .header("x-regrelay-cache", "redirect")
+            .header(header::CONTENT_LENGTH, 0)
+            .body(crate::body::empty())
+            .expect("valid headers");
+        Some(resp)
     }
 
     /// A cold `GET` while another caller fills `target`: once the upstream says yes to this
@@ -394,7 +513,28 @@ impl App {
         let upstream = p.lane.upstream.clone();
         let (public, forwarded_for) = (p.fwd.public.clone(), p.fwd.forwarded_for.clone());
         let (peer, trusted, idle) = (p.fwd.peer, p.fwd.trusted, p.fwd.idle);
+        let shared = p.cache.shared.clone();
         tokio::spawn(async move {
+            let mut writer = writer;
+            let digest = writer.digest();
+            // A shared bucket that holds it (or gets it from the replica fetching it) is read
+            // instead; else this replica fetches it and uploads it once verified.
+            if let Some(shared) = &shared {
+                let mut lease = None;
+                match shared.claim(&digest).await {
+                    Ok(Claim::Stored(_)) => {
+                        if let Ok(Some(object)) = shared.get(&digest).await {
+                            return drain(Tee::new(object.into_body(), writer), &digest).await;
+                        }
+                    }
+                    Ok(Claim::Lease(held)) => lease = Some(held),
+                    Ok(Claim::Unclaimed) => {}
+                    Err(err) => {
+                        tracing::warn!(%digest, error = %err, "shared cache unusable; fetching from the upstream")
+                    }
+                }
+                shared.upload_when_committed(&mut writer, None, lease);
+            }
             let fwd = Forward {
                 peer,
                 trusted,
@@ -405,7 +545,6 @@ impl App {
                 notes: Default::default(),
                 client: None,
             };
-            let digest = writer.digest();
             let resp = match proxy::forward(&upstream, req, &fwd).await {
                 Ok(resp) if resp.status() == StatusCode::OK => resp,
                 Ok(resp) => {
@@ -419,13 +558,7 @@ impl App {
             };
             // The body is proxy::forward's: it fails when the upstream stalls past the body idle
             // timeout, and the tee then gives the fill up.
-            let mut body = std::pin::pin!(Tee::new(resp.into_body(), writer));
-            while let Some(frame) = body.frame().await {
-                if let Err(err) = frame {
-                    tracing::warn!(%digest, error = %err, "cache: range fill cut");
-                    break;
-                }
-            }
+            drain(Tee::new(resp.into_body(), writer), &digest).await;
         });
         Ok(())
     }
@@ -516,6 +649,9 @@ impl App {
         target: &Target,
         outcome: &'static str,
     ) -> Option<Response<ProxyBody>> {
+        if let Some(resp) = self.bucket_redirect(p, target) {
+            return Some(resp);
+        }
         let hit = p.cache.store.lookup(&target.digest)?;
         let head = p.head();
         match p
@@ -525,6 +661,9 @@ impl App {
         {
             Ok(Some(resp)) => {
                 self.count(p, outcome);
+                if let Some(shared) = &p.cache.shared {
+                    shared.touch(&target.digest);
+                }
                 if !head {
                     let sent = content_length(resp.headers()).unwrap_or(0);
                     self.metrics.cache_served_bytes.inc_by(sent);
@@ -572,6 +711,21 @@ impl App {
             .cache_requests
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+}
+
+/// Reads a fill's tee to its end (nobody reads the body: the fill is what it is for).
+async fn drain<B>(tee: Tee<B>, digest: &crate::cache::Digest)
+where
+    Tee<B>: http_body::Body,
+    <Tee<B> as http_body::Body>::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(tee);
+    while let Some(frame) = body.frame().await {
+        if let Err(err) = frame {
+            tracing::warn!(%digest, error = %err, "cache: range fill cut");
+            break;
+        }
     }
 }
 

@@ -77,6 +77,7 @@ impl Store {
             pending_len: 0,
             taken: 0,
             done: false,
+            after: None,
         });
         // Named before it is created, so that a Drop during the creation still deletes it.
         let path = self.inner.tmp.join(random_name());
@@ -232,12 +233,27 @@ struct Core {
     /// All bytes taken so far, written or not.
     taken: u64,
     done: bool,
+    /// Runs once the entry is committed ([`Writer::after_commit`]); dropped unrun when the fill
+    /// fails.
+    after: Option<AfterCommit>,
 }
+
+/// What runs with the new entry once a fill is committed.
+pub type AfterCommit = Box<dyn FnOnce(&Hit) + Send>;
 
 impl Writer {
     /// The digest being filled.
     pub fn digest(&self) -> Digest {
         self.digest
+    }
+
+    /// Has `after` run with the entry once this fill is committed (in the commit's blocking
+    /// task: hand any I/O to a runtime). A fill that fails drops it unrun, with whatever it
+    /// holds.
+    pub fn after_commit(&mut self, after: AfterCommit) {
+        if let Some(core) = self.core.as_mut() {
+            core.after = Some(after);
+        }
     }
 
     /// Appends `chunk`. Chunks are written (and hashed) in a blocking task once a batch of
@@ -394,7 +410,11 @@ impl Core {
         self.tx.send_modify(|p| p.state = FlightState::Stored);
         tracing::debug!(digest = %self.digest, len, "cache: committed");
         unlink(trash);
-        Ok(Hit::new(&store, self.digest, len, id))
+        let hit = Hit::new(&store, self.digest, len, id);
+        if let Some(after) = self.after.take() {
+            after(&hit);
+        }
+        Ok(hit)
     }
 
     /// Blocking: writes what is pending and checks the digest; on success the followers may
@@ -450,6 +470,7 @@ impl Core {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        drop(self.after.take());
         {
             let mut index = self.store.lock();
             if index

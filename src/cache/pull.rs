@@ -4,6 +4,7 @@
 //! [`crate::app`], which holds the sessions and upstreams.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -12,6 +13,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 
+use super::shared::Shared;
 use super::{CacheError, Digest, Follower, Grants, Hit, Store};
 use crate::api_path::{ApiPath, Resource};
 use crate::body::ProxyBody;
@@ -163,6 +165,8 @@ pub struct PullCache {
     tags_dir: PathBuf,
     /// `--cache-serve-stale`.
     pub serve_stale: bool,
+    /// The bucket replicas share (`--cache-store`), behind the local store.
+    pub shared: Option<Arc<Shared>>,
 }
 
 impl PullCache {
@@ -190,6 +194,7 @@ impl PullCache {
             tags: DashMap::new(),
             tags_dir,
             serve_stale,
+            shared: None,
         })
     }
 

@@ -238,6 +238,35 @@ pub struct ConfigFile {
     /// whose grant for the repository is still valid) instead of failing.
     #[arg(long, env = "REGRELAY_CACHE_SERVE_STALE", num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
     pub cache_serve_stale: Option<bool>,
+    /// A cache shared by replicas on S3-compatible object storage, `s3://BUCKET[/PREFIX]`:
+    /// each blob is fetched from the upstream once for all of them; `--cache-dir` stays the
+    /// local tier in front of it (off by default).
+    #[arg(long, env = "REGRELAY_CACHE_STORE", value_name = "s3://BUCKET/PREFIX")]
+    pub cache_store: Option<String>,
+    /// Largest total of the shared bucket's objects in bytes; least recently used (by any
+    /// replica) evicted [default: 100 GiB].
+    #[arg(long, env = "REGRELAY_CACHE_STORE_MAX_BYTES", value_name = "N")]
+    pub cache_store_max_bytes: Option<u64>,
+    /// The object store's URL, asked path-style (`https://HOST[:PORT]`) [default: AWS S3 in
+    /// `--cache-s3-region`].
+    #[arg(long, env = "REGRELAY_CACHE_S3_ENDPOINT", value_name = "URL")]
+    pub cache_s3_endpoint: Option<String>,
+    /// The bucket's region, for request signing [default: AWS_REGION, else us-east-1].
+    #[arg(long, env = "REGRELAY_CACHE_S3_REGION", value_name = "REGION")]
+    pub cache_s3_region: Option<String>,
+    /// A file (mode 0600) holding the bucket's credentials as `~/.aws/credentials` does
+    /// (`aws_access_key_id`, `aws_secret_access_key`, optionally `aws_session_token`)
+    /// [default: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN].
+    #[arg(long, env = "REGRELAY_CACHE_S3_CREDENTIALS_FILE", value_name = "FILE")]
+    pub cache_s3_credentials_file: Option<PathBuf>,
+    /// Seconds a replica's claim on a shared fill holds without being renewed: how long a
+    /// replica that died mid-fill keeps the others waiting [default: 15].
+    #[arg(long, env = "REGRELAY_CACHE_S3_LEASE_SECS", value_name = "N")]
+    pub cache_s3_lease_secs: Option<u64>,
+    /// Answer a granted blob `GET` whose blob is in the shared bucket with a redirect to a
+    /// presigned URL valid for seconds, so the bytes flow from the object store, not regrelay.
+    #[arg(long, env = "REGRELAY_CACHE_REDIRECT", num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub cache_redirect: Option<bool>,
     /// More upstreams for the mirror endpoint: NAME=URL, NAME being the registry host clients
     /// use (`docker.io`, `ghcr.io`) or a short alias; the URL may end in `/v2/<prefix>` (a
     /// repository prefix, e.g. a GitLab group's dependency proxy). Repeatable; env:
@@ -382,6 +411,13 @@ impl ConfigFile {
             cache_dir,
             cache_max_bytes,
             cache_serve_stale,
+            cache_store,
+            cache_store_max_bytes,
+            cache_s3_endpoint,
+            cache_s3_region,
+            cache_s3_credentials_file,
+            cache_s3_lease_secs,
+            cache_redirect,
             upstream,
             upstream_tables,
             upstream_credentials,

@@ -278,8 +278,12 @@ fn upgrade_socket(raw: &ConfigFile) -> Result<Option<PathBuf>, ConfigError> {
 /// `--cache-dir` / `--cache-max-bytes` / `--cache-serve-stale`: a setting without a directory
 /// is a mistake worth naming (each of them).
 fn cache(raw: &ConfigFile) -> Result<Option<CacheConfig>, ConfigError> {
+    let shared = super::cache_store::shared(raw, |k| std::env::var(k).ok());
     let Some(dir) = raw.cache_dir.clone() else {
         let mut orphans = vec![];
+        if let Err(e) = shared {
+            orphans.push(e);
+        }
         if raw.cache_max_bytes.is_some() {
             orphans.push(invalid("cache_max_bytes", "needs --cache-dir"));
         }
@@ -302,6 +306,7 @@ fn cache(raw: &ConfigFile) -> Result<Option<CacheConfig>, ConfigError> {
         dir,
         max_bytes,
         serve_stale: raw.cache_serve_stale.unwrap_or(false),
+        shared: shared?,
     }))
 }
 

@@ -27,12 +27,12 @@ use http_body_util::BodyExt;
 use support::gitlab::{gitlab, Credential, GitLab, Role, TokenScope};
 use support::*;
 
-const ALICE: (&str, &str) = ("alice", "glpat-AliceCacheToken1234");
-const BOB: (&str, &str) = ("bob", "glpat-BobCacheToken123456");
-const PRIVATE: &str = "team/private";
+pub(crate) const ALICE: (&str, &str) = ("alice", "glpat-AliceCacheToken1234");
+pub(crate) const BOB: (&str, &str) = ("bob", "glpat-BobCacheToken123456");
+pub(crate) const PRIVATE: &str = "team/private";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-async fn world() -> (GitLab, Registry) {
+pub(crate) async fn world() -> (GitLab, Registry) {
     world_with(PRIVATE).await
 }
 
@@ -56,7 +56,7 @@ async fn world_with(private: &str) -> (GitLab, Registry) {
 }
 
 /// Pushes `image` to `repo:v1` at `host` as `who`.
-async fn push(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
+pub(crate) async fn push(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
     let (src, dest, creds) = (
         image.reference(),
         format!("docker://{host}/{repo}:v1"),
@@ -70,7 +70,7 @@ async fn push(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
 }
 
 /// Pulls `repo:v1` from `host` as `who` and compares it with `image`.
-async fn pull(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
+pub(crate) async fn pull(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
     let dir = tempfile::tempdir().unwrap();
     let (src, dest, creds) = (
         format!("docker://{host}/{repo}:v1"),
@@ -86,7 +86,7 @@ async fn pull(image: &OciImage, host: String, repo: &str, who: (&str, &str)) {
 }
 
 /// Requests the registry completed with `method` on `uri` (its own access log).
-fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
+pub(crate) fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
     reg.log
         .text()
         .lines()
@@ -102,7 +102,12 @@ fn upstream_requests(reg: &Registry, method: &str, uri: &str) -> usize {
 
 /// Like [`upstream_requests`], once the registry has logged at least `n` (its log is read by
 /// another thread): the count then, or after 10 s.
-fn upstream_requests_at_least(reg: &Registry, method: &str, uri: &str, n: usize) -> usize {
+pub(crate) fn upstream_requests_at_least(
+    reg: &Registry,
+    method: &str,
+    uri: &str,
+    n: usize,
+) -> usize {
     let end = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let count = upstream_requests(reg, method, uri);
@@ -114,7 +119,12 @@ fn upstream_requests_at_least(reg: &Registry, method: &str, uri: &str, n: usize)
 }
 
 /// `GET` (or `HEAD`) `path` on `base` with a Bearer token; status and body.
-async fn get(base: &str, path: &str, token: Option<&str>, head: bool) -> (u16, bytes::Bytes) {
+pub(crate) async fn get(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    head: bool,
+) -> (u16, bytes::Bytes) {
     let mut req = http::Request::builder()
         .method(if head { "HEAD" } else { "GET" })
         .uri(format!("{base}{path}"))
@@ -151,7 +161,7 @@ fn regrelay_with_cache_and(reg: &Registry, dir: &Path, keys: &Path, more: &[&str
     Regrelay::start(&args)
 }
 
-fn key_file() -> tempfile::NamedTempFile {
+pub(crate) fn key_file() -> tempfile::NamedTempFile {
     use base64::Engine;
     use std::io::Write;
     let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -338,7 +348,7 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
 }
 
 /// `GET` bytes `start..=end` of `path` on `base` with a Bearer token; status and body.
-async fn get_range(
+pub(crate) async fn get_range(
     base: &str,
     path: &str,
     token: &str,

@@ -10,6 +10,7 @@ mod auth_realm;
 mod buffered_upload;
 mod cache;
 mod cache_object_store;
+mod cache_shared;
 mod cli;
 mod clock_skew;
 mod confinement;

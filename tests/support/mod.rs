@@ -9,6 +9,7 @@
 
 pub mod attack;
 pub mod containerd;
+pub mod garage;
 pub mod gitlab;
 pub mod haproxy;
 pub mod metrics;

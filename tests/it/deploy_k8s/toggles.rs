@@ -121,6 +121,46 @@ fn every_chart_toggle_renders_its_objects() {
         .iter()
         .any(|d| kind(d) == "Service" && name(d) == "regrelay-mirror-metrics"));
 
+    // The bucket replicas share (issue 26): its flags, and its key from the Secret as env.
+    let shared = render(
+        r#"{"front":{"cache":{"enabled":true,"store":{"url":"s3://registry-cache/front",
+            "endpoint":"https://s3.example.com:9000","region":"eu-1","credentialsSecret":"regrelay-s3",
+            "redirect":true}}}}"#,
+    );
+    let args = regrelay_args(&shared, "Deployment");
+    for want in [
+        "--cache-store=s3://registry-cache/front",
+        "--cache-store-max-bytes=107374182400",
+        "--cache-s3-endpoint=https://s3.example.com:9000",
+        "--cache-s3-region=eu-1",
+        "--cache-redirect",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    let deployment = shared.iter().find(|d| kind(d) == "Deployment").unwrap();
+    let container = containers(&deployment["spec"]["template"]["spec"])
+        .into_iter()
+        .map(|(c, _)| c)
+        .find(|c| is_regrelay(c))
+        .unwrap();
+    assert_eq!(
+        container["envFrom"],
+        json!([{"secretRef": {"name": "regrelay-s3"}}]),
+        "{container}"
+    );
+    let refused = render_k8s(&[
+        "--values",
+        r#"{"front":{"cache":{"enabled":true,"store":{"url":"s3://registry-cache/front"}}}}"#,
+    ]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("credentialsSecret"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!regrelay_args(&on, "Deployment")
+        .iter()
+        .any(|a| a.starts_with("--cache-store")));
+
     let refused = render_k8s(&[
         "--values",
         r#"{"front":{"cache":{"enabled":true,"volume":"hostPath"}}}"#,

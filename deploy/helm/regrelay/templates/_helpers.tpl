@@ -131,6 +131,34 @@ its volume. (dict "cache" <cache values>)
 {{- end }}
 {{- end }}
 
+{{/*
+The shared bucket behind a cache (cache.store): its flags, and the environment that carries its
+key. (dict "cache" <cache values>)
+*/}}
+{{- define "regrelay.cacheStoreArgs" -}}
+{{- $s := .cache.store -}}
+- --cache-store={{ $s.url }}
+- --cache-store-max-bytes={{ int64 $s.maxBytes }}
+{{- if $s.endpoint }}
+- --cache-s3-endpoint={{ $s.endpoint }}
+{{- end }}
+{{- if $s.region }}
+- --cache-s3-region={{ $s.region }}
+{{- end }}
+{{- if $s.redirect }}
+- --cache-redirect
+{{- end }}
+{{- end }}
+
+{{- define "regrelay.cacheStoreEnv" -}}
+{{- $s := .cache.store -}}
+{{- if not $s.credentialsSecret }}
+{{- fail "cache.store.url needs cache.store.credentialsSecret: a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" }}
+{{- end }}
+- secretRef:
+    name: {{ $s.credentialsSecret }}
+{{- end }}
+
 {{- define "regrelay.cacheMount" -}}
 - name: cache
   mountPath: {{ .cache.dir }}
