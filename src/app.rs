@@ -190,7 +190,9 @@ impl App {
                     .serving("shared cache object store");
                 let bucket = Shared::new(shared, client).map_err(|e| invalid("cache_store", e))?;
                 let bucket = Arc::new(bucket);
-                metrics.watch_shared(bucket.clone());
+                let counted = bucket.clone();
+                let read = move || counted.stats().by_operation();
+                metrics.watch_shared(crate::metrics::SharedCounters(Box::new(read)));
                 cache.shared = Some(bucket);
                 Some(cache)
             }

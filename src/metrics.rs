@@ -31,8 +31,15 @@ use crate::token::Counters;
 type WatchedTokens = Arc<OnceLock<Vec<(String, Arc<Counters>)>>>;
 /// Each connection worker's count of open connections, once the server has its workers.
 type WatchedWorkers = Arc<OnceLock<Vec<Arc<AtomicUsize>>>>;
-/// The shared bucket's counters (`--cache-store`), once the cache is open.
-type WatchedShared = Arc<OnceLock<Arc<crate::cache::shared::Shared>>>;
+/// Reads the shared bucket's counters by operation (`--cache-store`) at scrape time.
+pub struct SharedCounters(pub Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>);
+type WatchedShared = Arc<OnceLock<SharedCounters>>;
+
+impl std::fmt::Debug for SharedCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedCounters")
+    }
+}
 
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -445,9 +452,10 @@ impl Metrics {
         let _ = self.workers.set(open);
     }
 
-    /// Exports the shared bucket's counters (once; later calls are ignored).
-    pub fn watch_shared(&self, shared: Arc<crate::cache::shared::Shared>) {
-        let _ = self.shared.set(shared);
+    /// Exports the shared bucket's counters, read by `read` at scrape time (once; later calls
+    /// are ignored).
+    pub fn watch_shared(&self, read: SharedCounters) {
+        let _ = self.shared.set(read);
     }
 
     /// Exports the token caches' counters, by upstream name (once; later calls are ignored).
@@ -555,10 +563,9 @@ struct SharedCollector {
 
 impl Collector for SharedCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(shared) = self.shared.get() else {
+        let Some(read) = self.shared.get() else {
             return Ok(());
         };
-        let s = shared.stats();
         let mut family = encoder.encode_descriptor(
             "cache_shared_operations",
             "The shared bucket's work (--cache-store), by operation: hits (local misses read \
@@ -567,14 +574,7 @@ impl Collector for SharedCollector {
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;
-        for (operation, n) in [
-            ("hits", s.hits),
-            ("uploads", s.uploads),
-            ("upload_failures", s.upload_failures),
-            ("waits", s.waits),
-            ("takeovers", s.takeovers),
-            ("evictions", s.evictions),
-        ] {
+        for (operation, n) in (read.0)() {
             let labels = [("operation", operation)];
             let encoder = family.encode_family(&labels)?;
             ConstCounter::new(n).encode(encoder)?;

@@ -977,6 +977,28 @@ async fn pull(
     .await
 }
 
+/// Pushes `blob` directly (`direct_ep`) and fills a new cache directory with it by one miss
+/// through a regrelay in front of `registry`: the warm cache whose hits cases 7 and 7b measure,
+/// and the `--cache-max-bytes` they run with (room for the blob twice over: nothing is evicted).
+async fn warm_cache(
+    b: &Bench,
+    registry: SocketAddr,
+    direct_ep: &Endpoint,
+    blob: &Blob,
+) -> Result<(tempfile::TempDir, u64), String> {
+    client::upload(direct_ep, REPO, &blob.file, blob.len, &blob.digest)
+        .await
+        .map_err(|e| format!("cannot push the blob: {e}"))?;
+    let max_bytes = (2 * blob.len).max(16 * MIB);
+    let warm = fresh_cache_dir(b)?;
+    let (_proc, ep) = cache_relay(b, "regrelay-cache-fill", registry, warm.path(), max_bytes)
+        .await
+        .map_err(|e| format!("cannot fill the cache: {e}"))?;
+    (pull(b, &ep, None, blob, false, Some(warm.path())).await.0)
+        .map_err(|e| format!("cannot fill the cache: {e}"))?;
+    Ok((warm, max_bytes))
+}
+
 /// A directory for a cache under the bench's work directory.
 fn fresh_cache_dir(b: &Bench) -> Result<tempfile::TempDir, String> {
     tempfile::tempdir_in(&b.work).map_err(|e| format!("{}: {e}", b.work.display()))
@@ -1080,30 +1102,10 @@ pub async fn cache(b: &Bench) -> Case {
         proto: Proto::H1,
         auth: Some(format!("Bearer {session}")),
     };
-    if let Err(e) = client::upload(&direct_ep, REPO, &blob.file, blob.len, &blob.digest).await {
-        return Case::skip("cache", title, format!("cannot push the blob: {e}"));
-    }
-    // Room for the blob twice over: nothing is evicted.
-    let max_bytes = (2 * blob.len).max(16 * MIB);
-    // The warm cache: filled once by a miss; each round's hits run on it.
-    let warm = match fresh_cache_dir(b) {
-        Ok(d) => d,
+    let (warm, max_bytes) = match warm_cache(b, direct.addr, &direct_ep, blob).await {
+        Ok(warm) => warm,
         Err(e) => return Case::skip("cache", title, e),
     };
-    let filled = async {
-        let (_proc, ep) = cache_relay(
-            b,
-            "regrelay-cache-fill",
-            direct.addr,
-            warm.path(),
-            max_bytes,
-        )
-        .await?;
-        pull(b, &ep, None, blob, false, Some(warm.path())).await.0
-    };
-    if let Err(e) = filled.await {
-        return Case::skip("cache", title, format!("cannot fill the cache: {e}"));
-    }
     if let Some(pid) = relay.pid {
         procs::reset_peak_rss(pid);
     }

@@ -101,40 +101,20 @@ pub async fn shared(b: &Bench) -> Case {
         proto: Proto::H1,
         auth: Some(format!("Bearer {}", b.jwt)),
     };
-    if let Err(e) = client::upload(&direct_ep, REPO, &blob.file, blob.len, &blob.digest).await {
-        return Case::skip("shared", title, format!("cannot push the blob: {e}"));
-    }
-    let max_bytes = (2 * blob.len).max(16 * MIB);
-    // The warm local tier and the warm bucket, each filled once by a miss.
-    let warm = match fresh_cache_dir(b) {
-        Ok(d) => d,
+    // The warm local tier (as in case 7), and the warm bucket filled by another replica.
+    let (warm, max_bytes) = match super::warm_cache(b, direct.addr, &direct_ep, blob).await {
+        Ok(warm) => warm,
         Err(e) => return Case::skip("shared", title, e),
     };
     let filled = async {
-        let (_p, ep) = cache_relay(
-            b,
-            "regrelay-local-fill",
-            direct.addr,
-            warm.path(),
-            max_bytes,
-        )
-        .await?;
-        pull_as(b, &ep, None, blob, "").await.0?;
-        let (_p, ep, _dir) = bucket_relay(
-            b,
-            "regrelay-bucket-fill",
-            direct.addr,
-            &garage,
-            &creds,
-            "warm",
-            max_bytes,
-        )
-        .await?;
+        let fill = "regrelay-bucket-fill";
+        let (_p, ep, _dir) =
+            bucket_relay(b, fill, direct.addr, &garage, &creds, "warm", max_bytes).await?;
         pull_as(b, &ep, None, blob, "").await.0?;
         uploaded(&garage, "warm", blob).await
     };
     if let Err(e) = filled.await {
-        return Case::skip("shared", title, format!("cannot fill the caches: {e}"));
+        return Case::skip("shared", title, format!("cannot fill the bucket: {e}"));
     }
     let warm_key = format!(
         "warm/blobs/sha256/{}",

@@ -139,6 +139,20 @@ pub struct SharedStats {
     pub evictions: u64,
 }
 
+impl SharedStats {
+    /// Each counter by its operation's name (`regrelay_cache_shared_operations_total`).
+    pub fn by_operation(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("hits", self.hits),
+            ("uploads", self.uploads),
+            ("upload_failures", self.upload_failures),
+            ("waits", self.waits),
+            ("takeovers", self.takeovers),
+            ("evictions", self.evictions),
+        ]
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,
@@ -397,7 +411,7 @@ impl Shared {
         let len = range.map_or(hit.len, |(s, e)| e - s + 1);
         let body = (hit.body(range).await)
             .map_err(|e| self.error(format!("reading the local copy to upload: {e}")))?;
-        Ok((super::pull::boxed(body), len))
+        Ok((body.map_err(Into::into).boxed_unsync(), len))
     }
 
     async fn put_whole(

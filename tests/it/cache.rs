@@ -11,10 +11,11 @@
 //!   half-written file left by a killed fetch is gone.
 //! - A repository named like a route (`team/blobs/app`): its manifest by digest is cached and
 //!   every request is counted under what it asks for (issue 22: the path is parsed once).
-//! - A tag whose manifest is cached is asked with a `HEAD` and served from the cache; once the
-//!   tag moves, the new manifest is fetched (issue 26).
-//! - 20 `Range` reads of one cold blob at once make one upstream read of it, each answered from
-//!   the growing fill (issue 26: lazy-pulling snapshotters read layers so).
+//! - A tag whose manifest is cached is asked with a `HEAD` and served from the cache: 50 pulls
+//!   from 5 clients make no upstream manifest `GET`; once the tag moves, the new manifest is
+//!   fetched, one `GET` (issue 26).
+//! - 20 random `Range` reads of one cold 256 MiB blob at once make one upstream read of it, each
+//!   answered from the growing fill (issue 26: lazy-pulling snapshotters read layers so).
 //! - `--cache-serve-stale`: with the registry down, a tag is answered from the cache to the
 //!   client whose grant holds (marked stale), and to no one else.
 
@@ -293,7 +294,8 @@ async fn a_repository_named_like_a_route_is_cached_and_counted_by_what_it_asks()
 
 /// Issue 26: a `GET` of a tag whose manifest is cached asks the upstream with a `HEAD` (Docker
 /// Hub does not count those against its pull limit; no manifest body crosses the network) and is
-/// served from the cache; when the tag has moved, the new manifest is fetched.
+/// served from the cache: 50 pulls from 5 clients make no upstream manifest `GET`; when the tag
+/// has moved, the new manifest is fetched (one more).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cached_tag_is_revalidated_with_a_head() {
     let (_gl, reg) = world().await;
@@ -316,17 +318,34 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
     let committed = format!("cache: committed digest={}", image.manifest_digest);
     let stored = px.output.wait_for(&committed, Duration::from_secs(10));
     assert!(stored.is_some(), "{}", px.output.text());
-    let (status, again) = get(&px.url(), &tag_uri, Some(&token), false).await;
-    assert_eq!(
-        (status, &again),
-        (200, &body),
-        "the same manifest, from the cache"
-    );
-    let head = upstream_requests_at_least(&reg, "HEAD", &tag_uri, 1);
+    // The issue's proof: 50 pulls by tag from 5 clients (5 sessions, each its own login), ten
+    // rounds of five at once.
+    let mut clients = vec![token.clone()];
+    for _ in 1..5 {
+        clients.push(fetch_token(&realm, ALICE.0, ALICE.1, &scope).await);
+    }
+    for _ in 0..10 {
+        let pulls: Vec<_> = clients
+            .iter()
+            .map(|t| {
+                let (base, uri, t) = (px.url(), tag_uri.clone(), t.clone());
+                tokio::spawn(async move { get(&base, &uri, Some(&t), false).await })
+            })
+            .collect();
+        for p in pulls {
+            let (status, again) = p.await.unwrap();
+            assert_eq!(
+                (status, &again),
+                (200, &body),
+                "the same manifest, from the cache"
+            );
+        }
+    }
+    let head = upstream_requests_at_least(&reg, "HEAD", &tag_uri, 50);
     assert_eq!(
         (upstream_requests(&reg, "GET", &tag_uri), head),
-        (1, 1),
-        "one GET, then one HEAD\n{}",
+        (1, 50),
+        "one GET, then a HEAD per pull\n{}",
         px.output.text()
     );
     // The tag moves: the HEAD names a manifest the cache does not hold, so it is fetched.
@@ -340,7 +359,7 @@ async fn a_cached_tag_is_revalidated_with_a_head() {
     assert_eq!(upstream_requests_at_least(&reg, "GET", &tag_uri, 2), 2);
     let (_, _, text) = metrics::scrape(metrics::addr(&px)).await;
     let avoided = metrics::value(&text, "regrelay_cache_manifest_gets_avoided_total", &[]);
-    assert_eq!(avoided, 1.0, "{text}");
+    assert_eq!(avoided, 50.0, "{text}");
     // bob may not pull it: GitLab grants his session nothing there, and no cache answers him.
     let bob = fetch_token(&realm, BOB.0, BOB.1, &scope).await;
     let (status, _) = get(&px.url(), &tag_uri, Some(&bob), false).await;
@@ -371,7 +390,8 @@ pub(crate) async fn get_range(
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_range_reads_of_a_cold_blob_make_one_upstream_read() {
     let (_gl, reg) = world().await;
-    let image = OciImage::random(186, &[8 << 20]);
+    // The issue's proof: a 256 MiB layer, 20 random ranges at once.
+    let image = OciImage::random(186, &[256 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let (layer, len) = image.layers[0].clone();
     let hex = layer.strip_prefix("sha256:").unwrap();
@@ -385,11 +405,20 @@ async fn twenty_range_reads_of_a_cold_blob_make_one_upstream_read() {
     let scope = format!("repository:{PRIVATE}:pull");
     let token = fetch_token(&realm, ALICE.0, ALICE.1, &scope).await;
     let len = len as u64;
+    let mut noise = Noise::new(26);
+    let mut random = move || {
+        let mut b = [0u8; 8];
+        noise.fill(&mut b);
+        u64::from_le_bytes(b)
+    };
     let reads: Vec<_> = (0..20u64)
         .map(|i| {
-            // Spread over the blob, the last one reaching its end.
-            let start = (len / 20) * i + i * 7;
-            let end = if i == 19 { len - 1 } else { start + 300_000 };
+            // Anywhere in the blob, up to 1 MiB long; the last one reaching its end.
+            let start = random() % len;
+            let end = match i {
+                19 => len - 1,
+                _ => (start + random() % (1 << 20)).min(len - 1),
+            };
             let (base, uri, token) = (px.url(), blob_uri.clone(), token.clone());
             tokio::spawn(async move {
                 (
@@ -409,7 +438,7 @@ async fn twenty_range_reads_of_a_cold_blob_make_one_upstream_read() {
         );
     }
     let committed = format!("cache: committed digest={layer}");
-    let stored = px.output.wait_for(&committed, Duration::from_secs(20));
+    let stored = px.output.wait_for(&committed, Duration::from_secs(60));
     assert!(stored.is_some(), "{}", px.output.text());
     let (status, whole) = get(&px.url(), &blob_uri, Some(&token), false).await;
     assert_eq!((status, whole.len()), (200, content.len()));

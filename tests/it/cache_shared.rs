@@ -19,7 +19,6 @@
 
 use crate::support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use super::cache::{
@@ -33,36 +32,60 @@ use support::*;
 /// Where the replicas of these tests keep their objects in the bucket.
 const PREFIX: &str = "fleet";
 
-async fn garage() -> Garage {
-    tokio::task::spawn_blocking(Garage::start).await.unwrap()
+/// Replicas of one front sharing a Garage bucket under [`PREFIX`]: each with a cache directory
+/// of its own, all with the same session key ring and the bucket's credentials file.
+struct Fleet {
+    registry: String,
+    garage: Garage,
+    creds: tempfile::NamedTempFile,
+    keys: tempfile::NamedTempFile,
+    dirs: Vec<tempfile::TempDir>,
 }
 
-/// The flags of a replica with its own `dir`, sharing `garage`'s bucket.
-fn flags(
-    reg: &Registry,
-    garage: &Garage,
-    creds: &tempfile::NamedTempFile,
-    keys: &Path,
-    dir: &Path,
-) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--registry",
-        &reg.url(),
-        "--cache-dir",
-        dir.to_str().unwrap(),
-        "--cache-max-bytes",
-        "1073741824",
-        "--session-key-file",
-        keys.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .into();
-    args.extend(garage.flags(PREFIX, creds));
-    args
-}
+impl Fleet {
+    async fn new(reg: &Registry) -> Fleet {
+        let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
+        Fleet {
+            registry: reg.url(),
+            creds: garage.credentials_file(),
+            garage,
+            keys: key_file(),
+            dirs: vec![],
+        }
+    }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
+    /// A new replica's flags (a new cache directory), with `more`.
+    fn flags(&mut self, more: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = [
+            "--registry",
+            &self.registry,
+            "--cache-dir",
+            dir.path().to_str().unwrap(),
+            "--cache-max-bytes",
+            "1073741824",
+            "--session-key-file",
+            self.keys.path().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(self.garage.flags(PREFIX, &self.creds));
+        args.extend(more.iter().map(|s| s.to_string()));
+        self.dirs.push(dir);
+        args
+    }
+
+    /// A new replica in this process.
+    fn replica(&mut self, more: &[&str]) -> Regrelay {
+        let args = self.flags(more);
+        Regrelay::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// A new replica as a process of its own (one a test can kill).
+    fn process(&mut self, more: &[&str]) -> Regrelay {
+        let args = self.flags(more);
+        Regrelay::process(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
 }
 
 fn object_key(digest: &str) -> String {
@@ -99,13 +122,11 @@ async fn token(px: &Regrelay, who: (&str, &str)) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_sharing_one_bucket_fetch_each_blob_from_the_upstream_once() {
     let (gl, reg) = world().await;
-    let garage = garage().await;
+    let mut fleet = Fleet::new(&reg).await;
     let image = OciImage::random(261, &[3 << 20, 1 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
-    let (creds, keys) = (garage.credentials_file(), key_file());
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let r1 = Regrelay::start(&strs(&flags(&reg, &garage, &creds, keys.path(), d1.path())));
-    let r2 = Regrelay::start(&strs(&flags(&reg, &garage, &creds, keys.path(), d2.path())));
+    let (r1, r2) = (fleet.replica(&[]), fleet.replica(&[]));
+    let garage = &fleet.garage;
 
     pull(&image, r1.addr.to_string(), PRIVATE, ALICE).await;
     // Replica 1 uploads each blob once its digest verified, holding the blob's lease until the
@@ -125,7 +146,7 @@ async fn two_replicas_sharing_one_bucket_fetch_each_blob_from_the_upstream_once(
             .await
             .expect("in the bucket");
         assert_eq!((stored.len(), digest(&stored)), (*len, layer.clone()));
-        let lease = object_eventually(&garage, &lease_key(layer), false).await;
+        let lease = object_eventually(garage, &lease_key(layer), false).await;
         assert!(
             lease.is_none(),
             "the lease of {layer} is gone once its object is in"
@@ -158,20 +179,13 @@ async fn two_replicas_sharing_one_bucket_fetch_each_blob_from_the_upstream_once(
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_cold_pulls_across_two_replicas_make_one_upstream_fetch() {
     let (_gl, reg) = world().await;
-    let garage = garage().await;
+    let mut fleet = Fleet::new(&reg).await;
     let image = OciImage::random(262, &[8 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let (layer, len) = image.layers[0].clone();
     let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
-    let (creds, keys) = (garage.credentials_file(), key_file());
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let metrics = ["--metrics-listen", "127.0.0.1:0"].map(String::from);
-    let mut f1 = flags(&reg, &garage, &creds, keys.path(), d1.path());
-    f1.extend(metrics.clone());
-    let mut f2 = flags(&reg, &garage, &creds, keys.path(), d2.path());
-    f2.extend(metrics);
-    let r1 = Regrelay::start(&strs(&f1));
-    let r2 = Regrelay::start(&strs(&f2));
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let (r1, r2) = (fleet.replica(&metrics), fleet.replica(&metrics));
     // A session token is sealed for the replica's public URL (here, each its own address).
     let tokens = [token(&r1, ALICE).await, token(&r2, ALICE).await];
     let pulls: Vec<_> = (0..10)
@@ -219,8 +233,7 @@ async fn ten_cold_pulls_across_two_replicas_make_one_upstream_fetch() {
 
     // A third replica, cold, serves ranges of it (as lazy-pulling snapshotters read layers)
     // from the bucket: still one upstream GET in all.
-    let d3 = tempfile::tempdir().unwrap();
-    let r3 = Regrelay::start(&strs(&flags(&reg, &garage, &creds, keys.path(), d3.path())));
+    let r3 = fleet.replica(&[]);
     let alice = token(&r3, ALICE).await;
     let whole = get(&r1.url(), &uri, Some(&tokens[0]), false).await.1;
     for (start, end) in [
@@ -247,21 +260,15 @@ async fn ten_cold_pulls_across_two_replicas_make_one_upstream_fetch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_over() {
     let (_gl, reg) = world().await;
-    let garage = garage().await;
+    let mut fleet = Fleet::new(&reg).await;
     // Above PART_BYTES (64 MiB): the takeover uploads it in parts.
     let image = OciImage::random(263, &[80 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let (layer, len) = image.layers[0].clone();
     let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
-    let (creds, keys) = (garage.credentials_file(), key_file());
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let lease = ["--cache-s3-lease-secs", "2"].map(String::from);
-    let mut f1 = flags(&reg, &garage, &creds, keys.path(), d1.path());
-    f1.extend(lease.clone());
-    let mut f2 = flags(&reg, &garage, &creds, keys.path(), d2.path());
-    f2.extend(lease);
-    let r1 = Regrelay::process(&strs(&f1));
-    let r2 = Regrelay::process(&strs(&f2));
+    let lease = ["--cache-s3-lease-secs", "2"];
+    let (r1, r2) = (fleet.process(&lease), fleet.process(&lease));
+    let garage = &fleet.garage;
     let alice = token(&r1, ALICE).await;
 
     // A client of replica 1 takes the first bytes and reads no more: the fill stalls, its
@@ -276,7 +283,7 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
     let first = stalled.frame().await.unwrap().unwrap();
     assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
     assert!(
-        object_eventually(&garage, &lease_key(&layer), true)
+        object_eventually(garage, &lease_key(&layer), true)
             .await
             .is_some(),
         "replica 1 holds the lease"
@@ -306,7 +313,7 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
         "{}",
         r2.output.text()
     );
-    let stored = object_eventually(&garage, &object_key(&layer), true).await;
+    let stored = object_eventually(garage, &object_key(&layer), true).await;
     assert_eq!(
         stored.map(|b| digest(&b)),
         Some(layer.clone()),
@@ -317,20 +324,16 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
 #[tokio::test(flavor = "multi_thread")]
 async fn with_cache_redirect_a_granted_blob_is_read_from_the_bucket_by_a_presigned_url() {
     let (gl, reg) = world().await;
-    let garage = garage().await;
+    let mut fleet = Fleet::new(&reg).await;
     let image = OciImage::random(264, &[2 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let (layer, len) = image.layers[0].clone();
     let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
-    let (creds, keys) = (garage.credentials_file(), key_file());
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Replica 1 warms the bucket; replica 2 redirects.
-    let r1 = Regrelay::start(&strs(&flags(&reg, &garage, &creds, keys.path(), d1.path())));
-    let mut f2 = flags(&reg, &garage, &creds, keys.path(), d2.path());
-    f2.push("--cache-redirect".into());
-    let r2 = Regrelay::start(&strs(&f2));
+    let (r1, r2) = (fleet.replica(&[]), fleet.replica(&["--cache-redirect"]));
+    let garage = &fleet.garage;
     pull(&image, r1.addr.to_string(), PRIVATE, ALICE).await;
-    object_eventually(&garage, &object_key(&layer), true).await;
+    object_eventually(garage, &object_key(&layer), true).await;
 
     let alice = token(&r2, ALICE).await;
     let req = http::Request::get(format!("{}{uri}", r2.url()))
@@ -386,21 +389,15 @@ async fn with_cache_redirect_a_granted_blob_is_read_from_the_bucket_by_a_presign
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bucket_evicts_what_no_replica_used_lately() {
     let (_gl, reg) = world().await;
-    let garage = garage().await;
+    let mut fleet = Fleet::new(&reg).await;
     let image = OciImage::random(265, &[1 << 20, 1 << 20, 1 << 20]);
     push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
     let [a, b, c] = [0, 1, 2].map(|i| image.layers[i].0.clone());
     let len = |blob: &str| image.layers.iter().find(|l| l.0 == blob).unwrap().1;
-    let (creds, keys) = (garage.credentials_file(), key_file());
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Room for two of the three blobs.
-    let bound = ["--cache-store-max-bytes", "2621440"].map(String::from);
-    let mut f1 = flags(&reg, &garage, &creds, keys.path(), d1.path());
-    f1.extend(bound.clone());
-    let mut f2 = flags(&reg, &garage, &creds, keys.path(), d2.path());
-    f2.extend(bound);
-    let r1 = Regrelay::start(&strs(&f1));
-    let r2 = Regrelay::start(&strs(&f2));
+    let bound = ["--cache-store-max-bytes", "2621440"];
+    let (r1, r2) = (fleet.replica(&bound), fleet.replica(&bound));
+    let garage = &fleet.garage;
     let tokens = [token(&r1, ALICE).await, token(&r2, ALICE).await];
     let read = |replica: usize, blob: &str| {
         let base = [r1.url(), r2.url()][replica].clone();
@@ -418,21 +415,21 @@ async fn the_bucket_evicts_what_no_replica_used_lately() {
     let tick = || tokio::time::sleep(Duration::from_millis(1100));
 
     read(0, &a).await;
-    object_eventually(&garage, &object_key(&a), true).await;
+    object_eventually(garage, &object_key(&a), true).await;
     tick().await;
     read(1, &b).await;
-    object_eventually(&garage, &object_key(&b), true).await;
+    object_eventually(garage, &object_key(&b), true).await;
     tick().await;
     // Replica 2 reads a from the bucket: its use is marked for every replica to see.
     read(1, &a).await;
     let mark = format!("{PREFIX}/access/sha256/{}", a.trim_start_matches("sha256:"));
-    assert!(object_eventually(&garage, &mark, true).await.is_some());
+    assert!(object_eventually(garage, &mark, true).await.is_some());
     tick().await;
     // c makes three: replica 1 evicts the least recently used, b (its own a is older by its
     // own clock, but replica 2 used it since).
     read(0, &c).await;
     assert!(
-        object_eventually(&garage, &object_key(&b), false)
+        object_eventually(garage, &object_key(&b), false)
             .await
             .is_none(),
         "b evicted\n{}",
