@@ -4,7 +4,9 @@
 //! the `Docker-Distribution-API-Version` header or a challenge): a `--registry` that answers
 //! something else (a 404 of a web server) is not ready, and says so. Each upstream's token
 //! service is probed too (any HTTP answer to its realm means it is there) and the cache directory
-//! checked, and both are reported in the body and in `regrelay_dependency_up`; a token service
+//! checked (and the shared cache's bucket, with `--cache-store`: reported, never a reason to be
+//! not ready, since pulls go to the upstream without it), all reported in the body and in
+//! `regrelay_dependency_up`; a token service
 //! that is down makes the replica not ready only with `--ready-requires-token-service` (off by
 //! default: a fleet-wide GitLab outage must not empty a Service whose cached tokens, sessions
 //! and cache still serve pulls).
@@ -135,7 +137,27 @@ impl App {
                 .map(|(_, name, v)| (name, v))
                 .collect::<Vec<_>>()
         };
-        let ((registry_ok, registry), tokens) = tokio::join!(registry, tokens);
+        // The shared bucket: reported, never a reason to be not ready (a replica that cannot
+        // use it fetches from the upstream as without it).
+        let store = async {
+            let shared = self.cache.as_ref().and_then(|c| c.shared.as_ref())?;
+            let timeout = Duration::from_secs(crate::upstream::READY_TIMEOUT_SECS);
+            Some(match tokio::time::timeout(timeout, shared.probe()).await {
+                Ok(Ok(())) => (true, state(true, "", None)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the shared cache's bucket is unusable; fills go to the upstream");
+                    (
+                        false,
+                        state(false, "unusable", Some(e.problem().to_owned())),
+                    )
+                }
+                Err(_) => (
+                    false,
+                    state(false, "unreachable", Some("no answer within 5 s".into())),
+                ),
+            })
+        };
+        let ((registry_ok, registry), tokens, store) = tokio::join!(registry, tokens, store);
         let cache_ok = self.cache.as_ref().map(|c| c.usable());
         let mut token_services = serde_json::Map::new();
         let mut tokens_ok = true;
@@ -173,6 +195,10 @@ impl App {
                 Ok(()) => state(true, "", None),
                 Err(e) => state(false, "unusable", Some(e)),
             };
+        }
+        if let Some((ok, v)) = store {
+            up("cache_store", ok);
+            body["cache_store"] = v;
         }
         let ready = registry_ok && (tokens_ok || !self.config.ready_requires_token_service);
         body["status"] = if ready { "ready" } else { "not ready" }.into();

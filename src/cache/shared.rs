@@ -95,11 +95,31 @@ fn parse_time(text: &str) -> Option<OffsetDateTime> {
 }
 
 /// Why the bucket could not be used. Never carries a URL's query.
-#[derive(Debug, thiserror::Error)]
-#[error("shared cache at {origin}: {problem}")]
+#[derive(Debug)]
 pub struct SharedError {
     origin: String,
     problem: String,
+    /// The connection's failure, for the log (names addresses).
+    cause: Option<String>,
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shared cache at {}: {}", self.origin, self.problem)?;
+        match &self.cause {
+            Some(cause) => write!(f, " ({cause})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for SharedError {}
+
+impl SharedError {
+    /// What went wrong and what to check, without the store's address (for `/-/ready`).
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
 }
 
 /// What the bucket holds for a digest.
@@ -263,6 +283,7 @@ impl Shared {
         SharedError {
             origin: self.origin.clone(),
             problem: problem.into(),
+            cause: None,
         }
     }
 
@@ -296,10 +317,13 @@ impl Shared {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        self.client
-            .send(req)
-            .await
-            .map_err(|e| self.error(format!("could not be reached: {e}")))
+        self.client.send(req).await.map_err(|e| SharedError {
+            cause: Some(e.chain()),
+            ..self.error(format!(
+                "{}; check that regrelay can reach it (network, DNS, TLS trust)",
+                e.public_message()
+            ))
+        })
     }
 
     /// A small answer's body (bounded; an error's, a lease, a multipart answer).
@@ -309,6 +333,19 @@ impl Shared {
             .await
             .map(|b| b.to_bytes())
             .map_err(|e| self.error(format!("reading an answer: {e}")))
+    }
+
+    /// Readiness: the bucket answers, with this key, a `HEAD` of a key under the prefix that
+    /// is never written (`404` is the answer of a bucket that works).
+    pub async fn probe(&self) -> Result<(), SharedError> {
+        let key = format!("{}leases/probe", self.prefix);
+        let url = (self.bucket.head_object(Some(&self.credentials), &key))
+            .sign(Duration::from_secs(SIGNED_SECS));
+        let resp = (self.send(Method::HEAD, url, HeaderMap::new(), body::empty())).await?;
+        match resp.status() {
+            StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
+            status => Err(self.refused("a HEAD under the prefix", status)),
+        }
     }
 
     /// The object of `digest`, if the bucket holds it.

@@ -15,6 +15,8 @@
 //!   never reaches regrelay's output, and bob is refused, not redirected.
 //! - Eviction across replicas: over `--cache-store-max-bytes`, the blob no replica used lately
 //!   goes, not one another replica read from the bucket since it was stored.
+//! - A bucket that refuses the key costs no pull (they go to the upstream, as without it), and
+//!   `/-/ready` stays 200 while naming the problem (`ok` when the bucket works).
 //! - The bucket's secret key never reaches regrelay's output.
 
 use crate::support;
@@ -152,6 +154,12 @@ async fn two_replicas_sharing_one_bucket_fetch_each_blob_from_the_upstream_once(
             "the lease of {layer} is gone once its object is in"
         );
     }
+    let (status, body) = get(&r2.url(), "/-/ready", None, false).await;
+    let ready: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, &ready["cache_store"]["status"]),
+        (200, &"ok".into())
+    );
     assert!(
         r2.output.text().contains("cache=shared"),
         "replica 2 read from the bucket\n{}",
@@ -442,5 +450,65 @@ async fn the_bucket_evicts_what_no_replica_used_lately() {
     assert!(
         garage.object(&object_key(&c)).await.is_some(),
         "c, just stored, stays"
+    );
+}
+
+/// A bucket that refuses the key (a wrong secret): pulls work as without the bucket (from the
+/// upstream, then from the local tier), and `/-/ready` stays 200 while it names the problem,
+/// without the store's address or the secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_that_refuses_the_key_costs_no_pull_and_readiness_says_so() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let (_gl, reg) = world().await;
+    let mut fleet = Fleet::new(&reg).await;
+    let wrong = "0000000000000000000000000000000000000000000000000000000000000000";
+    let mut creds = tempfile::NamedTempFile::new().unwrap();
+    let key = &fleet.garage.key_id;
+    writeln!(
+        creds,
+        "[default]\naws_access_key_id = {key}\naws_secret_access_key = {wrong}"
+    )
+    .unwrap();
+    std::fs::set_permissions(creds.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    fleet.creds = creds;
+    let image = OciImage::random(266, &[1 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let r = fleet.replica(&[]);
+    pull(&image, r.addr.to_string(), PRIVATE, ALICE).await;
+    pull(&image, r.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, _) = &image.layers[0];
+    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    assert_eq!(
+        upstream_requests(&reg, "GET", &uri),
+        1,
+        "{}",
+        r.output.text()
+    );
+    assert!(
+        r.output
+            .text()
+            .contains("shared cache unusable; fetching from the upstream"),
+        "{}",
+        r.output.text()
+    );
+    let (status, body) = get(&r.url(), "/-/ready", None, false).await;
+    let ready: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["cache_store"]["status"], "unusable", "{ready}");
+    let detail = ready["cache_store"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("403") && detail.contains("credentials"),
+        "{detail}"
+    );
+    let port = fleet.garage.endpoint.rsplit(':').next().unwrap();
+    assert!(
+        !detail.contains(port),
+        "the store's address stays out: {detail}"
+    );
+    assert_no_secrets(
+        &r.output.text(),
+        ALICE.0,
+        &[wrong.to_owned(), ALICE.1.to_owned()],
     );
 }
