@@ -30,7 +30,9 @@ mod secret;
 mod upstreams;
 mod validate;
 
-pub use cache_store::{DEFAULT_CACHE_S3_LEASE_SECS, DEFAULT_CACHE_STORE_MAX_BYTES};
+pub use cache_store::{
+    DEFAULT_CACHE_S3_LEASE_SECS, DEFAULT_CACHE_S3_WAIT_SECS, DEFAULT_CACHE_STORE_MAX_BYTES,
+};
 pub use defaults::*;
 pub use file::{ConfigFile, LogFormat, UploadSplit, UpstreamTable};
 pub use limits::{Limits, Timeouts, READY_PROBE_CONNECTIONS, RESERVE_CONNECTIONS};
@@ -150,6 +152,8 @@ pub struct SharedConfig {
     pub session_token: Option<String>,
     /// How long a claim on a fill holds without renewal.
     pub lease: Duration,
+    /// How long a replica waits for another's fill before fetching itself.
+    pub wait: Duration,
     /// The bucket's size bound (`--cache-store-max-bytes`).
     pub max_bytes: u64,
     /// `--cache-redirect`.
@@ -170,6 +174,7 @@ impl fmt::Debug for SharedConfig {
                 &self.session_token.as_ref().map(|_| "<redacted>"),
             )
             .field("lease", &self.lease)
+            .field("wait", &self.wait)
             .field("max_bytes", &self.max_bytes)
             .field("redirect", &self.redirect)
             .finish()

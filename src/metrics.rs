@@ -570,7 +570,8 @@ impl Collector for SharedCollector {
             "cache_shared_operations",
             "The shared bucket's work (--cache-store), by operation: hits (local misses read \
              from it), uploads, upload_failures, waits (for another replica's fill), takeovers \
-             (of a fill whose replica stopped renewing its lease), evictions",
+             (of a fill whose replica stopped renewing its lease), impatient (stopped waiting \
+             after --cache-s3-wait-secs and fetched), evictions",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;

@@ -11,7 +11,9 @@
 //! again); else this replica takes the digest's lease, fetches from the upstream, and uploads the
 //! verified file once committed ([`Shared::upload`], multipart above [`PART_BYTES`]), holding the
 //! lease until the object is in. Another replica that finds the lease taken waits for the object
-//! instead of fetching it too. So a blob crosses from the upstream once for all replicas, and a
+//! instead of fetching it too, for at most `--cache-s3-wait-secs` (its client gets no byte
+//! meanwhile, and Kubernetes' CRI gives up on a pull without progress after 5 minutes), then
+//! fetches it itself. So a blob crosses from the upstream once for all replicas, and a
 //! replica killed mid-fill leaves nothing under the digest: the object is written only whole,
 //! from a file whose digest was checked.
 //!
@@ -155,6 +157,8 @@ pub struct SharedStats {
     pub waits: u64,
     /// Leases taken over from a replica that stopped renewing.
     pub takeovers: u64,
+    /// Claims that stopped waiting (`--cache-s3-wait-secs`) and fetched themselves.
+    pub impatient: u64,
     /// Objects this replica evicted from the bucket.
     pub evictions: u64,
 }
@@ -168,6 +172,7 @@ impl SharedStats {
             ("upload_failures", self.upload_failures),
             ("waits", self.waits),
             ("takeovers", self.takeovers),
+            ("impatient", self.impatient),
             ("evictions", self.evictions),
         ]
     }
@@ -180,6 +185,7 @@ struct Counters {
     upload_failures: AtomicU64,
     waits: AtomicU64,
     takeovers: AtomicU64,
+    impatient: AtomicU64,
     evictions: AtomicU64,
 }
 
@@ -193,6 +199,8 @@ pub struct Shared {
     origin: String,
     replica: String,
     lease: Duration,
+    /// How long a claim waits for other replicas' fills in all.
+    patience: Duration,
     redirect: bool,
     /// Digests this replica saw in the bucket, with their length (for `--cache-redirect`).
     known: DashMap<Digest, u64>,
@@ -240,6 +248,7 @@ impl Shared {
             origin: cfg.endpoint.clone(),
             replica: random_name(),
             lease: cfg.lease,
+            patience: cfg.wait,
             redirect: cfg.redirect,
             known: DashMap::new(),
             max_bytes: cfg.max_bytes,
@@ -263,6 +272,7 @@ impl Shared {
             upload_failures: get(&c.upload_failures),
             waits: get(&c.waits),
             takeovers: get(&c.takeovers),
+            impatient: get(&c.impatient),
             evictions: get(&c.evictions),
         }
     }
@@ -737,6 +747,7 @@ impl Shared {
     /// replica is the one that fetches it. See the module docs.
     pub async fn claim(self: &Arc<Self>, digest: &Digest) -> Result<Claim, SharedError> {
         let mut stale: Option<String> = None;
+        let until = Instant::now() + self.patience;
         for _ in 0..MAX_ROUNDS {
             if let Some(stat) = self.stat(digest).await? {
                 return Ok(Claim::Stored(stat));
@@ -746,8 +757,14 @@ impl Shared {
                 Err(seen) => seen,
             };
             self.counters.waits.fetch_add(1, Ordering::Relaxed);
-            stale = match self.wait(digest, seen).await? {
+            stale = match self.wait(digest, seen, until).await? {
                 Waited::Stored(stat) => return Ok(Claim::Stored(stat)),
+                Waited::TooLong => {
+                    self.counters.impatient.fetch_add(1, Ordering::Relaxed);
+                    let secs = self.patience.as_secs();
+                    tracing::info!(%digest, secs, "shared cache: another replica's fill took longer than --cache-s3-wait-secs; fetching it here");
+                    return Ok(Claim::Unclaimed);
+                }
                 Waited::Free => None,
                 Waited::Stale(last) => Some(last),
             };
@@ -787,13 +804,21 @@ impl Shared {
     }
 
     /// Waits while another replica holds the lease of `digest` (`seen`: the lease as last read).
-    async fn wait(&self, digest: &Digest, seen: String) -> Result<Waited, SharedError> {
+    async fn wait(
+        &self,
+        digest: &Digest,
+        seen: String,
+        until: Instant,
+    ) -> Result<Waited, SharedError> {
         let poll = (self.lease / 30).clamp(Duration::from_millis(50), Duration::from_millis(500));
         let (mut last, mut since) = (seen, Instant::now());
         loop {
             tokio::time::sleep(poll).await;
             if let Some(stat) = self.stat(digest).await? {
                 return Ok(Waited::Stored(stat));
+            }
+            if Instant::now() >= until {
+                return Ok(Waited::TooLong);
             }
             match self.read_lease(digest).await? {
                 None => return Ok(Waited::Free),
@@ -838,6 +863,8 @@ impl Shared {
 
 enum Waited {
     Stored(Stat),
+    /// Longer than `--cache-s3-wait-secs` in all.
+    TooLong,
     Free,
     Stale(String),
 }

@@ -12,6 +12,9 @@ use super::{invalid, ConfigError, ConfigFile, SharedConfig};
 /// Default `--cache-s3-lease-secs`.
 pub const DEFAULT_CACHE_S3_LEASE_SECS: u64 = 15;
 
+/// Default `--cache-s3-wait-secs`.
+pub const DEFAULT_CACHE_S3_WAIT_SECS: u64 = 60;
+
 /// Default `--cache-store-max-bytes`: 100 GiB.
 pub const DEFAULT_CACHE_STORE_MAX_BYTES: u64 = 100 << 30;
 
@@ -34,6 +37,7 @@ pub fn shared(
                 raw.cache_s3_credentials_file.is_some(),
             ),
             ("cache_s3_lease_secs", raw.cache_s3_lease_secs.is_some()),
+            ("cache_s3_wait_secs", raw.cache_s3_wait_secs.is_some()),
             ("cache_redirect", raw.cache_redirect == Some(true)),
         ]
         .into_iter()
@@ -80,6 +84,13 @@ pub fn shared(
             format!("{lease_secs} is outside 2..=3600"),
         ));
     }
+    let wait_secs = raw.cache_s3_wait_secs.unwrap_or(DEFAULT_CACHE_S3_WAIT_SECS);
+    if !(1..=3600).contains(&wait_secs) {
+        problems.push(invalid(
+            "cache_s3_wait_secs",
+            format!("{wait_secs} is outside 1..=3600"),
+        ));
+    }
     let max_bytes = raw
         .cache_store_max_bytes
         .unwrap_or(DEFAULT_CACHE_STORE_MAX_BYTES);
@@ -113,6 +124,7 @@ pub fn shared(
         secret,
         session_token,
         lease: Duration::from_secs(lease_secs),
+        wait: Duration::from_secs(wait_secs),
         max_bytes,
         redirect: raw.cache_redirect.unwrap_or(false),
     }))
@@ -310,6 +322,7 @@ mod tests {
         assert!(e.contains("credentials") && !e.contains("s3cr3t"), "{e}");
         assert!(err(raw(|c| c.cache_dir = None)).contains("--cache-dir"));
         assert!(err(raw(|c| c.cache_s3_lease_secs = Some(1))).contains("2..=3600"));
+        assert!(err(raw(|c| c.cache_s3_wait_secs = Some(0))).contains("1..=3600"));
         let none = shared(&raw(|_| {}), |_| None).unwrap_err().to_string();
         assert!(none.contains("AWS_ACCESS_KEY_ID"), "{none}");
         let orphan = raw(|c| {

@@ -263,6 +263,11 @@ pub struct ConfigFile {
     /// replica that died mid-fill keeps the others waiting [default: 15].
     #[arg(long, env = "REGRELAY_CACHE_S3_LEASE_SECS", value_name = "N")]
     pub cache_s3_lease_secs: Option<u64>,
+    /// Seconds a replica waits for another replica's fill of a blob before it fetches the blob
+    /// itself: a pull gets no byte while it waits, and Kubernetes' CRI gives up on a pull
+    /// without progress for 5 minutes [default: 60].
+    #[arg(long, env = "REGRELAY_CACHE_S3_WAIT_SECS", value_name = "N")]
+    pub cache_s3_wait_secs: Option<u64>,
     /// Answer a granted blob `GET` whose blob is in the shared bucket with a redirect to a
     /// presigned URL valid for seconds, so the bytes flow from the object store, not regrelay.
     #[arg(long, env = "REGRELAY_CACHE_REDIRECT", num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
@@ -417,6 +422,7 @@ impl ConfigFile {
             cache_s3_region,
             cache_s3_credentials_file,
             cache_s3_lease_secs,
+            cache_s3_wait_secs,
             cache_redirect,
             upstream,
             upstream_tables,

@@ -10,6 +10,8 @@
 //! - 10 parallel cold GETs of one blob split across both replicas make one upstream GET.
 //! - A replica killed mid-fill leaves no object under the digest; the other replica, waiting on
 //!   its lease, takes the fill over once the lease goes unrenewed and completes it.
+//! - A replica waits for another's fill at most `--cache-s3-wait-secs`, then fetches the blob
+//!   itself (a pull without bytes for minutes fails in Kubernetes' CRI).
 //! - `--cache-redirect`: a granted GET of a blob in the bucket is a `307` to a presigned URL
 //!   that serves the blob without `Authorization`; skopeo pulls through it; the URL's signature
 //!   never reaches regrelay's output, and bob is refused, not redirected.
@@ -88,6 +90,29 @@ impl Fleet {
         let args = self.flags(more);
         Regrelay::process(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
+}
+
+/// A client of `px` that `GET`s `uri` and stops reading after the first frame: the fill it
+/// started stalls, its lease of `layer` held (checked). Drop the body to end it.
+async fn stall(
+    px: &Regrelay,
+    uri: &str,
+    token: &str,
+    garage: &Garage,
+    layer: &str,
+) -> hyper::body::Incoming {
+    let req = http::Request::get(format!("{}{uri}", px.url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(regrelay::body::empty())
+        .unwrap();
+    let resp = upstream::client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stalled = resp.into_body();
+    let first = stalled.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let lease = object_eventually(garage, &lease_key(layer), true).await;
+    assert!(lease.is_some(), "the stalled fill holds the lease");
+    stalled
 }
 
 fn object_key(digest: &str) -> String {
@@ -281,21 +306,7 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
 
     // A client of replica 1 takes the first bytes and reads no more: the fill stalls, its
     // lease renewed.
-    let req = http::Request::get(format!("{}{uri}", r1.url()))
-        .header("authorization", format!("Bearer {alice}"))
-        .body(regrelay::body::empty())
-        .unwrap();
-    let resp = upstream::client().request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut stalled = resp.into_body();
-    let first = stalled.frame().await.unwrap().unwrap();
-    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
-    assert!(
-        object_eventually(garage, &lease_key(&layer), true)
-            .await
-            .is_some(),
-        "replica 1 holds the lease"
-    );
+    let stalled = stall(&r1, &uri, &alice, garage, &layer).await;
 
     // A client of replica 2 asks meanwhile: replica 2 waits on replica 1's lease.
     let waiting = {
@@ -511,4 +522,43 @@ async fn a_bucket_that_refuses_the_key_costs_no_pull_and_readiness_says_so() {
         ALICE.0,
         &[wrong.to_owned(), ALICE.1.to_owned()],
     );
+}
+
+/// A replica waits for another replica's fill at most `--cache-s3-wait-secs`: a pull gets no
+/// byte while it waits (Kubernetes' CRI gives up on a pull without progress after 5 minutes).
+/// Then it fetches the blob itself, while the other replica still holds the lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_waits_for_another_replicas_fill_no_longer_than_cache_s3_wait_secs() {
+    let (_gl, reg) = world().await;
+    let mut fleet = Fleet::new(&reg).await;
+    let image = OciImage::random(267, &[64 << 20]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, len) = image.layers[0].clone();
+    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let (r1, r2) = (
+        fleet.replica(&[]),
+        fleet.replica(&["--cache-s3-wait-secs", "1"]),
+    );
+    let garage = &fleet.garage;
+    let stalled = stall(&r1, &uri, &token(&r1, ALICE).await, garage, &layer).await;
+
+    let alice = token(&r2, ALICE).await;
+    // Without the bound, replica 2 would wait as long as replica 1 renews its lease.
+    let base = r2.url();
+    let asked = get(&base, &uri, Some(&alice), false);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .expect("replica 2 answered within 30 s");
+    assert_eq!((status, body.len()), (200, len), "{}", r2.output.text());
+    assert_eq!(digest(&body), layer);
+    assert!(
+        r2.output.text().contains("fetching it here"),
+        "{}",
+        r2.output.text()
+    );
+    assert!(
+        garage.object(&lease_key(&layer)).await.is_some(),
+        "replica 1 still holds the lease: replica 2 did not wait for it"
+    );
+    drop(stalled);
 }
