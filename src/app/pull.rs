@@ -11,6 +11,8 @@
 //! would have without the redirect, so the client never sees the URL, the blob is verified and
 //! stored, and warm pulls never reach the object store.
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -23,7 +25,7 @@ use crate::api_path::ApiPath;
 use crate::body::ProxyBody;
 use crate::cache::pull::{self, PullCache, TagRef, Target};
 use crate::cache::redirect::{self, Presigned};
-use crate::cache::shared::{Claim, Stat};
+use crate::cache::shared::{Claim, Shared, Stat};
 use crate::cache::{Fill, Follower, Tee, Writer};
 use crate::error::Error;
 use crate::metrics::OutcomeLabels;
@@ -315,20 +317,15 @@ impl App {
                 Err(_) => return Ok(self.fetch(p, target).await?.0),
             };
             match shared.claim(&target.digest).await {
-                Ok(Claim::Stored(stat)) => {
-                    match self
-                        .serve_from_bucket(p, target, &stat, check, writer)
-                        .await
-                    {
+                Claim::Stored(stat) => {
+                    let read = self.serve_from_bucket(p, target, shared, &stat, check, writer);
+                    match read.await {
                         Ok(resp) => return Ok(resp),
                         Err(back) => writer = back,
                     }
                 }
-                Ok(Claim::Lease(held)) => lease = Some(held),
-                Ok(Claim::Unclaimed) => {}
-                Err(err) => {
-                    tracing::warn!(digest = %target.digest, error = %err, "shared cache unusable; fetching from the upstream")
-                }
+                Claim::Lease(held) => lease = Some(held),
+                Claim::Unclaimed => {}
             }
         }
         let (resp, token) = self.fetch(p, target).await?;
@@ -360,24 +357,30 @@ impl App {
         &self,
         p: &Pull<'_>,
         target: &Target,
+        shared: &Arc<Shared>,
         stat: &Stat,
         check: Answer,
         writer: Writer,
     ) -> Result<Response<ProxyBody>, Writer> {
-        let Some(shared) = &p.cache.shared else {
-            return Err(writer);
-        };
         let registry = match check {
             Answer::Here(check) => check.into_parts().0.headers,
             Answer::Elsewhere { registry, .. } => registry.headers,
         };
-        if target.kind == pull::Kind::Manifest {
-            let t = stat.content_type.as_ref();
-            match t.or(registry.get(header::CONTENT_TYPE)) {
-                Some(t) => p.cache.set_media_type(&target.digest, t),
-                None => return Err(writer),
+        // A manifest is served with the media type it was stored with (else the registry's).
+        let media_type = match target.kind {
+            pull::Kind::Manifest => {
+                let t = stat
+                    .content_type
+                    .as_ref()
+                    .or(registry.get(header::CONTENT_TYPE));
+                let Some(t) = t.cloned() else {
+                    return Err(writer);
+                };
+                p.cache.set_media_type(&target.digest, &t);
+                Some(t)
             }
-        }
+            pull::Kind::Blob => None,
+        };
         if let Some(resp) = self.bucket_redirect(p, target) {
             return Ok(resp);
         }
@@ -392,10 +395,8 @@ impl App {
         self.count(p, "shared");
         shared.touch(&target.digest);
         let mut resp = redirect::client_response(&registry, object, &target.digest, p.fwd.idle);
-        if target.kind == pull::Kind::Manifest {
-            if let Some(t) = p.cache.media_type(&target.digest) {
-                resp.headers_mut().insert(header::CONTENT_TYPE, t);
-            }
+        if let Some(t) = media_type {
+            resp.headers_mut().insert(header::CONTENT_TYPE, t);
         }
         resp.headers_mut().insert(
             "x-regrelay-cache",
@@ -522,16 +523,17 @@ impl App {
             if let Some(shared) = &shared {
                 let mut lease = None;
                 match shared.claim(&digest).await {
-                    Ok(Claim::Stored(_)) => {
-                        if let Ok(Some(object)) = shared.get(&digest).await {
+                    Claim::Stored(_) => match shared.get(&digest).await {
+                        Ok(Some(object)) => {
                             return drain(Tee::new(object.into_body(), writer), &digest).await;
                         }
-                    }
-                    Ok(Claim::Lease(held)) => lease = Some(held),
-                    Ok(Claim::Unclaimed) => {}
-                    Err(err) => {
-                        tracing::warn!(%digest, error = %err, "shared cache unusable; fetching from the upstream")
-                    }
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::warn!(%digest, error = %err, "shared cache: reading an object failed; fetching from the upstream")
+                        }
+                    },
+                    Claim::Lease(held) => lease = Some(held),
+                    Claim::Unclaimed => {}
                 }
                 shared.upload_when_committed(&mut writer, None, lease);
             }

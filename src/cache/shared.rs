@@ -42,10 +42,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use rusty_s3::actions::list_objects_v2::ListObjectsContent;
 use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
@@ -139,8 +139,8 @@ pub enum Claim {
     Stored(Stat),
     /// This replica fetches it from the upstream: upload it, then drop the lease.
     Lease(Lease),
-    /// Neither after many rounds (a store that loses writes, a flapping holder): fetch
-    /// without a lease.
+    /// Neither after many rounds (a store that loses writes, a flapping holder), after
+    /// `--cache-s3-wait-secs`, or the bucket failed: fetch without a lease.
     Unclaimed,
 }
 
@@ -202,8 +202,8 @@ pub struct Shared {
     /// How long a claim waits for other replicas' fills in all.
     patience: Duration,
     redirect: bool,
-    /// Digests this replica saw in the bucket, with their length (for `--cache-redirect`).
-    known: DashMap<Digest, u64>,
+    /// Digests this replica saw in the bucket (for `--cache-redirect`).
+    known: DashSet<Digest>,
     /// The bucket's size bound.
     max_bytes: u64,
     /// When this replica last marked each digest used.
@@ -250,7 +250,7 @@ impl Shared {
             lease: cfg.lease,
             patience: cfg.wait,
             redirect: cfg.redirect,
-            known: DashMap::new(),
+            known: DashSet::new(),
             max_bytes: cfg.max_bytes,
             touched: DashMap::new(),
             counters: Counters::default(),
@@ -336,9 +336,38 @@ impl Shared {
         })
     }
 
-    /// A small answer's body (bounded; an error's, a lease, a multipart answer).
-    async fn small(&self, resp: Response<UpstreamBody>) -> Result<Bytes, SharedError> {
-        Limited::new(resp.into_body(), SMALL_BODY_BYTES)
+    /// `action`'s presigned URL, for a request made at once.
+    fn sign<'a>(&self, action: &impl S3Action<'a>) -> url::Url {
+        action.sign(Duration::from_secs(SIGNED_SECS))
+    }
+
+    /// A request without a body.
+    async fn bodiless(
+        &self,
+        method: Method,
+        url: url::Url,
+    ) -> Result<Response<UpstreamBody>, SharedError> {
+        self.send(method, url, HeaderMap::new(), body::empty())
+            .await
+    }
+
+    /// A request with `bytes` as its body.
+    async fn send_bytes(
+        &self,
+        method: Method,
+        url: url::Url,
+        bytes: impl Into<Bytes>,
+    ) -> Result<Response<UpstreamBody>, SharedError> {
+        let bytes = bytes.into();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        self.send(method, url, headers, body::full(bytes)).await
+    }
+
+    /// An answer's body, at most `limit` bytes (an error's, a lease, a multipart answer, a
+    /// listing page).
+    async fn read(&self, resp: Response<UpstreamBody>, limit: usize) -> Result<Bytes, SharedError> {
+        Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map(|b| b.to_bytes())
@@ -349,9 +378,8 @@ impl Shared {
     /// is never written (`404` is the answer of a bucket that works).
     pub async fn probe(&self) -> Result<(), SharedError> {
         let key = format!("{}leases/probe", self.prefix);
-        let url = (self.bucket.head_object(Some(&self.credentials), &key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let resp = (self.send(Method::HEAD, url, HeaderMap::new(), body::empty())).await?;
+        let url = self.sign(&self.bucket.head_object(Some(&self.credentials), &key));
+        let resp = self.bodiless(Method::HEAD, url).await?;
         match resp.status() {
             StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
             status => Err(self.refused("a HEAD under the prefix", status)),
@@ -361,14 +389,13 @@ impl Shared {
     /// The object of `digest`, if the bucket holds it.
     pub async fn stat(&self, digest: &Digest) -> Result<Option<Stat>, SharedError> {
         let key = self.object_key(digest);
-        let url = (self.bucket.head_object(Some(&self.credentials), &key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let resp = (self.send(Method::HEAD, url, HeaderMap::new(), body::empty())).await?;
+        let url = self.sign(&self.bucket.head_object(Some(&self.credentials), &key));
+        let resp = self.bodiless(Method::HEAD, url).await?;
         match resp.status() {
             StatusCode::OK => {
                 let len = crate::upload::content_length(resp.headers())
                     .ok_or_else(|| self.error("a HEAD answered without Content-Length"))?;
-                self.remember(digest, len);
+                self.remember(digest);
                 let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
                 Ok(Some(Stat { len, content_type }))
             }
@@ -386,9 +413,8 @@ impl Shared {
         digest: &Digest,
     ) -> Result<Option<Response<UpstreamBody>>, SharedError> {
         let key = self.object_key(digest);
-        let url = (self.bucket.get_object(Some(&self.credentials), &key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let resp = (self.send(Method::GET, url, HeaderMap::new(), body::empty())).await?;
+        let url = self.sign(&self.bucket.get_object(Some(&self.credentials), &key));
+        let resp = self.bodiless(Method::GET, url).await?;
         match resp.status() {
             StatusCode::OK => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -404,17 +430,19 @@ impl Shared {
 
     /// Notes that the bucket holds `digest` (bounded: past [`MAX_TOUCHED`] digests the notes
     /// start over, and a redirect waits for the next `HEAD`).
-    fn remember(&self, digest: &Digest, len: u64) {
+    fn remember(&self, digest: &Digest) {
         if self.known.len() >= MAX_TOUCHED {
             self.known.clear();
         }
-        self.known.insert(*digest, len);
+        self.known.insert(*digest);
     }
 
     /// A URL a client may `GET` the object of `digest` with, for [`REDIRECT_SECS`] seconds;
     /// `None` when this replica has not seen it in the bucket. A credential: never log it.
     pub fn presigned(&self, digest: &Digest) -> Option<HeaderValue> {
-        self.known.get(digest)?;
+        if !self.known.contains(digest) {
+            return None;
+        }
         let key = self.object_key(digest);
         let url = (self.bucket.get_object(Some(&self.credentials), &key))
             .sign(Duration::from_secs(REDIRECT_SECS));
@@ -443,7 +471,7 @@ impl Shared {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if done.is_ok() {
-            self.remember(&hit.digest, hit.len);
+            self.remember(&hit.digest);
             tracing::debug!(digest = %hit.digest, len = hit.len, "shared cache: uploaded");
         }
         done
@@ -461,19 +489,29 @@ impl Shared {
         Ok((body.map_err(Into::into).boxed_unsync(), len))
     }
 
+    /// `action`'s presigned URL with `content_type` (a manifest's media type) among its signed
+    /// headers, and the headers to send with it.
+    fn sign_typed<'a>(
+        &self,
+        mut action: impl S3Action<'a>,
+        content_type: Option<&HeaderValue>,
+    ) -> (url::Url, HeaderMap) {
+        let mut headers = HeaderMap::new();
+        if let Some((value, text)) = content_type.and_then(|t| Some((t, t.to_str().ok()?))) {
+            action.headers_mut().insert("content-type", text.to_owned());
+            headers.insert(header::CONTENT_TYPE, value.clone());
+        }
+        (self.sign(&action), headers)
+    }
+
     async fn put_whole(
         &self,
         hit: &Hit,
         content_type: Option<&HeaderValue>,
     ) -> Result<(), SharedError> {
         let key = self.object_key(&hit.digest);
-        let mut action = self.bucket.put_object(Some(&self.credentials), &key);
-        let mut headers = HeaderMap::new();
-        if let Some(t) = content_type.and_then(|t| t.to_str().ok()) {
-            action.headers_mut().insert("content-type", t.to_owned());
-            headers.insert(header::CONTENT_TYPE, content_type.cloned().expect("some"));
-        }
-        let url = action.sign(Duration::from_secs(SIGNED_SECS));
+        let put = self.bucket.put_object(Some(&self.credentials), &key);
+        let (url, mut headers) = self.sign_typed(put, content_type);
         let (body, len) = self.file_body(hit, None).await?;
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         let resp = self.send(Method::PUT, url, headers, body).await?;
@@ -489,18 +527,13 @@ impl Shared {
         content_type: Option<&HeaderValue>,
     ) -> Result<(), SharedError> {
         let key = self.object_key(&hit.digest);
-        let mut create = (self.bucket).create_multipart_upload(Some(&self.credentials), &key);
-        let mut headers = HeaderMap::new();
-        if let Some(t) = content_type.and_then(|t| t.to_str().ok()) {
-            create.headers_mut().insert("content-type", t.to_owned());
-            headers.insert(header::CONTENT_TYPE, content_type.cloned().expect("some"));
-        }
-        let url = create.sign(Duration::from_secs(SIGNED_SECS));
+        let create = (self.bucket).create_multipart_upload(Some(&self.credentials), &key);
+        let (url, headers) = self.sign_typed(create, content_type);
         let resp = self.send(Method::POST, url, headers, body::empty()).await?;
         if !resp.status().is_success() {
             return Err(self.refused("starting a multipart upload", resp.status()));
         }
-        let answer = self.small(resp).await?;
+        let answer = self.read(resp, SMALL_BODY_BYTES).await?;
         let created = rusty_s3::actions::CreateMultipartUpload::parse_response(&answer)
             .map_err(|e| self.error(format!("a multipart upload's answer: {e}")))?;
         let upload_id = created.upload_id();
@@ -512,10 +545,8 @@ impl Shared {
         if completed.is_err() {
             let abort =
                 (self.bucket).abort_multipart_upload(Some(&self.credentials), &key, upload_id);
-            let url = abort.sign(Duration::from_secs(SIGNED_SECS));
-            let _ = self
-                .send(Method::DELETE, url, HeaderMap::new(), body::empty())
-                .await;
+            let url = self.sign(&abort);
+            let _ = self.bodiless(Method::DELETE, url).await;
         }
         completed
     }
@@ -535,7 +566,7 @@ impl Shared {
             let part = self
                 .bucket
                 .upload_part(Some(&self.credentials), key, number, upload_id);
-            let url = part.sign(Duration::from_secs(SIGNED_SECS));
+            let url = self.sign(&part);
             let (body, len) = self.file_body(hit, Some((start, end))).await?;
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -564,17 +595,11 @@ impl Shared {
             upload_id,
             etags.iter().map(String::as_str),
         );
-        let url = action.sign(Duration::from_secs(SIGNED_SECS));
-        let xml = action.body();
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(xml.len()));
-        let body = Full::new(Bytes::from(xml))
-            .map_err(|e| match e {})
-            .boxed_unsync();
-        let resp = self.send(Method::POST, url, headers, body).await?;
+        let url = self.sign(&action);
+        let resp = self.send_bytes(Method::POST, url, action.body()).await?;
         let status = resp.status();
         // S3 may answer 200 with an error in the body when the completion fails late.
-        let answer = self.small(resp).await?;
+        let answer = self.read(resp, SMALL_BODY_BYTES).await?;
         if !status.is_success() || answer.windows(7).any(|w| w == b"<Error>") {
             return Err(self.refused("completing a multipart upload", status));
         }
@@ -584,12 +609,11 @@ impl Shared {
     /// The lease of `digest` as it reads now, if any.
     async fn read_lease(&self, digest: &Digest) -> Result<Option<String>, SharedError> {
         let key = self.lease_key(digest);
-        let url = (self.bucket.get_object(Some(&self.credentials), &key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let resp = (self.send(Method::GET, url, HeaderMap::new(), body::empty())).await?;
+        let url = self.sign(&self.bucket.get_object(Some(&self.credentials), &key));
+        let resp = self.bodiless(Method::GET, url).await?;
         match resp.status() {
             StatusCode::OK => {
-                let text = self.small(resp).await?;
+                let text = self.read(resp, SMALL_BODY_BYTES).await?;
                 Ok(Some(String::from_utf8_lossy(&text).into_owned()))
             }
             StatusCode::NOT_FOUND => Ok(None),
@@ -608,14 +632,8 @@ impl Shared {
     }
 
     async fn put_small(&self, key: &str, text: &str, what: &str) -> Result<(), SharedError> {
-        let url = (self.bucket.put_object(Some(&self.credentials), key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-        let body = Full::new(Bytes::from(text.to_owned()))
-            .map_err(|e| match e {})
-            .boxed_unsync();
-        let resp = self.send(Method::PUT, url, headers, body).await?;
+        let url = self.sign(&self.bucket.put_object(Some(&self.credentials), key));
+        let resp = self.send_bytes(Method::PUT, url, text.to_owned()).await?;
         match resp.status().is_success() {
             true => Ok(()),
             false => Err(self.refused(what, resp.status())),
@@ -623,9 +641,8 @@ impl Shared {
     }
 
     async fn delete(&self, key: &str, what: &str) -> Result<(), SharedError> {
-        let url = (self.bucket.delete_object(Some(&self.credentials), key))
-            .sign(Duration::from_secs(SIGNED_SECS));
-        let resp = (self.send(Method::DELETE, url, HeaderMap::new(), body::empty())).await?;
+        let url = self.sign(&self.bucket.delete_object(Some(&self.credentials), key));
+        let resp = self.bodiless(Method::DELETE, url).await?;
         match resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             true => Ok(()),
             false => Err(self.refused(what, resp.status())),
@@ -642,12 +659,12 @@ impl Shared {
             if let Some(token) = &next {
                 action.with_continuation_token(token.clone());
             }
-            let url = action.sign(Duration::from_secs(SIGNED_SECS));
-            let resp = (self.send(Method::GET, url, HeaderMap::new(), body::empty())).await?;
+            let url = self.sign(&action);
+            let resp = self.bodiless(Method::GET, url).await?;
             if !resp.status().is_success() {
                 return Err(self.refused("a listing", resp.status()));
             }
-            let page = self.large(resp).await?;
+            let page = self.read(resp, LIST_PAGE_BYTES).await?;
             let page = ListObjectsV2::parse_response(&page)
                 .map_err(|e| self.error(format!("a listing's answer: {e}")))?;
             out.extend(page.contents);
@@ -656,15 +673,6 @@ impl Shared {
                 _ => return Ok(out),
             }
         }
-    }
-
-    /// A listing page's body (1000 keys of about 300 bytes of XML each, bounded).
-    async fn large(&self, resp: Response<UpstreamBody>) -> Result<Bytes, SharedError> {
-        Limited::new(resp.into_body(), LIST_PAGE_BYTES)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .map_err(|e| self.error(format!("reading a listing: {e}")))
     }
 
     /// Marks `digest` used now, for eviction across replicas: an empty object under
@@ -744,8 +752,16 @@ impl Shared {
 
     /// Before this replica fetches `digest` from the upstream: the object when the bucket has
     /// it (or gets it from the replica that holds the lease), else the lease, so that this
-    /// replica is the one that fetches it. See the module docs.
-    pub async fn claim(self: &Arc<Self>, digest: &Digest) -> Result<Claim, SharedError> {
+    /// replica is the one that fetches it. See the module docs. A bucket that fails is logged
+    /// and [`Claim::Unclaimed`]: the bucket never fails a pull.
+    pub async fn claim(self: &Arc<Self>, digest: &Digest) -> Claim {
+        self.try_claim(digest).await.unwrap_or_else(|err| {
+            tracing::warn!(%digest, error = %err, "shared cache unusable; fetching from the upstream");
+            Claim::Unclaimed
+        })
+    }
+
+    async fn try_claim(self: &Arc<Self>, digest: &Digest) -> Result<Claim, SharedError> {
         let mut stale: Option<String> = None;
         let until = Instant::now() + self.patience;
         for _ in 0..MAX_ROUNDS {
