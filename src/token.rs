@@ -624,7 +624,7 @@ impl TokenStore {
             let still_due = lock(&slot.state)
                 .token
                 .as_ref()
-                .map_or(true, |t| t.due_at(Instant::now()));
+                .is_none_or(|t| t.due_at(Instant::now()));
             if still_due {
                 let outcome = fut.await;
                 slot.record(&outcome, &counters);

@@ -104,7 +104,7 @@ pub fn is_splittable(
     let length = content_length(headers);
     let candidate = match *method {
         Method::PATCH => !headers.contains_key(header::CONTENT_RANGE),
-        Method::PUT => length.map_or(true, |n| n > PUT_SPLIT_THRESHOLD_BYTES),
+        Method::PUT => length.is_none_or(|n| n > PUT_SPLIT_THRESHOLD_BYTES),
         _ => false,
     };
     let fits_whole =
@@ -507,7 +507,7 @@ impl Body for Segment {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.source.as_ref().map_or(true, Source::is_done)
+        self.source.as_ref().is_none_or(Source::is_done)
     }
 }
 

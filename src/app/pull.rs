@@ -195,7 +195,7 @@ impl App {
         tag: &TagRef,
     ) -> Result<Option<Response<ProxyBody>>, Error> {
         let last = p.cache.tag(p.upstream(), tag);
-        if p.head() || !last.is_some_and(|d| p.cache.store.lookup(&d).is_some()) {
+        if p.head() || last.is_none_or(|d| p.cache.store.lookup(&d).is_none()) {
             return Ok(None);
         }
         let (resp, token) = self.send(p, Method::HEAD).await?;

@@ -31,7 +31,7 @@ impl Doctor {
         let tls_only = tls.is_some()
             && found
                 .as_ref()
-                .map_or(true, |(_, a)| a.status == StatusCode::BAD_REQUEST);
+                .is_none_or(|(_, a)| a.status == StatusCode::BAD_REQUEST);
         let found = found.filter(|_| !tls_only);
         let Some((base, answer)) = found else {
             let detail: Vec<String> = failures.iter().map(|(u, e)| format!("{u}: {e}")).collect();

@@ -246,7 +246,7 @@ fn check_service_monitor(
         }
         for field in ["interval", "scrapeTimeout"] {
             // A Prometheus duration as the chart writes them: digits and one unit.
-            let ok = e.get(field).map_or(true, |v| {
+            let ok = e.get(field).is_none_or(|v| {
                 v.as_str().is_some_and(|d| {
                     let digits = d.trim_end_matches(['s', 'm', 'h']);
                     !digits.is_empty()

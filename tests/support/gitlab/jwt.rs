@@ -466,7 +466,7 @@ fn scopes_param(params: &[(String, String)]) -> Vec<String> {
         .filter(|(k, _)| k == "scope")
         .map(|(_, v)| v.as_str())
         .collect();
-    if values.last().map_or(true, |v| v.trim().is_empty()) {
+    if values.last().is_none_or(|v| v.trim().is_empty()) {
         return vec![];
     }
     values
