@@ -370,7 +370,22 @@ impl Line<'_> {
         } else {
             " complete=false peer="
         });
-        let _ = write!(s, "{}", self.peer);
+        match self.peer {
+            // As `Ipv4Addr`'s `Display` writes it, for a tenth of its cost (~2k instructions a
+            // line, callgrind).
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                for (i, octet) in [a, b, c, d].into_iter().enumerate() {
+                    if i > 0 {
+                        s.push('.');
+                    }
+                    s.push_str(n.format(octet));
+                }
+            }
+            IpAddr::V6(_) => {
+                let _ = write!(s, "{}", self.peer);
+            }
+        }
         s.push_str(" user=");
         s.push_str(self.user);
         s.push_str(" upstream=");
@@ -554,7 +569,13 @@ mod tests {
             "/v2/group/app/blobs/uploads/5f0e",
             "/v2/\x1b[31mred\x07/\u{85}\u{9f}\u{a0}é/manifests/x",
         ];
-        for (upstream_status, path) in [(Some(202), paths[0]), (None, paths[0]), (None, paths[1])] {
+        let cases = [
+            (Some(202), paths[0], "2001:db8::7"),
+            (None, paths[0], "192.0.2.10"),
+            (None, paths[1], "10.255.0.1"),
+            (Some(404), paths[0], "::ffff:192.0.2.1"),
+        ];
+        for (upstream_status, path, peer) in cases {
             let line = Line {
                 method: &method,
                 path,
@@ -564,7 +585,7 @@ mod tests {
                 bytes_out: 0,
                 duration_ms: 81_234,
                 complete: true,
-                peer: "2001:db8::7".parse().unwrap(),
+                peer: peer.parse().unwrap(),
                 user: "ci-bot",
                 upstream: "default",
                 cache: "-",
@@ -581,9 +602,10 @@ mod tests {
                 assert_eq!(fast, text_of(false, || structured(&line)));
             }
             assert_eq!(
-                fast.contains("upstream_status=202"),
+                fast.contains(" upstream_status="),
                 upstream_status.is_some()
             );
+            assert!(fast.contains(&format!(" peer={peer} ")), "{fast}");
             assert!(!fast.contains('\x1b') && !fast.contains('\u{85}'), "{fast}");
         }
         // Every other line is tracing's own.

@@ -1,5 +1,6 @@
-//! The only place that dials sockets: a pooled hyper-util client to one configured origin (the
-//! upstream registry, or the token service), over http or https (rustls). It never follows
+//! The only place that dials sockets: pooled HTTP/1.1 connections to one configured origin (the
+//! upstream registry, or the token service), over http or https (rustls), each driven by the
+//! request that holds it ([`pool`]). It never follows
 //! redirects, so a `Location` to object storage goes back to the client untouched and
 //! `Authorization` handling stays in [`crate::proxy`].
 //!
@@ -32,26 +33,26 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::body::{self, ProxyBody};
-use crate::clients::{acquire_pressing, ClientHandle, Share};
+use crate::clients::{acquire_pressing, ClientHandle};
 use crate::config::{Config, Origin, READY_PROBE_CONNECTIONS};
 use crate::error::{BoxError, Error, TlsRefused};
 use crate::metrics::Metrics;
 use crate::tls::UpstreamTrust;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use prometheus_client::metrics::histogram::Histogram;
+
+mod pool;
+
+use pool::{Failure, Pool};
+pub use pool::{UpstreamBody, SETTLE};
 
 /// How long `/-/ready` waits for the upstream.
 pub const READY_TIMEOUT_SECS: u64 = 5;
@@ -79,7 +80,7 @@ pub struct Upstream {
     origin: Origin,
     body_idle: Duration,
     /// One pool per connection worker, after one for every other thread.
-    pools: Arc<[Pool]>,
+    pools: Arc<[Arc<Pool>]>,
     /// The connection permits all pools share.
     permits: Arc<Semaphore>,
     trust: Arc<UpstreamTrust>,
@@ -90,23 +91,6 @@ pub struct Upstream {
     pressure: Option<Arc<Notify>>,
     /// What it is, for errors: `upstream registry` or `token service`.
     what: &'static str,
-}
-
-/// One worker's pool and what it holds.
-struct Pool {
-    client: Client<Connector, ProxyBody>,
-    /// Its sockets open (in use or idle).
-    open: Arc<AtomicUsize>,
-    /// Its requests sent whose response has not ended.
-    busy: Arc<AtomicUsize>,
-}
-
-impl Pool {
-    /// Its connections idle now, about (a response that just ended may be on its way back).
-    fn idle(&self) -> usize {
-        let open = self.open.load(Ordering::Relaxed);
-        open.saturating_sub(self.busy.load(Ordering::Relaxed))
-    }
 }
 
 /// A count held up for as long as this lives.
@@ -245,12 +229,6 @@ impl tower_service::Service<http::Uri> for Bounded {
     }
 }
 
-impl<T: Connection> Connection for Permitted<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
-    }
-}
-
 impl<T: hyper::rt::Read> hyper::rt::Read for Permitted<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -291,45 +269,6 @@ impl<T: hyper::rt::Write> hyper::rt::Write for Permitted<T> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An upstream response body; holds the connection slot until it ends or is dropped.
-    pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        permit: Option<OwnedSemaphorePermit>,
-        share: Option<Share>,
-        busy: Option<Counted>,
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // The connection is back in the pool (or gone): free the slot now.
-            this.permit.take();
-            this.share.take();
-            this.busy.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 impl Upstream {
     /// A client for `origin` trusting `trust`, with the config's timeouts and bounds.
     pub fn new(cfg: &Config, trust: &Arc<UpstreamTrust>, origin: Origin) -> Upstream {
@@ -365,15 +304,12 @@ impl Upstream {
                     trust: trust.clone(),
                     handshake: cfg.timeouts.upstream_connect,
                 };
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(POOL_IDLE_SECS))
-                    .pool_max_idle_per_host(max.min(MAX_IDLE_PER_ORIGIN))
-                    .build(connector);
-                Pool {
-                    client,
+                Arc::new(Pool::new(
+                    connector,
                     open,
-                    busy: Arc::new(AtomicUsize::new(0)),
-                }
+                    max.min(MAX_IDLE_PER_ORIGIN),
+                    Duration::from_secs(POOL_IDLE_SECS),
+                ))
             })
             .collect();
         Upstream {
@@ -450,43 +386,41 @@ impl Upstream {
         let started = std::time::Instant::now();
         let pool = self.pool();
         let busy = Counted::new(&pool.busy);
-        let resp = pool.client.request(req).await;
+        // Boxed: hyper's send holds the request twice, and a request's future holds this one in
+        // several places (the proxy, the session's retry, uploads); in place, the whole request
+        // future grew by kilobytes, all copied when admission boxes it.
+        let sent = Box::pin(pool.request(req, &target)).await;
         if let Some((_, histogram)) = &self.observed {
             histogram.observe(started.elapsed().as_secs_f64());
         }
-        let resp = resp.map_err(|e| {
+        let (resp, conn) = sent.map_err(|failure| {
             let upstream = target.to_string();
-            if body::is_idle_timeout(&e) {
-                Error::ClientIdle {
+            match failure {
+                Failure::Connect(source) => Error::UpstreamUnreachable {
+                    what: self.what,
+                    upstream,
+                    source,
+                },
+                Failure::Exchange(e) if body::is_idle_timeout(&e) => Error::ClientIdle {
                     secs: self.body_idle.as_secs(),
-                }
-            } else if let Some(source) = body::client_error(&e) {
-                Error::ClientBody { source }
-            } else if e.is_connect() {
-                Error::UpstreamUnreachable {
-                    what: self.what,
-                    upstream,
-                    source: Box::new(e),
-                }
-            } else {
-                Error::UpstreamFailed {
-                    what: self.what,
-                    upstream,
-                    source: Box::new(e),
-                }
+                },
+                Failure::Exchange(e) => match body::client_error(&e) {
+                    Some(source) => Error::ClientBody { source },
+                    None => Error::UpstreamFailed {
+                        what: self.what,
+                        upstream,
+                        source: Box::new(e),
+                    },
+                },
             }
         })?;
-        Ok(resp.map(|inner| UpstreamBody {
-            inner,
-            permit: Some(permit),
-            share,
-            busy: Some(busy),
-        }))
+        let pool = pool.clone();
+        Ok(resp.map(|inner| UpstreamBody::new(inner, conn, pool, permit, share, busy)))
     }
 
     /// The pool a request of this thread takes: its worker's, unless that has no idle
     /// connection while idle ones elsewhere hold every permit.
-    fn pool(&self) -> &Pool {
+    fn pool(&self) -> &Arc<Pool> {
         let worker = WORKER.with(std::cell::Cell::get);
         let own = self.pools.get(worker).unwrap_or(&self.pools[0]);
         if self.permits.available_permits() > 0 || own.idle() > 0 {

@@ -180,7 +180,7 @@ impl App {
         let method = req.method().clone();
         let resp = match self.cache_target(&method, &x.api) {
             Some(cached) => Box::pin(self.pull(cached, x, req, &session)).await?,
-            None => self.forward_with_session(x, req, &session).await?,
+            None => Box::pin(self.forward_with_session(x, req, &session)).await?,
         };
         Ok(explain_bodiless(resp, &method))
     }

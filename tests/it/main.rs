@@ -48,4 +48,5 @@ mod token_faults;
 mod token_refresh;
 mod upgrade;
 mod upload_edges;
+mod upstream_pool;
 mod workers;

@@ -19,24 +19,15 @@ use tokio::net::TcpStream;
 
 /// An origin answering every request `200 {}` that counts the connections it accepts.
 async fn counting_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(body::full("{}")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, accepted)
+    support::upstream::counting(|stream| async move {
+        let svc = service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(Response::new(body::full("{}")))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    })
+    .await
 }
 
 /// `GET /v2/` on the keep-alive connection `conn`; the status line.
