@@ -174,6 +174,25 @@ pub struct Metrics {
     /// `request_duration`'s histogram of each route class, taken once: a request's own
     /// observation skips the family's lock and label hashing.
     route_durations: Vec<(&'static str, Histogram)>,
+    /// Tells this instance's entries apart in [`REQUEST_COUNTERS`].
+    id: u64,
+}
+
+/// Where the next [`Metrics`] instance's id comes from.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Entries of [`REQUEST_COUNTERS`] per thread, at most (a request with labels beyond them counts
+/// through the family).
+const REQUEST_COUNTERS_MAX: usize = 64;
+
+/// One [`REQUEST_COUNTERS`] entry: the instance, route, method and status it counts.
+type CachedCounter = (u64, &'static str, &'static str, u16, Counter);
+
+thread_local! {
+    /// The `requests` counters this thread used, by instance and labels: a request counts
+    /// without the family's lock, SipHash and map lookup (~1k instructions, callgrind).
+    static REQUEST_COUNTERS: std::cell::RefCell<Vec<CachedCounter>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Outcomes of opening a sealed session (`regrelay_session_opens_total{outcome}`).
@@ -392,6 +411,7 @@ impl Metrics {
             shared: shared.clone(),
             registry: Registry::default(),
             route_durations: Vec::new(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         // Known label values start at 0, so rates and absence alerts work from the first scrape.
         for outcome in ["idle", "stalled"] {
@@ -481,13 +501,27 @@ impl Metrics {
         received: u64,
         sent: u64,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
+        let method = method_label(method);
+        REQUEST_COUNTERS.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            let key = |e: &CachedCounter| {
+                e.0 == self.id && e.1 == route && e.2 == method && e.3 == status
+            };
+            if let Some(entry) = cached.iter().find(|e| key(e)) {
+                entry.4.inc();
+                return;
+            }
+            let labels = RequestLabels {
                 route,
-                method: method_label(method),
+                method,
                 status,
-            })
-            .inc();
+            };
+            let counter = self.requests.get_or_create(&labels).clone();
+            counter.inc();
+            if cached.len() < REQUEST_COUNTERS_MAX {
+                cached.push((self.id, route, method, status, counter));
+            }
+        });
         match self.route_durations.iter().find(|(r, _)| *r == route) {
             Some((_, histogram)) => histogram.observe(secs),
             None => self
@@ -703,6 +737,38 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_count_per_instance_and_labels_past_the_threads_cache() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let count = |m: &Metrics, route, status| {
+            let labels = RequestLabels {
+                route,
+                method: "GET",
+                status,
+            };
+            m.requests.get_or_create(&labels).get()
+        };
+        for _ in 0..3 {
+            a.request("manifest", &Method::GET, 200, 0.001, 0, 2);
+        }
+        b.request("manifest", &Method::GET, 200, 0.001, 0, 2);
+        // More label sets than the thread keeps: the ones past it count through the family.
+        for status in 100..(100 + 2 * REQUEST_COUNTERS_MAX as u16) {
+            a.request("blob", &Method::GET, status, 0.001, 0, 0);
+            a.request("blob", &Method::GET, status, 0.001, 0, 0);
+        }
+        assert_eq!(count(&a, "manifest", 200), 3);
+        assert_eq!(count(&b, "manifest", 200), 1);
+        assert_eq!(count(&a, "blob", 100), 2);
+        assert_eq!(
+            count(&a, "blob", 100 + 2 * REQUEST_COUNTERS_MAX as u16 - 1),
+            2
+        );
+        assert!(a
+            .encode()
+            .contains(r#"regrelay_requests_total{route="manifest",method="GET",status="200"} 3"#));
+    }
 
     #[test]
     fn method_labels_are_a_fixed_set() {
