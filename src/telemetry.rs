@@ -374,8 +374,7 @@ impl Line<'_> {
             // As `Ipv4Addr`'s `Display` writes it, for a tenth of its cost (~2k instructions a
             // line, callgrind).
             IpAddr::V4(v4) => {
-                let [a, b, c, d] = v4.octets();
-                for (i, octet) in [a, b, c, d].into_iter().enumerate() {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
                         s.push('.');
                     }

@@ -1,8 +1,8 @@
 //! The only place that dials sockets: pooled HTTP/1.1 connections to one configured origin (the
 //! upstream registry, or the token service), over http or https (rustls), each driven by the
-//! request that holds it ([`pool`]). It never follows
-//! redirects, so a `Location` to object storage goes back to the client untouched and
-//! `Authorization` handling stays in [`crate::proxy`].
+//! request that holds it ([`pool`]). It never follows redirects, so a `Location` to object
+//! storage goes back to the client untouched and `Authorization` handling stays in
+//! [`crate::proxy`].
 //!
 //! Connections are bounded per client (one per origin, plus object-storage targets of uploads):
 //! every open socket, in use or idle in the pool, holds one of `--max-upstream-connections`

@@ -314,10 +314,12 @@ impl Pool {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(pool) = pool.upgrade() else { return };
-                let now = Instant::now();
-                let gone = pool.expired(&mut lock(&pool.idle), now);
+                let (gone, empty) = {
+                    let mut idle = lock(&pool.idle);
+                    (pool.expired(&mut idle, Instant::now()), idle.is_empty())
+                };
                 drop(gone);
-                if lock(&pool.idle).is_empty() {
+                if empty {
                     pool.reaping.store(false, Ordering::Release);
                     // A connection put back since then started no reaper: go on for it.
                     if lock(&pool.idle).is_empty() || pool.reaping.swap(true, Ordering::AcqRel) {

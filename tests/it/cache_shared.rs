@@ -141,6 +141,20 @@ async fn object_eventually(garage: &Garage, key: &str, present: bool) -> Option<
     }
 }
 
+/// A private image of one `size`-byte layer (random from `seed`), pushed by Alice: the image,
+/// its layer's digest and length, and the layer's blob path.
+async fn one_layer_pushed(
+    reg: &Registry,
+    seed: u64,
+    size: usize,
+) -> (OciImage, String, usize, String) {
+    let image = OciImage::random(seed, &[size]);
+    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
+    let (layer, len) = image.layers[0].clone();
+    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    (image, layer, len, uri)
+}
+
 async fn token(px: &Regrelay, who: (&str, &str)) -> String {
     let realm = format!("{}/jwt/auth", px.url());
     fetch_token(&realm, who.0, who.1, &format!("repository:{PRIVATE}:pull")).await
@@ -213,10 +227,7 @@ async fn two_replicas_sharing_one_bucket_fetch_each_blob_from_the_upstream_once(
 async fn ten_cold_pulls_across_two_replicas_make_one_upstream_fetch() {
     let (_gl, reg) = world().await;
     let mut fleet = Fleet::new(&reg).await;
-    let image = OciImage::random(262, &[8 << 20]);
-    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
-    let (layer, len) = image.layers[0].clone();
-    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let (_image, layer, len, uri) = one_layer_pushed(&reg, 262, 8 << 20).await;
     let metrics = ["--metrics-listen", "127.0.0.1:0"];
     let (r1, r2) = (fleet.replica(&metrics), fleet.replica(&metrics));
     // A session token is sealed for the replica's public URL (here, each its own address).
@@ -295,10 +306,7 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
     let (_gl, reg) = world().await;
     let mut fleet = Fleet::new(&reg).await;
     // Above PART_BYTES (64 MiB): the takeover uploads it in parts.
-    let image = OciImage::random(263, &[80 << 20]);
-    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
-    let (layer, len) = image.layers[0].clone();
-    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let (_image, layer, len, uri) = one_layer_pushed(&reg, 263, 80 << 20).await;
     let lease = ["--cache-s3-lease-secs", "2"];
     let (r1, r2) = (fleet.process(&lease), fleet.process(&lease));
     let garage = &fleet.garage;
@@ -344,10 +352,7 @@ async fn a_replica_killed_mid_fill_leaves_nothing_and_the_other_takes_the_fill_o
 async fn with_cache_redirect_a_granted_blob_is_read_from_the_bucket_by_a_presigned_url() {
     let (gl, reg) = world().await;
     let mut fleet = Fleet::new(&reg).await;
-    let image = OciImage::random(264, &[2 << 20]);
-    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
-    let (layer, len) = image.layers[0].clone();
-    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let (image, layer, len, uri) = one_layer_pushed(&reg, 264, 2 << 20).await;
     // Replica 1 warms the bucket; replica 2 redirects.
     let (r1, r2) = (fleet.replica(&[]), fleet.replica(&["--cache-redirect"]));
     let garage = &fleet.garage;
@@ -531,10 +536,7 @@ async fn a_bucket_that_refuses_the_key_costs_no_pull_and_readiness_says_so() {
 async fn a_replica_waits_for_another_replicas_fill_no_longer_than_cache_s3_wait_secs() {
     let (_gl, reg) = world().await;
     let mut fleet = Fleet::new(&reg).await;
-    let image = OciImage::random(267, &[64 << 20]);
-    push(&image, reg.addr.to_string(), PRIVATE, ALICE).await;
-    let (layer, len) = image.layers[0].clone();
-    let uri = format!("/v2/{PRIVATE}/blobs/{layer}");
+    let (_image, layer, len, uri) = one_layer_pushed(&reg, 267, 64 << 20).await;
     let (r1, r2) = (
         fleet.replica(&[]),
         fleet.replica(&["--cache-s3-wait-secs", "1"]),
