@@ -21,7 +21,8 @@
 //! runtime drives (nginx's and HAProxy's upstream keep-alive is per worker as well). The bound
 //! above is over all pools together: they share the permits. An idle pooled connection holds its
 //! permit, so when every permit is taken a request goes to the pool that holds idle
-//! connections, on whichever worker, rather than wait for one of its own.
+//! connections, on whichever worker, rather than wait for one of its own; and when none of them
+//! goes to the request's origin, the oldest is closed for its permit ([`pool`]).
 //!
 //! TLS ([`Connector`]): certificates are verified against the upstream's [`UpstreamTrust`], which
 //! SIGHUP replaces without touching the pool; a refused handshake comes back as a
@@ -50,8 +51,10 @@ use crate::tls::UpstreamTrust;
 use prometheus_client::metrics::histogram::Histogram;
 
 mod pool;
+#[cfg(test)]
+mod tests;
 
-use pool::{Failure, Pool};
+use pool::{Failure, Handback, Pool};
 pub use pool::{UpstreamBody, SETTLE};
 
 /// How long `/-/ready` waits for the upstream.
@@ -290,6 +293,7 @@ impl Upstream {
         http.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
         let permits = Arc::new(Semaphore::new(max));
         let tls = TlsConnector::from(Arc::new(trust.client_config()));
+        let handback = Arc::new(Handback::default());
         let pools = (0..=cfg.workers)
             .map(|_| {
                 let open = Arc::new(AtomicUsize::new(0));
@@ -304,12 +308,11 @@ impl Upstream {
                     trust: trust.clone(),
                     handshake: cfg.timeouts.upstream_connect,
                 };
-                Arc::new(Pool::new(
-                    connector,
-                    open,
+                let keep = (
                     max.min(MAX_IDLE_PER_ORIGIN),
                     Duration::from_secs(POOL_IDLE_SECS),
-                ))
+                );
+                Arc::new(Pool::new(connector, open, handback.clone(), keep))
             })
             .collect();
         Upstream {
@@ -389,7 +392,7 @@ impl Upstream {
         // Boxed: hyper's send holds the request twice, and a request's future holds this one in
         // several places (the proxy, the session's retry, uploads); in place, the whole request
         // future grew by kilobytes, all copied when admission boxes it.
-        let sent = Box::pin(pool.request(req, &target)).await;
+        let sent = Box::pin(pool.request(req, &target, &self.pools)).await;
         if let Some((_, histogram)) = &self.observed {
             histogram.observe(started.elapsed().as_secs_f64());
         }

@@ -13,6 +13,11 @@
 //! - a request that finds no idle connection dials one, and takes a connection another request
 //!   hands back meanwhile if that comes first (a dial that waits for a connection permit may
 //!   wait up to [`super::UPSTREAM_QUEUE_MILLIS`]);
+//! - idle connections never starve a dial: when every connection permit is held and none of the
+//!   idle connections, in any worker's pool, goes to the request's origin, the oldest idle one
+//!   is closed for it (else the registry's idle connections would hold every permit while an
+//!   upload part to object storage waited for one, and got 503), and again each time a
+//!   connection is handed back while the dial waits;
 //! - a request a reused connection never sent (the upstream closed it as the request went out)
 //!   goes again on another connection; one written in part is not sent again;
 //! - `Host` from the URI when the request has none, and the URI in origin form on the wire;
@@ -99,15 +104,23 @@ pub(super) struct Pool {
     max_idle: usize,
     /// How long an idle connection is kept.
     keep_for: Duration,
-    /// Requests dialling that would take a connection handed back meanwhile.
-    waiting: AtomicUsize,
-    returned: Notify,
+    /// Dials waiting, in every pool of the upstream, and their wake-up.
+    handback: Arc<Handback>,
     /// A reaper task is closing expired idle connections.
     reaping: AtomicBool,
     /// Its sockets open (in use or idle).
     pub(super) open: Arc<AtomicUsize>,
     /// Its requests sent whose response has not ended.
     pub(super) busy: Arc<AtomicUsize>,
+}
+
+/// What the pools of one upstream share: the requests dialling (each would take a connection
+/// handed back meanwhile, or close an idle one of another origin for its permit), and how a
+/// connection handed back wakes them.
+#[derive(Default)]
+pub(super) struct Handback {
+    waiting: AtomicUsize,
+    returned: Notify,
 }
 
 /// Why a request got no response.
@@ -122,8 +135,8 @@ impl Pool {
     pub(super) fn new(
         connector: Connector,
         open: Arc<AtomicUsize>,
-        max_idle: usize,
-        keep_for: Duration,
+        handback: Arc<Handback>,
+        (max_idle, keep_for): (usize, Duration),
     ) -> Pool {
         Pool {
             connector,
@@ -131,8 +144,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
             keep_for,
-            waiting: AtomicUsize::new(0),
-            returned: Notify::new(),
+            handback,
             reaping: AtomicBool::new(false),
             open,
             busy: Arc::new(AtomicUsize::new(0)),
@@ -146,11 +158,13 @@ impl Pool {
     }
 
     /// Sends `req` (absolute URI, for `origin`) on a pooled or new connection; the response's
-    /// head, and the connection its body comes on.
+    /// head, and the connection its body comes on. `all`: every pool of the upstream, this one
+    /// among them, whose idle connections a dial starved of permits may take or close.
     pub(super) async fn request(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
         origin: &Origin,
+        all: &[Arc<Pool>],
     ) -> Result<(Response<Incoming>, Box<Conn>), Failure> {
         let uri = std::mem::take(req.uri_mut());
         if !req.headers().contains_key(header::HOST) {
@@ -168,7 +182,7 @@ impl Pool {
                 Some(conn) => (conn, true),
                 // Boxed: dialling takes far more state than the rest of a request, which would
                 // otherwise be copied with every request.
-                None => Box::pin(self.checkout(origin, &uri)).await?,
+                None => Box::pin(self.checkout(origin, &uri, all)).await?,
             };
             let mut sending = std::pin::pin!(conn.tx.try_send_request(req));
             let sent = poll_fn(|cx| {
@@ -193,18 +207,32 @@ impl Pool {
     }
 
     /// With no idle connection to `origin`: a new one, dialled, unless a connection handed back
-    /// meanwhile comes first (then that one, reused).
-    async fn checkout(&self, origin: &Origin, uri: &Uri) -> Result<(Box<Conn>, bool), Failure> {
+    /// meanwhile comes first (then that one, reused). While every connection permit is held,
+    /// an idle connection to `origin` in another pool of `all` is taken, or else the oldest idle
+    /// connection to another origin is closed, so that the dial gets its permit.
+    async fn checkout(
+        &self,
+        origin: &Origin,
+        uri: &Uri,
+        all: &[Arc<Pool>],
+    ) -> Result<(Box<Conn>, bool), Failure> {
         let dial = self.dial(uri.clone(), origin.clone());
         let mut dial = std::pin::pin!(dial);
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiting);
+        let handback = &self.handback;
+        handback.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&handback.waiting);
         loop {
-            let returned = self.returned.notified();
+            let returned = handback.returned.notified();
             let mut returned = std::pin::pin!(returned);
             returned.as_mut().enable();
             if let Some(conn) = self.take(origin) {
                 return Ok((conn, true));
+            }
+            if self.connector.tcp.permits.available_permits() == 0 {
+                if let Some(conn) = all.iter().find_map(|pool| pool.take(origin)) {
+                    return Ok((conn, true));
+                }
+                close_oldest_idle(all);
             }
             tokio::select! {
                 biased;
@@ -282,8 +310,8 @@ impl Pool {
         idle.push(Idle { conn, since: now });
         drop(idle);
         drop(gone);
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            self.returned.notify_waiters();
+        if self.handback.waiting.load(Ordering::Acquire) > 0 {
+            self.handback.returned.notify_waiters();
         }
         self.reap_later();
     }
@@ -328,6 +356,20 @@ impl Pool {
                 }
             }
         });
+    }
+}
+
+/// Closes the oldest idle connection of `pools` (its permit goes to a dial that waits for one).
+fn close_oldest_idle(pools: &[Arc<Pool>]) {
+    let oldest = pools
+        .iter()
+        .filter_map(|pool| Some((lock(&pool.idle).first()?.since, pool)))
+        .min_by_key(|(since, _)| *since);
+    if let Some((_, pool)) = oldest {
+        let mut idle = lock(&pool.idle);
+        let gone = (!idle.is_empty()).then(|| idle.remove(0));
+        drop(idle);
+        drop(gone);
     }
 }
 
