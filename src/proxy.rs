@@ -158,17 +158,19 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
 /// list it sent with `peer` appended. A client cannot choose the address GitLab and the
 /// registry see (GitLab rate-limits and bans failed logins by it).
 pub fn forwarded_for(headers: &HeaderMap, peer: std::net::IpAddr, trusted: bool) -> String {
-    let prior = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
-    if prior.is_empty() || !trusted {
-        peer.to_string()
-    } else {
-        format!("{prior}, {peer}")
+    let mut xff = String::with_capacity(48);
+    if trusted {
+        for prior in headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            xff.push_str(prior);
+            xff.push_str(", ");
+        }
     }
+    crate::telemetry::push_ip(&mut xff, peer);
+    xff
 }
 
 /// A header value from a string built here (addresses, origins).
