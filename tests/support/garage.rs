@@ -95,6 +95,20 @@ impl Garage {
             std::thread::sleep(Duration::from_millis(50));
         };
         let node = node.split('@').next().unwrap().to_owned();
+        // `node id` reads the node's key from `metadata_dir` (garage 2.5.0, cli/local/init.rs),
+        // no RPC: the server writes that key before its RPC port listens, and `layout assign`
+        // once found that port closed (CI, 2026-12-08).
+        while std::net::TcpStream::connect(rpc).is_err() {
+            if let Some(status) = g.child.try_wait().unwrap() {
+                panic!("garage exited ({status}):\n{}", g.log());
+            }
+            assert!(
+                Instant::now() < end,
+                "garage's RPC did not listen:\n{}",
+                g.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
         g.ok(&["layout", "apply", "--version", "1"]);
         let key = g.ok(&["key", "create", "regrelay"]);
