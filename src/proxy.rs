@@ -160,12 +160,18 @@ fn prepare_request(parts: &mut Parts, upstream: &Origin, fwd: &Forward<'_>) -> R
 pub fn forwarded_for(headers: &HeaderMap, peer: std::net::IpAddr, trusted: bool) -> String {
     let mut xff = String::with_capacity(48);
     if trusted {
-        for prior in headers
+        let prior = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-        {
-            xff.push_str(prior);
+            .filter_map(|v| v.to_str().ok());
+        for (i, value) in prior.enumerate() {
+            if i > 0 {
+                xff.push_str(", ");
+            }
+            xff.push_str(value);
+        }
+        // The list, when it says anything (an empty header adds nothing), then `peer`.
+        if !xff.is_empty() {
             xff.push_str(", ");
         }
     }
@@ -236,6 +242,14 @@ mod tests {
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         assert_eq!(forwarded_for(&h, peer, false), "192.0.2.9");
         assert_eq!(forwarded_for(&h, peer, true), "6.6.6.6, 192.0.2.9");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        assert_eq!(
+            forwarded_for(&h, peer, true),
+            "6.6.6.6, 10.0.0.1, 192.0.2.9"
+        );
+        // A trusted front's empty header adds no empty entry.
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static(""));
+        assert_eq!(forwarded_for(&h, peer, true), "192.0.2.9");
     }
 
     #[test]
